@@ -1,0 +1,74 @@
+"""First-start set-up: the JWT signing key and the first admin.
+
+Neither has a working default. A missing `SECRET_KEY` is generated once and kept in `DATA_DIR` with mode
+0600; a missing `ADMIN_PASSWORD` is generated once and printed to the console, and only its hash is stored.
+"""
+
+import os
+import secrets
+import sys
+from pathlib import Path
+
+from auth.passwords import MIN_PASSWORD_LENGTH
+from auth.users import UserStore
+from core.settings import Settings
+
+MIN_SECRET_KEY_LENGTH = 32
+SECRET_KEY_FILE = "secret_key"  # noqa: S105 -- a file name, not a secret
+
+
+class ConfigurationError(Exception):
+    pass
+
+
+def load_secret_key(settings: Settings) -> str:
+    if settings.secret_key is not None:
+        key = settings.secret_key.get_secret_value()
+        if len(key) < MIN_SECRET_KEY_LENGTH:
+            raise ConfigurationError(
+                f"SECRET_KEY must be at least {MIN_SECRET_KEY_LENGTH} characters; "
+                "leave it unset to have one generated"
+            )
+        return key
+    return _read_or_create_key_file(settings.data_dir / SECRET_KEY_FILE)
+
+
+def _read_or_create_key_file(path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # O_EXCL: when several workers start at once, exactly one creates the key and the others read it.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        key = path.read_text(encoding="utf-8").strip()
+        if len(key) < MIN_SECRET_KEY_LENGTH:
+            raise ConfigurationError(
+                f"{path} holds no usable key; delete it to have a new one generated"
+            ) from None
+        return key
+    key = secrets.token_urlsafe(48)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(key)
+    return key
+
+
+def ensure_admin(settings: Settings, users: UserStore) -> None:
+    """Create the bootstrap admin when the database has none."""
+    if users.has_admin():
+        return
+    if settings.admin_password is not None:
+        password = settings.admin_password.get_secret_value()
+        if len(password) < MIN_PASSWORD_LENGTH:
+            raise ConfigurationError(f"ADMIN_PASSWORD must be at least {MIN_PASSWORD_LENGTH} characters")
+        users.create(settings.admin_email, password, "admin")
+        return
+    password = secrets.token_urlsafe(15)
+    users.create(settings.admin_email, password, "admin")
+    # Printed, not logged: it must reach the person starting the gateway once, and no log file.
+    print(
+        "\n"
+        f"  ollama-gateway: created the admin account {settings.admin_email}\n"
+        f"  password: {password}\n"
+        "  It is shown only this once; only its hash is stored.\n",
+        file=sys.stderr,
+        flush=True,
+    )

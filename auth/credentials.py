@@ -1,0 +1,34 @@
+"""Reading an email and password from a login request: JSON, or the OAuth2 password form `/docs` sends."""
+
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from core.errors import GatewayError
+from upstream.bodies import parse_json_object
+
+MAX_FIELD_LENGTH = 1024
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    email: str
+    password: str
+
+
+async def read_credentials(request: Request) -> Credentials:
+    content_type = request.headers.get("content-type", "").lower()
+    if content_type.startswith(FORM_TYPES):
+        async with request.form(max_files=0, max_fields=10) as form:
+            email, password = form.get("username") or form.get("email"), form.get("password")
+    else:
+        body = parse_json_object(await request.body())
+        email, password = body.get("email"), body.get("password")
+    if not _is_field(email) or not _is_field(password):
+        raise GatewayError(422, "send 'email' and 'password' as non-empty strings")
+    return Credentials(email=email.strip(), password=password)
+
+
+def _is_field(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= MAX_FIELD_LENGTH

@@ -1,0 +1,59 @@
+"""Request body caps, answered in the gateway's JSON error shape.
+
+Pure ASGI and only on the request side: it adds nothing per response chunk. A declared Content-Length over
+the cap is refused before a byte of the body is read; a chunked body is cut off as soon as it passes the cap,
+so an oversized upload is never held in memory or on disk.
+"""
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from core.errors import GatewayError, error_response
+
+MIB = 1024 * 1024
+
+
+class BodyTooLarge(GatewayError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body too large: the limit is {limit / MIB:g} MB")
+
+
+class BodyLimitMiddleware:
+    def __init__(self, app: ASGIApp, default_limit: int, limits: dict[str, int]) -> None:
+        """`limits` maps exact paths to their own caps; every other path gets `default_limit`."""
+        self.app = app
+        self.default_limit = default_limit
+        self.limits = limits
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limits.get(scope["path"], self.default_limit)
+        declared = _declared_length(scope)
+        if declared is not None and declared > limit:
+            error = BodyTooLarge(limit)
+            await error_response(error.status, error.message)(scope, receive, send)
+            return
+        received = 0
+
+        async def capped_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    # Raised inside the route while it reads its body, so the usual handler answers it.
+                    raise BodyTooLarge(limit)
+            return message
+
+        await self.app(scope, capped_receive, send)
+
+
+def _declared_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None

@@ -1,0 +1,66 @@
+"""The long-lived objects one gateway process shares, built once by the app's lifespan."""
+
+import asyncio
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from auth.tokens import TokenSigner
+from auth.users import UserStore
+from core.database import Database
+from core.settings import Settings
+from uploads.store import UploadStore
+from upstream.client import Upstream, UpstreamTimeouts
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: Database
+    users: UserStore
+    signer: TokenSigner
+    uploads: UploadStore
+    upstream: Upstream
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+AppServices = Annotated[Services, Depends(get_services)]
+
+
+def _open_storage(settings: Settings) -> tuple[Database, UserStore, UploadStore, str]:
+    """The blocking part of start-up (files, schema, first admin), run in a worker thread."""
+    from auth.bootstrap import ensure_admin, load_secret_key
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    secret_key = load_secret_key(settings)
+    db = Database(settings.database_path)
+    db.migrate()
+    users = UserStore(db)
+    ensure_admin(settings, users)
+    uploads = UploadStore(settings.uploads_dir, db, settings.max_upload_bytes)
+    uploads.prepare()
+    return db, users, uploads, secret_key
+
+
+async def open_services(settings: Settings) -> Services:
+    db, users, uploads, secret_key = await asyncio.to_thread(_open_storage, settings)
+    upstream = Upstream(
+        settings.ollama_url,
+        UpstreamTimeouts(
+            connect=settings.upstream_connect_timeout,
+            first_byte=settings.upstream_first_byte_timeout,
+            idle=settings.upstream_idle_timeout,
+        ),
+    )
+    await upstream.start()
+    signer = TokenSigner(secret_key, settings.access_token_expire_minutes * 60)
+    return Services(settings=settings, db=db, users=users, signer=signer, uploads=uploads, upstream=upstream)
+
+
+async def close_services(services: Services) -> None:
+    await services.upstream.close()
+    services.db.close()

@@ -1,0 +1,69 @@
+"""The gateway's settings, read from the environment and `.env`.
+
+Names match the original backend's (`OLLAMA_URL`, `SECRET_KEY`, `ADMIN_EMAIL`, ...) so existing deployments
+keep working. Secrets have no default that works: a missing `SECRET_KEY` or `ADMIN_PASSWORD` is generated on
+first start (see `auth.bootstrap`), never guessed.
+"""
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MIB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", env_ignore_empty=True
+    )
+
+    ollama_url: str = "http://localhost:11434"
+    secret_key: SecretStr | None = None
+    admin_email: str = "admin@local"
+    admin_password: SecretStr | None = None
+    access_token_expire_minutes: int = Field(default=1440, gt=0)
+    data_dir: Path = Path("./data")
+    max_upload_mb: float = Field(default=25, gt=0)
+    # JSON bodies on /chat carry base64 images, so several MB must pass; this only stops absurd bodies.
+    max_request_mb: float = Field(default=64, gt=0)
+    cors_origins: Annotated[list[str], NoDecode] = []
+
+    # Ollama sends no byte until the model is loaded and the prompt evaluated, which can take minutes
+    # on a cold start: the first-byte timeout must allow for that, the idle timeout only for gaps between
+    # tokens once generation runs.
+    upstream_connect_timeout: float = Field(default=10, gt=0)
+    upstream_first_byte_timeout: float = Field(default=600, gt=0)
+    upstream_idle_timeout: float = Field(default=300, gt=0)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip().rstrip("/") for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("ollama_url")
+    @classmethod
+    def _strip_trailing_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * MIB)
+
+    @property
+    def max_request_bytes(self) -> int:
+        return int(self.max_request_mb * MIB)
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "gateway.sqlite3"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "uploads"

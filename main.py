@@ -1,0 +1,70 @@
+"""ollama-gateway: the authenticated front door to a shared Ollama server.
+
+`create_app(settings)` builds the app; `app` is the one uvicorn serves (`uvicorn main:app`).
+`python main.py` starts it on HOST:PORT (127.0.0.1:8000 by default).
+"""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from core.body_limit import MIB, BodyLimitMiddleware
+from core.errors import install_error_handlers
+from core.services import close_services, open_services
+from core.settings import Settings
+from routes import auth, chat, files, health, models
+
+__version__ = "0.1.0"
+
+# Multipart framing around the file: boundaries and part headers. The file itself is capped exactly.
+MULTIPART_ALLOWANCE = 1 * MIB
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.services = await open_services(settings)
+        try:
+            yield
+        finally:
+            await close_services(app.state.services)
+
+    app = FastAPI(
+        title="ollama-gateway",
+        version=__version__,
+        description="Authenticated gateway to a shared Ollama server. Log in with POST /login, then send "
+        "`Authorization: Bearer <token>`.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        default_limit=settings.max_request_bytes,
+        limits={"/upload": settings.max_upload_bytes + MULTIPART_ALLOWANCE},
+    )
+    if settings.cors_origins:
+        # Bearer tokens travel in a header, not a cookie: no credentials mode, so no wildcard risk.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE", "HEAD", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["WWW-Authenticate", "Content-Disposition"],
+            max_age=600,
+        )
+    for module in (auth, chat, models, files, health):
+        app.include_router(module.router)
+    return app
+
+
+app = create_app()
+
+
+if __name__ == "__main__":
+    settings = Settings()
+    uvicorn.run("main:app", host=settings.host, port=settings.port, loop="uvloop", http="httptools")

@@ -1,0 +1,80 @@
+"""POST /upload and GET /files/{filename}: files that belong to the user who uploaded them."""
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from auth.dependencies import CurrentUser
+from core.errors import GatewayError
+from core.services import AppServices
+from routes.schemas import UploadResponse, errors
+
+router = APIRouter(tags=["files"])
+
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                    "required": ["file"],
+                }
+            }
+        },
+    }
+}
+
+# Downloads are user content: never rendered by the browser, never sniffed into HTML or script.
+_DOWNLOAD_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'none'; sandbox",
+}
+
+
+@router.post(
+    "/upload",
+    status_code=201,
+    response_model=UploadResponse,
+    responses=errors(400, 401, 413),
+    openapi_extra=_UPLOAD_BODY,
+    summary="Upload a file (multipart field 'file')",
+)
+async def upload(request: Request, user: CurrentUser, services: AppServices) -> UploadResponse:
+    # The form is parsed here, after authentication, not by FastAPI before it: an anonymous client must not
+    # be able to make the gateway spool a large body to disk.
+    async with request.form(max_files=1, max_fields=10) as form:
+        file = form.get("file")
+        if not isinstance(file, UploadFile):
+            raise GatewayError(400, "send the file as the multipart/form-data field 'file'")
+        stored = await run_in_threadpool(
+            services.uploads.save, user.id, file.file, file.filename, file.content_type
+        )
+    return UploadResponse(
+        filename=stored.filename,
+        download_path=stored.download_path,
+        size=stored.size,
+        content_type=stored.content_type,
+    )
+
+
+@router.get(
+    "/files/{filename}",
+    response_class=FileResponse,
+    responses={**errors(401, 404), 200: {"description": "The file's bytes, as an attachment"}},
+    summary="Download one of your uploads",
+)
+async def download(filename: str, user: CurrentUser, services: AppServices) -> FileResponse:
+    stored = services.uploads.find(filename, user.id)
+    path = services.uploads.path_of(stored) if stored else None
+    if stored is None or path is None or not path.is_file():
+        raise GatewayError(404, "file not found")
+    return FileResponse(
+        path,
+        media_type=stored.content_type,
+        filename=stored.filename.split("_", 1)[1],
+        content_disposition_type="attachment",
+        headers=_DOWNLOAD_HEADERS,
+    )

@@ -1,0 +1,102 @@
+"""Uploaded files on disk, and their records (owner, size, type) in the database.
+
+A file is written under a temporary name and renamed into place only once it is complete and recorded, so
+a crash or an over-size upload never leaves half a file behind.
+"""
+
+import os
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from core.database import Database
+from core.errors import GatewayError
+from uploads.names import is_stored_name, new_stored_name
+
+MIB = 1024 * 1024
+COPY_CHUNK = MIB
+
+
+@dataclass(frozen=True)
+class StoredUpload:
+    filename: str
+    owner_id: int
+    original_name: str
+    size: int
+    content_type: str
+
+    @property
+    def download_path(self) -> str:
+        return f"/files/{self.filename}"
+
+
+def _upload_from(row: sqlite3.Row) -> StoredUpload:
+    return StoredUpload(
+        filename=row["filename"],
+        owner_id=row["owner_id"],
+        original_name=row["original_name"],
+        size=row["size"],
+        content_type=row["content_type"],
+    )
+
+
+class UploadStore:
+    def __init__(self, directory: Path, db: Database, max_bytes: int) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self._db = db
+
+    def prepare(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        # Partial files from a crash mid-upload are never referenced by the database: clear them.
+        for leftover in self.directory.glob(".partial-*"):
+            leftover.unlink(missing_ok=True)
+
+    def save(
+        self, owner_id: int, source: BinaryIO, original_name: str | None, content_type: str | None
+    ) -> StoredUpload:
+        """Copy an upload into the store (blocking: run it in a worker thread)."""
+        filename = new_stored_name(original_name)
+        partial = self.directory / f".partial-{filename}"
+        try:
+            size = self._copy_capped(source, partial)
+            upload = StoredUpload(
+                filename=filename,
+                owner_id=owner_id,
+                original_name=(original_name or "")[:255],
+                size=size,
+                content_type=content_type or "application/octet-stream",
+            )
+            with self._db.transaction() as conn:
+                conn.execute(
+                    "INSERT INTO uploads (filename, owner_id, original_name, size, content_type)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (upload.filename, owner_id, upload.original_name, size, upload.content_type),
+                )
+                os.replace(partial, self.directory / filename)
+        finally:
+            partial.unlink(missing_ok=True)
+        return upload
+
+    def _copy_capped(self, source: BinaryIO, target: Path) -> int:
+        size = 0
+        with open(target, "xb") as out:
+            while chunk := source.read(COPY_CHUNK):
+                size += len(chunk)
+                if size > self.max_bytes:
+                    raise GatewayError(413, f"file too large: the limit is {self.max_bytes / MIB:g} MB")
+                out.write(chunk)
+        return size
+
+    def find(self, filename: str, owner_id: int) -> StoredUpload | None:
+        """The upload of that name belonging to that user, if any (another user's is not found)."""
+        if not is_stored_name(filename):
+            return None
+        row = self._db.fetch_one(
+            "SELECT * FROM uploads WHERE filename = ? AND owner_id = ?", (filename, owner_id)
+        )
+        return _upload_from(row) if row else None
+
+    def path_of(self, upload: StoredUpload) -> Path:
+        return self.directory / upload.filename
