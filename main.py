@@ -4,13 +4,16 @@
 `python main.py` starts it on HOST:PORT (127.0.0.1:8000 by default).
 """
 
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import uvicorn
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from pydantic import ValidationError
 
+from auth.bootstrap import ConfigurationError, check_configuration
 from core.body_limit import MIB, BodyLimitMiddleware
 from core.errors import install_error_handlers
 from core.services import close_services, open_services
@@ -62,9 +65,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-app = create_app()
+def serve() -> None:
+    """`make run`: one clear line for a configuration mistake, instead of a traceback."""
+    try:
+        settings = Settings()
+        check_configuration(settings)
+    except (ValidationError, ConfigurationError) as exc:
+        sys.exit(f"ollama-gateway: configuration error: {exc}")
+    uvicorn.run("main:app", host=settings.host, port=settings.port, loop="uvloop", http="httptools")
 
 
 if __name__ == "__main__":
-    settings = Settings()
-    uvicorn.run("main:app", host=settings.host, port=settings.port, loop="uvloop", http="httptools")
+    serve()
+else:
+    # Imported by uvicorn (`uvicorn main:app`) or by a test.
+    app = create_app()

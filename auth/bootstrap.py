@@ -9,7 +9,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from auth.passwords import MIN_PASSWORD_LENGTH
+from auth.passwords import password_problem
 from auth.users import UserStore
 from core.settings import Settings
 
@@ -21,15 +21,26 @@ class ConfigurationError(Exception):
     pass
 
 
+def check_configuration(settings: Settings) -> None:
+    """Refuse weak secrets before anything starts, with a message that says what to change."""
+    unset_hint = "; leave it unset to have one generated"
+    if (
+        settings.secret_key is not None
+        and len(settings.secret_key.get_secret_value()) < MIN_SECRET_KEY_LENGTH
+    ):
+        raise ConfigurationError(
+            f"SECRET_KEY must be at least {MIN_SECRET_KEY_LENGTH} characters{unset_hint}"
+        )
+    if settings.admin_password is not None:
+        problem = password_problem(settings.admin_password.get_secret_value())
+        if problem:
+            raise ConfigurationError(f"ADMIN_PASSWORD {problem}{unset_hint}")
+
+
 def load_secret_key(settings: Settings) -> str:
+    check_configuration(settings)
     if settings.secret_key is not None:
-        key = settings.secret_key.get_secret_value()
-        if len(key) < MIN_SECRET_KEY_LENGTH:
-            raise ConfigurationError(
-                f"SECRET_KEY must be at least {MIN_SECRET_KEY_LENGTH} characters; "
-                "leave it unset to have one generated"
-            )
-        return key
+        return settings.secret_key.get_secret_value()
     return _read_or_create_key_file(settings.data_dir / SECRET_KEY_FILE)
 
 
@@ -55,11 +66,9 @@ def ensure_admin(settings: Settings, users: UserStore) -> None:
     """Create the bootstrap admin when the database has none."""
     if users.has_admin():
         return
+    check_configuration(settings)
     if settings.admin_password is not None:
-        password = settings.admin_password.get_secret_value()
-        if len(password) < MIN_PASSWORD_LENGTH:
-            raise ConfigurationError(f"ADMIN_PASSWORD must be at least {MIN_PASSWORD_LENGTH} characters")
-        users.create(settings.admin_email, password, "admin")
+        users.create(settings.admin_email, settings.admin_password.get_secret_value(), "admin")
         return
     password = secrets.token_urlsafe(15)
     users.create(settings.admin_email, password, "admin")

@@ -8,8 +8,31 @@ from functools import cache
 from passlib.context import CryptContext
 
 MIN_PASSWORD_LENGTH = 8
+# Defaults published by this gateway's predecessors and the first guesses of anyone trying: never accepted.
+WELL_KNOWN_PASSWORDS = frozenset(
+    {
+        "changeme",
+        "password",
+        "12345678",
+        "123456789",
+        "admin123",
+        "adminadmin",
+        "changeit",
+        "letmein1",
+        "ollama123",
+    }
+)
 
 _context = CryptContext(schemes=["argon2"])
+
+
+def password_problem(password: str) -> str | None:
+    """Why a password may not be used, or None if it may."""
+    if len(password) < MIN_PASSWORD_LENGTH:
+        return f"must be at least {MIN_PASSWORD_LENGTH} characters"
+    if password.lower() in WELL_KNOWN_PASSWORDS:
+        return "is a well-known default password"
+    return None
 
 
 def hash_password(password: str) -> str:
