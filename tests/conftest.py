@@ -1,0 +1,70 @@
+"""Shared fixtures: one fake Ollama for the session, gateways built from their own settings."""
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.fake_ollama import FakeOllama
+from tests.servers import RunningGateway, ServerThread, gateway_settings, start_gateway
+
+
+@pytest.fixture(scope="session")
+def fake_ollama_server() -> Iterator[FakeOllama]:
+    server = FakeOllama().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def ollama(fake_ollama_server: FakeOllama) -> FakeOllama:
+    """The fake Ollama, with nothing recorded and default behaviour."""
+    fake_ollama_server.reset()
+    return fake_ollama_server
+
+
+@pytest.fixture(scope="session")
+def shared_gateway(
+    fake_ollama_server: FakeOllama, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningGateway]:
+    settings = gateway_settings(tmp_path_factory.mktemp("gateway"), fake_ollama_server.url)
+    gateway, server = start_gateway(settings)
+    yield gateway
+    server.stop()
+
+
+@pytest.fixture
+def gateway(shared_gateway: RunningGateway, ollama: FakeOllama) -> RunningGateway:
+    """A gateway in front of the (reset) fake Ollama, with default settings."""
+    return shared_gateway
+
+
+@pytest.fixture
+def make_gateway(tmp_path: Path, fake_ollama_server: FakeOllama) -> Iterator[Callable[..., RunningGateway]]:
+    """Build a gateway with its own settings, e.g. `make_gateway(upstream_idle_timeout=0.5)`."""
+    servers: list[ServerThread] = []
+
+    def make(**overrides) -> RunningGateway:
+        overrides.setdefault("ollama_url", fake_ollama_server.url)
+        data_dir = overrides.pop("data_dir", tmp_path / f"gateway-{len(servers)}")
+        gateway, server = start_gateway(gateway_settings(data_dir, **overrides))
+        servers.append(server)
+        return gateway
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def client(gateway: RunningGateway) -> Iterator[httpx.Client]:
+    """An HTTP client on the shared gateway, authenticated as its admin."""
+    with httpx.Client(base_url=gateway.url, headers=gateway.admin_headers(), timeout=30) as http:
+        yield http
+
+
+@pytest.fixture
+def anonymous(gateway: RunningGateway) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=gateway.url, timeout=30) as http:
+        yield http

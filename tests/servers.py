@@ -1,0 +1,93 @@
+"""Running the gateway for real in tests: uvicorn on a loopback port, in a background thread.
+
+Streaming timing and disconnects only behave as in production on a real server, so the tests talk to the
+gateway over TCP, with the same loop and HTTP parser `make run` uses.
+"""
+
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import uvicorn
+from fastapi import FastAPI
+
+from core.settings import Settings
+from main import create_app
+
+START_TIMEOUT = 15.0
+
+
+class ServerThread:
+    def __init__(self, app: FastAPI) -> None:
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=0, loop="uvloop", http="httptools", log_level="warning", lifespan="on"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the gateway did not start")
+            time.sleep(0.01)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=START_TIMEOUT)
+
+
+@dataclass
+class RunningGateway:
+    url: str
+    settings: Settings
+    app: FastAPI
+    admin_email: str
+    admin_password: str
+    _tokens: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def login(self, email: str, password: str) -> str:
+        key = (email, password)
+        if key not in self._tokens:
+            response = httpx.post(f"{self.url}/login", json={"email": email, "password": password})
+            response.raise_for_status()
+            self._tokens[key] = response.json()["access_token"]
+        return self._tokens[key]
+
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.login(self.admin_email, self.admin_password)}"}
+
+    @property
+    def services(self):
+        return self.app.state.services
+
+
+def gateway_settings(data_dir: Path, ollama_url: str, **overrides) -> Settings:
+    values = {
+        "ollama_url": ollama_url,
+        "data_dir": data_dir,
+        "admin_email": "admin@example.com",
+        "admin_password": secrets.token_urlsafe(12),
+        **overrides,
+    }
+    return Settings(_env_file=None, **values)
+
+
+def start_gateway(settings: Settings) -> tuple[RunningGateway, ServerThread]:
+    app = create_app(settings)
+    server = ServerThread(app)
+    url = server.start()
+    gateway = RunningGateway(
+        url=url,
+        settings=settings,
+        app=app,
+        admin_email=settings.admin_email,
+        admin_password=settings.admin_password.get_secret_value(),
+    )
+    return gateway, server
