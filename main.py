@@ -18,7 +18,10 @@ from core.body_limit import MIB, BodyLimitMiddleware
 from core.errors import install_error_handlers
 from core.services import close_services, open_services
 from core.settings import Settings
-from routes import auth, chat, files, health, models
+from routes import auth, files, health, models
+from routes.relay import RELAY_ROUTES
+from upstream.docs import install_relay_docs
+from upstream.endpoints import RelayEndpoints
 
 __version__ = "0.1.0"
 
@@ -43,8 +46,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Authenticated gateway to a shared Ollama server. Log in with POST /login, then send "
         "`Authorization: Bearer <token>`.",
         lifespan=lifespan,
+        # No OpenTelemetry is configured; left on, FastAPI looks for providers on every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     install_error_handlers(app)
+    # Middleware added last runs first: CORS, then the body cap, then the relay fast path, then FastAPI.
+    app.add_middleware(RelayEndpoints, routes=RELAY_ROUTES)
     app.add_middleware(
         BodyLimitMiddleware,
         default_limit=settings.max_request_bytes,
@@ -60,8 +67,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["WWW-Authenticate", "Content-Disposition"],
             max_age=600,
         )
-    for module in (auth, chat, models, files, health):
+    for module in (auth, models, files, health):
         app.include_router(module.router)
+    install_relay_docs(app, RELAY_ROUTES)
     return app
 
 

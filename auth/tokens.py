@@ -29,10 +29,16 @@ class TokenClaims:
     issued_at: int
 
 
+# Scripts and pages send the same token request after request; checking its signature once is enough.
+# The expiry is still checked on every use.
+VERIFIED_CACHE_SIZE = 4096
+
+
 class TokenSigner:
     def __init__(self, secret_key: str, lifetime_seconds: int) -> None:
         self._key = secret_key
         self._lifetime = lifetime_seconds
+        self._verified: dict[str, tuple[TokenClaims, int]] = {}
 
     def issue(self, user_id: int) -> IssuedToken:
         now = int(time.time())
@@ -40,6 +46,20 @@ class TokenSigner:
         return IssuedToken(jwt.encode(claims, self._key, algorithm=ALGORITHM), self._lifetime)
 
     def verify(self, token: str) -> TokenClaims:
+        cached = self._verified.get(token)
+        if cached is not None:
+            claims, expires_at = cached
+            if time.time() < expires_at:
+                return claims
+            del self._verified[token]
+            raise InvalidToken("token expired")
+        claims, expires_at = self._decode(token)
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            self._verified.clear()
+        self._verified[token] = (claims, expires_at)
+        return claims
+
+    def _decode(self, token: str) -> tuple[TokenClaims, int]:
         try:
             claims = jwt.decode(
                 token,
@@ -47,6 +67,6 @@ class TokenSigner:
                 algorithms=[ALGORITHM],
                 options={"require_exp": True, "require_iat": True, "require_sub": True},
             )
-            return TokenClaims(user_id=int(claims["sub"]), issued_at=int(claims["iat"]))
+            return TokenClaims(user_id=int(claims["sub"]), issued_at=int(claims["iat"])), int(claims["exp"])
         except (JWTError, ValueError, TypeError) as exc:
             raise InvalidToken(str(exc)) from exc

@@ -24,7 +24,8 @@ class Services:
     upstream: Upstream
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    # async on purpose: FastAPI runs a plain `def` dependency in a worker thread, a hop per request.
     return request.app.state.services
 
 

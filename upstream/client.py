@@ -47,6 +47,14 @@ class Upstream:
         self.public_url = public_url(self.base_url)
         self.timeouts = timeouts
         self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, URL] = {}
+
+    def _url(self, path: str) -> URL:
+        # A handful of distinct paths, parsed once each rather than on every request.
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = URL(self.base_url + path)
+        return url
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -74,7 +82,7 @@ class Upstream:
         try:
             async with asyncio.timeout(self.timeouts.first_byte):
                 return await self._session.request(
-                    method, self.base_url + path, headers=headers, data=body, allow_redirects=False
+                    method, self._url(path), headers=headers, data=body, allow_redirects=False
                 )
         except aiohttp.ClientError as exc:
             raise GatewayError(502, f"cannot reach Ollama at {self.public_url}: {_reason(exc)}") from None
