@@ -1,0 +1,103 @@
+"""`python -m bench`: runs the scenarios against the targets in one go, prints and saves the summary.
+
+Three processes share the machine during a measurement: the load client, the relay under test and the fake
+upstream, each its own process, so the figures compare relays, not whoever ran in the relay's process.
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import sys
+import time
+
+from bench import gateway, nginx, report
+from bench.control import LoadClient, Upstream
+from bench.procs import REPO_ROOT, raise_fd_limit
+from bench.scenarios import SCENARIOS, Bench, log
+from bench.targets import NAMES
+
+
+def choices(allowed: tuple[str, ...]):
+    def parse(text: str) -> list[str]:
+        chosen = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = sorted(set(chosen) - set(allowed))
+        if unknown or not chosen:
+            raise argparse.ArgumentTypeError(f"choose among {', '.join(allowed)}")
+        # The canonical order, whatever order was asked: direct and nginx are the references.
+        return [name for name in allowed if name in chosen]
+
+    return parse
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--scenarios", type=choices(tuple(SCENARIOS)), default=list(SCENARIOS))
+    parser.add_argument("--targets", type=choices(NAMES), default=list(NAMES))
+    parser.add_argument("--streams", type=int, default=400, help="concurrent streams in scenario streams")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of scenario streams; the median is reported"
+    )
+    parser.add_argument("--requests", type=int, default=300, help="sequential requests in scenario ttfb")
+    parser.add_argument("--held", type=int, default=1000, help="streams held open in scenario memory")
+    parser.add_argument("--disconnects", type=int, default=50, help="hang-ups in scenario disconnect")
+    parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "out" / "results.json"))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    command = shlex.join([".venv/bin/python", "-m", "bench", *argv])
+    if "gateway" in args.targets and not gateway.available():
+        sys.exit(f"{REPO_ROOT / 'main.py'} does not exist yet: run with --targets direct,nginx")
+    raise_fd_limit()
+    started = time.monotonic()
+    results = {}
+    with Upstream() as upstream, LoadClient() as client:
+        bench = Bench(
+            upstream=upstream,
+            client=client,
+            targets=args.targets,
+            streams=args.streams,
+            rounds=args.rounds,
+            requests=args.requests,
+            held=args.held,
+            disconnects=args.disconnects,
+        )
+        for name in args.scenarios:
+            log(f"== {name}")
+            results[name] = SCENARIOS[name](bench)
+    rows = report.summary_rows(results)
+    report.write_json(
+        REPO_ROOT / args.out,
+        {
+            "command": command,
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "duration_s": round(time.monotonic() - started, 1),
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "nginx": nginx.version() if "nginx" in args.targets else None,
+            },
+            "settings": vars(args),
+            "summary": rows,
+            "results": results,
+        },
+    )
+    print(report.markdown(rows))
+    if "streams" in results:
+        print("\n" + report.cpu_markdown(results["streams"]))
+        if warning := report.noise_warning(results["streams"]):
+            print("\n" + warning)
+    print(f"\nCommand: {command}\nResults: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt:
+        # The context managers have stopped every process the bench started by now.
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

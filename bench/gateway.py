@@ -1,0 +1,72 @@
+"""The project's gateway under test: uvicorn with one worker, as deployed, on a fresh data dir."""
+
+import contextlib
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+
+from bench.control import request, request_json
+from bench.procs import HOST, REPO_ROOT, free_port, process_tree, spawn, stop
+
+ADMIN_EMAIL = "bench@local"
+START_TIMEOUT = 30
+
+
+def available() -> bool:
+    return (REPO_ROOT / "main.py").exists()
+
+
+@contextlib.contextmanager
+def run_gateway(upstream_port: int) -> Iterator[tuple[int, str, list[psutil.Process]]]:
+    """Yields the gateway's port, a bearer token for it and its processes."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
+    data_dir = tmp / "data"
+    data_dir.mkdir()
+    port = free_port()
+    password = secrets.token_urlsafe(32)[:20]
+    env = {
+        **os.environ,
+        "OLLAMA_URL": f"http://{HOST}:{upstream_port}",
+        "DATA_DIR": str(data_dir),
+        "ADMIN_EMAIL": ADMIN_EMAIL,
+        "ADMIN_PASSWORD": password,
+        "SECRET_KEY": secrets.token_hex(32),
+    }
+    argv = [
+        sys.executable, "-m", "uvicorn", "main:app", "--host", HOST, "--port", str(port),
+        "--loop", "uvloop", "--http", "httptools", "--workers", "1", "--no-access-log",
+    ]  # fmt: skip
+    log_path = tmp / "gateway.log"
+    with log_path.open("wb") as log:
+        proc = spawn(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _wait_healthy(port, proc, log_path)
+            login = {"email": ADMIN_EMAIL, "password": password}
+            token = request_json("POST", port, "/login", login)["access_token"]
+            yield port, token, process_tree(proc.pid)
+        finally:
+            stop(proc)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _wait_healthy(port: int, proc: subprocess.Popen, log_path: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        try:
+            if request("GET", port, "/health")[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    log = log_path.read_text(errors="replace")[-2000:]
+    raise RuntimeError(f"the gateway did not answer GET /health with 200 within {START_TIMEOUT} s:\n{log}")

@@ -1,0 +1,170 @@
+"""Turns the scenarios' figures into the summary: ratios, targets met, a Markdown table and the JSON file."""
+
+import json
+from pathlib import Path
+
+# The gateway's targets, from the project's performance goals.
+STREAMS_MAX_RATIO = 1.15  # wall time, gateway / nginx
+TTFB_MAX_ADDED_MS = 1.0  # p50 first byte, gateway - direct
+MEMORY_MAX_KB = 100.0  # RSS per held stream
+DISCONNECT_MAX_P95_MS = 100.0  # client hang-up -> upstream connection closed
+# Above this, other work or the hypervisor took CPU from the bench (% of one core, average over a run).
+NOISE_MAX_PCT = 25.0
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return None if numerator is None or not denominator else numerator / denominator
+
+
+def _met(condition: bool | None) -> str:
+    return "n/a" if condition is None else ("yes" if condition else "no")
+
+
+def _row(scenario: str, target: str, figures: str, ratio: str = "", met: str = "") -> dict:
+    return {
+        "scenario": scenario,
+        "target": target,
+        "figures": figures,
+        "ratio": ratio or "-",
+        "met": met or "-",
+    }
+
+
+def _streams_rows(results: dict) -> list[dict]:
+    rows = []
+    walls = {name: figures["wall_s"] for name, figures in results.items()}
+    for name, figures in results.items():
+        text = (
+            f"wall {_num(figures['wall_s'], 2)} s, {figures['ok']}/{figures['count']} complete, "
+            f"first byte p50 {_num(figures['first_byte_p50_ms'])} / "
+            f"p99 {_num(figures['first_byte_p99_ms'])} ms, "
+            f"gap p99 {_num(figures['gap_p99_ms'])} ms"
+        )
+        ratio, met = "", ""
+        if name == "nginx" and "direct" in walls:
+            ratio = f"nginx/direct {_num(_ratio(walls['nginx'], walls['direct']), 2)}"
+        if name == "gateway":
+            vs_nginx = _ratio(walls["gateway"], walls.get("nginx"))
+            parts = [
+                f"gateway/{other} {_num(_ratio(walls['gateway'], walls[other]), 2)}"
+                for other in ("nginx", "direct")
+                if other in walls
+            ]
+            ratio = ", ".join(parts)
+            complete = figures["ok"] == figures["count"]
+            met = _met(None if vs_nginx is None else vs_nginx <= STREAMS_MAX_RATIO and complete)
+        rows.append(_row("streams", name, text, ratio, met))
+    return rows
+
+
+def _ttfb_rows(results: dict) -> list[dict]:
+    rows = []
+    direct = (results.get("direct") or {}).get("first_byte_ms")
+    for name, figures in results.items():
+        first_byte = figures["first_byte_ms"] or {}
+        text = (
+            f"first byte p50 {_num(first_byte.get('p50'), 2)} / p99 {_num(first_byte.get('p99'), 2)} ms, "
+            f"{figures['ok']}/{figures['count']} complete"
+        )
+        ratio, met = "", ""
+        added = None
+        if name != "direct" and direct and first_byte:
+            added = first_byte["p50"] - direct["p50"]
+            ratio = f"p50 {added:+.2f} ms vs direct"
+        if name == "gateway":
+            met = _met(
+                None if added is None else added <= TTFB_MAX_ADDED_MS and figures["ok"] == figures["count"]
+            )
+        rows.append(_row("ttfb", name, text, ratio, met))
+    return rows
+
+
+def _memory_rows(results: dict) -> list[dict]:
+    rows = []
+    for name, figures in results.items():
+        text = (
+            f"RSS {figures['rss_before_mb']} -> {figures['rss_held_mb']} MB "
+            f"with {figures['held']}/{figures['count']} streams held: {figures['kb_per_stream']} KB/stream"
+        )
+        ratio, met = "", ""
+        if name == "gateway":
+            if "nginx" in results:
+                per_stream = _ratio(figures["kb_per_stream"], results["nginx"]["kb_per_stream"])
+                ratio = f"gateway/nginx {_num(per_stream)}"
+            met = _met(figures["kb_per_stream"] <= MEMORY_MAX_KB and figures["held"] == figures["count"])
+        rows.append(_row("memory", name, text, ratio, met))
+    return rows
+
+
+def _disconnect_rows(results: dict) -> list[dict]:
+    rows = []
+    for name, figures in results.items():
+        latency = figures["latency_ms"] or {}
+        text = (
+            f"{figures['propagated']}/{figures['cut']} hang-ups reached upstream within the stream's "
+            f"{figures['stream_lifetime_s']:g} s; p50 {_num(latency.get('p50'), 2)} / "
+            f"p95 {_num(latency.get('p95'), 2)} / max {_num(latency.get('max'), 2)} ms"
+        )
+        met = ""
+        if name == "gateway":
+            all_seen = figures["propagated"] == figures["cut"] == figures["count"]
+            met = _met(bool(latency) and all_seen and latency["p95"] <= DISCONNECT_MAX_P95_MS)
+        rows.append(_row("disconnect", name, text, "", met))
+    return rows
+
+
+ROWS = {"streams": _streams_rows, "ttfb": _ttfb_rows, "memory": _memory_rows, "disconnect": _disconnect_rows}
+
+
+def summary_rows(results: dict) -> list[dict]:
+    return [row for scenario, figures in results.items() for row in ROWS[scenario](figures)]
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| scenario | target | figures | ratio | target met |", "|---|---|---|---|---|"]
+    lines += [
+        f"| {r['scenario']} | {r['target']} | {r['figures']} | {r['ratio']} | {r['met']} |" for r in rows
+    ]
+    return "\n".join(lines)
+
+
+def cpu_markdown(streams: dict) -> str:
+    """CPU use during scenario A: whichever process nears 100% of a core is what limits that run."""
+    lines = [
+        "CPU in scenario streams, % of one core: median of rounds (busiest 0.25 s). other: the rest of the "
+        "machine; steal: taken by the hypervisor.",
+        "",
+        "| target | client | upstream | relay | other | steal |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, figures in streams.items():
+        cells = []
+        for group in ("client", "upstream", "relay", "other", "steal"):
+            use = figures["cpu"].get(group)
+            cells.append(f"{use['avg_pct']:.0f}% ({use['peak_pct']:.0f}%)" if use else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def noise_warning(streams: dict) -> str | None:
+    """A warning when something else kept the machine busy during scenario streams, skewing every figure."""
+    busiest = max(
+        run["cpu"]["other"]["avg_pct"] + run["cpu"]["steal"]["avg_pct"]
+        for figures in streams.values()
+        for run in figures["rounds"]
+    )
+    if busiest <= NOISE_MAX_PCT:
+        return None
+    return (
+        f"Warning: other processes or the hypervisor took up to {busiest:.0f}% of a core during scenario "
+        "streams; rerun on a quiet machine before trusting these figures."
+    )
+
+
+def write_json(path: Path, document: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2) + "\n")

@@ -1,0 +1,218 @@
+"""The four workloads, each run against every selected target with relays started fresh for it.
+
+Fresh relays per scenario keep one scenario's leftovers (a grown heap, streams nobody cancelled) out of the
+next one's figures. Each function returns {target name: figures}.
+"""
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+
+from bench.control import LoadClient, Upstream
+from bench.procs import CpuMeter, rss_bytes
+from bench.stats import median, summarize_ms
+from bench.targets import Target, open_targets
+
+STREAM_INTERVAL = 0.02  # 50 tokens/s, a GPU-like pace
+STREAM_OPTIONS = {"bench_tokens": 100, "bench_interval": STREAM_INTERVAL}
+WARMUP = {"count": 50, "options": {"bench_tokens": 10, "bench_interval": STREAM_INTERVAL}}
+TIMEOUT = 120  # seconds any one stream may take before it counts as failed
+TTFB_OPTIONS = {"bench_tokens": 1, "bench_interval": 0}  # the whole stream at once: only the relay waits
+TTFB_WARMUP = 30
+HELD_OPTIONS = {"bench_tokens": 1000, "bench_interval": 1.0}  # trickles: open far longer than the scenario
+HELD_SETTLE = 2.0  # seconds between the last held stream's first byte and reading RSS
+CUT_OPTIONS = {"bench_tokens": 40, "bench_interval": 0.05}
+CUT_AFTER_LINES = 3
+CUT_PAUSE = 0.1  # seconds between a hang-up and the next stream
+
+
+@dataclass
+class Bench:
+    upstream: Upstream
+    client: LoadClient
+    targets: list[str]
+    streams: int
+    rounds: int
+    requests: int
+    held: int
+    disconnects: int
+
+    def settle(self) -> None:
+        """Waits for the previous run's streams to end upstream, so runs do not overlap."""
+        self.upstream.wait_idle(timeout=10)
+        time.sleep(0.2)
+
+    def warm_up(self, target: Target) -> None:
+        self.client.run(concurrent_job(target, **WARMUP))
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def concurrent_job(target: Target, count: int, options: dict) -> dict:
+    return {
+        "kind": "concurrent",
+        "target": target.spec(),
+        "count": count,
+        "options": options,
+        "expect_lines": options["bench_tokens"] + 1,
+        "timeout": TIMEOUT,
+    }
+
+
+def streams(bench: Bench) -> dict:
+    """A: many concurrent streams at a GPU-like pace; the relay's throughput and latency under load."""
+    runs: dict[str, list[dict]] = {name: [] for name in bench.targets}
+    with open_targets(bench.targets, bench.upstream.port) as targets:
+        for target in targets:
+            bench.warm_up(target)
+        for number in range(bench.rounds):
+            # Rotate the order each round so that no target always runs first or last.
+            shift = number % len(targets)
+            for target in targets[shift:] + targets[:shift]:
+                bench.settle()
+                groups = {"client": [bench.client.process], "upstream": [bench.upstream.process]}
+                if target.relay:
+                    groups["relay"] = target.relay
+                with CpuMeter(groups) as cpu:
+                    result = bench.client.run(concurrent_job(target, bench.streams, STREAM_OPTIONS))
+                result["cpu"] = cpu.summary
+                runs[target.name].append(result)
+                log(
+                    f"streams round {number + 1}/{bench.rounds} {target.name}: wall {result['wall_s']} s, "
+                    f"{result['ok']}/{result['count']} ok, cpu {_cpu_line(cpu.summary)}"
+                )
+    return {name: {**_combine(results), "rounds": results} for name, results in runs.items()}
+
+
+def _cpu_line(summary: dict) -> str:
+    return ", ".join(f"{name} {use['avg_pct']}% (peak {use['peak_pct']}%)" for name, use in summary.items())
+
+
+def _combine(results: list[dict]) -> dict:
+    """The median round's figures; the worst round's count of good streams."""
+
+    def middle(key: str, stat: str | None = None) -> float | None:
+        values = [result[key] if stat is None else (result[key] or {}).get(stat) for result in results]
+        values = [value for value in values if value is not None]
+        return round(median(values), 4) if values else None
+
+    return {
+        "count": results[0]["count"],
+        "ok": min(result["ok"] for result in results),
+        "wall_s": middle("wall_s"),
+        "first_byte_p50_ms": middle("first_byte_ms", "p50"),
+        "first_byte_p99_ms": middle("first_byte_ms", "p99"),
+        "gap_p99_ms": middle("gap_ms", "p99"),
+        "cpu": {
+            group: {
+                "avg_pct": median([result["cpu"][group]["avg_pct"] for result in results]),
+                "peak_pct": max(result["cpu"][group]["peak_pct"] for result in results),
+            }
+            for group in results[0]["cpu"]
+        },
+    }
+
+
+def ttfb(bench: Bench) -> dict:
+    """B: time to first byte of an idle relay, one request at a time, each on a new connection."""
+    figures = {}
+    with open_targets(bench.targets, bench.upstream.port) as targets:
+        for target in targets:
+            job = {
+                "kind": "sequential",
+                "target": target.spec(),
+                "count": bench.requests,
+                "warmup": TTFB_WARMUP,
+                "options": TTFB_OPTIONS,
+                "expect_lines": TTFB_OPTIONS["bench_tokens"] + 1,
+                "timeout": TIMEOUT,
+            }
+            result = bench.client.run(job)
+            figures[target.name] = {key: result[key] for key in ("count", "ok", "problems", "first_byte_ms")}
+            log(
+                f"ttfb {target.name}: {result['ok']}/{result['count']} ok, "
+                f"first byte {result['first_byte_ms']}"
+            )
+    return figures
+
+
+def memory(bench: Bench) -> dict:
+    """C: the relay's resident memory per stream held open (a direct connection has no relay to weigh)."""
+    figures = {}
+    relayed = [name for name in bench.targets if name != "direct"]
+    with open_targets(relayed, bench.upstream.port) as targets:
+        for target in targets:
+            bench.warm_up(target)
+            bench.settle()
+            before = rss_bytes(target.relay)
+            job = {
+                "kind": "hold",
+                "target": target.spec(),
+                "count": bench.held,
+                "options": HELD_OPTIONS,
+                "timeout": TIMEOUT,
+            }
+            bench.client.send(json.dumps(job))
+            held = bench.client.receive()
+            time.sleep(HELD_SETTLE)
+            during = rss_bytes(target.relay)
+            upstream_streams = bench.upstream.stats()["active_streams"]
+            bench.client.send("release")
+            result = bench.client.receive()
+            # A relay that does not cancel upstream when its client goes leaves these streams running.
+            still_running = bench.upstream.wait_idle(timeout=5)
+            figures[target.name] = {
+                "held": held["held"],
+                "count": bench.held,
+                "all_held_after_s": held["after_s"],
+                "upstream_streams_while_held": upstream_streams,
+                "rss_before_mb": round(before / 2**20, 1),
+                "rss_held_mb": round(during / 2**20, 1),
+                "kb_per_stream": round((during - before) / bench.held / 1024, 1),
+                "first_byte_ms": result["first_byte_ms"],
+                "upstream_streams_5s_after_release": still_running,
+            }
+            log(f"memory {target.name}: {figures[target.name]}")
+    return figures
+
+
+def disconnect(bench: Bench) -> dict:
+    """D: how long after a client hangs up the upstream sees its connection go (cancelling the generation)."""
+    figures = {}
+    lifetime = CUT_OPTIONS["bench_tokens"] * CUT_OPTIONS["bench_interval"]
+    with open_targets(bench.targets, bench.upstream.port) as targets:
+        for target in targets:
+            bench.settle()
+            bench.upstream.reset()
+            job = {
+                "kind": "disconnect",
+                "target": target.spec(),
+                "count": bench.disconnects,
+                "after_lines": CUT_AFTER_LINES,
+                "pause": CUT_PAUSE,
+                "label": target.name,
+                "options": CUT_OPTIONS,
+                "timeout": 10,
+            }
+            cuts = bench.client.run(job)["cuts"]
+            # A hang-up that never reaches the upstream lets its stream run to the end: wait that long.
+            bench.upstream.wait_idle(timeout=lifetime + 1)
+            seen = bench.upstream.disconnects()
+            closed = [cut for cut in cuts if "t_close" in cut]
+            latencies = [seen[cut["id"]] - cut["t_close"] for cut in closed if cut["id"] in seen]
+            figures[target.name] = {
+                "count": bench.disconnects,
+                "cut": len(closed),
+                "propagated": len(latencies),
+                "stream_lifetime_s": lifetime,
+                "latency_ms": summarize_ms(latencies),
+                "problems": [cut for cut in cuts if "t_close" not in cut][:5],
+            }
+            log(f"disconnect {target.name}: {figures[target.name]}")
+    return figures
+
+
+SCENARIOS = {"streams": streams, "ttfb": ttfb, "memory": memory, "disconnect": disconnect}

@@ -1,0 +1,343 @@
+"""A fake Ollama server that costs as little CPU as possible.
+
+The bench measures what a relay adds, and the upstream shares two cores with the relay and the load client,
+so it is raw asyncio protocols on uvloop with pre-encoded bytes: no framework, no timer per stream. Streams
+are paced like batched GPU decoding: one shared ticker per distinct interval writes the next line to every
+active stream on each tick.
+
+`POST /api/chat` streams chat chunks, one JSON line per HTTP chunk. The request's `options` may carry
+`bench_tokens` (default 100), `bench_interval` in seconds (default 0.02; 0 writes the whole stream at once)
+and `bench_id`, a label under which a stream cut short by its peer is recorded. The first token goes out with
+the headers, the rest on the ticks, then the final `done` line: bench_tokens + 1 lines in all.
+
+Control endpoints for the orchestrator:
+  GET  /_bench/stats        {"open_connections": n (not counting the asking one), "active_streams": n}
+  GET  /_bench/disconnects  {"disconnects": [{"id": bench_id, "t": time.monotonic() at connection_lost}]}
+  POST /_bench/reset        forgets the recorded disconnects
+
+Run as `python -m bench.upstream`: prints {"port": N} once listening; exits when its stdin closes.
+"""
+
+import asyncio
+import contextlib
+import functools
+import json
+import time
+
+import uvloop
+
+from bench.procs import HOST, raise_fd_limit, stdin_closed
+
+TOKEN_LINE = (
+    b'{"model":"bench","created_at":"2026-01-01T00:00:00.000000Z",'
+    b'"message":{"role":"assistant","content":"tok "},"done":false}\n'
+)
+DONE_LINE = (
+    b'{"model":"bench","created_at":"2026-01-01T00:00:00.000000Z",'
+    b'"message":{"role":"assistant","content":""},"done":true,"done_reason":"stop",'
+    b'"total_duration":1,"load_duration":1,"prompt_eval_count":1,"prompt_eval_duration":1,'
+    b'"eval_count":%d,"eval_duration":1}\n'
+)
+TAGS = {
+    "models": [
+        {
+            "name": "bench:latest",
+            "model": "bench:latest",
+            "modified_at": "2026-01-01T00:00:00.000000Z",
+            "size": 1,
+            "digest": "0" * 64,
+            "details": {"family": "bench", "parameter_size": "1B", "quantization_level": "Q4_0"},
+        }
+    ]
+}
+MAX_HEAD = 65536
+REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 431: b"Request Header Fields Too Large"}
+JSON_TYPE = b"application/json; charset=utf-8"
+
+
+def http_chunk(payload: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(payload), payload)
+
+
+TOKEN_CHUNK = http_chunk(TOKEN_LINE)
+END_OF_BODY = b"0\r\n\r\n"
+STREAM_HEAD = {
+    keep_alive: b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n"
+    + (b"" if keep_alive else b"Connection: close\r\n")
+    + b"\r\n"
+    for keep_alive in (True, False)
+}
+
+
+@functools.cache
+def done_chunk(eval_count: int) -> bytes:
+    return http_chunk(DONE_LINE % eval_count) + END_OF_BODY
+
+
+def plain_response(status: int, body: bytes, keep_alive: bool, content_type: bytes, head_only: bool) -> bytes:
+    head = b"HTTP/1.1 %d %b\r\nContent-Type: %b\r\nContent-Length: %d\r\n%b\r\n" % (
+        status,
+        REASONS[status],
+        content_type,
+        len(body),
+        b"" if keep_alive else b"Connection: close\r\n",
+    )
+    return head if head_only else head + body
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int):
+        self.status = status
+
+
+class Request:
+    __slots__ = ("body", "keep_alive", "method", "path")
+
+    def __init__(self, method: str, path: str, keep_alive: bool, body: bytes):
+        self.method, self.path, self.keep_alive, self.body = method, path, keep_alive, body
+
+
+def parse_request(buffer: bytearray) -> tuple[Request, int] | None:
+    """The first complete request in the buffer and the bytes it took, or None while it is incomplete."""
+    end = buffer.find(b"\r\n\r\n")
+    if end < 0:
+        if len(buffer) > MAX_HEAD:
+            raise BadRequest(431)
+        return None
+    lines = buffer[:end].decode("latin-1").split("\r\n")
+    try:
+        method, target, version = lines[0].split(" ")
+    except ValueError:
+        raise BadRequest(400) from None
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip().lower()
+    connection = headers.get("connection", "")
+    keep_alive = "close" not in connection if version == "HTTP/1.1" else "keep-alive" in connection
+    start = end + 4
+    if "chunked" in headers.get("transfer-encoding", ""):
+        decoded = decode_chunked(buffer, start)
+        if decoded is None:
+            return None
+        body, consumed = decoded
+    else:
+        try:
+            consumed = start + int(headers.get("content-length", "0"))
+        except ValueError:
+            raise BadRequest(400) from None
+        if len(buffer) < consumed:
+            return None
+        body = bytes(buffer[start:consumed])
+    return Request(method, target.partition("?")[0], keep_alive, body), consumed
+
+
+def decode_chunked(buffer: bytearray, pos: int) -> tuple[bytes, int] | None:
+    """A chunked request body (a relay may stream the body it forwards) and where it ends, or None."""
+    body = bytearray()
+    while True:
+        eol = buffer.find(b"\r\n", pos)
+        if eol < 0:
+            return None
+        try:
+            size = int(buffer[pos:eol].split(b";")[0], 16)
+        except ValueError:
+            raise BadRequest(400) from None
+        pos = eol + 2
+        if size == 0:
+            if buffer[pos : pos + 2] == b"\r\n":
+                return bytes(body), pos + 2
+            trailers_end = buffer.find(b"\r\n\r\n", pos)
+            return None if trailers_end < 0 else (bytes(body), trailers_end + 4)
+        if len(buffer) < pos + size + 2:
+            return None
+        body += buffer[pos : pos + size]
+        pos += size + 2
+
+
+class Stream:
+    """A chat stream in flight; its ticker calls advance() once per tick."""
+
+    __slots__ = ("bench_id", "conn", "eval_count", "left")
+
+    def __init__(self, conn: "Connection", tokens: int, bench_id: object):
+        self.conn, self.left, self.eval_count, self.bench_id = conn, tokens, tokens, bench_id
+
+    def advance(self) -> bool:
+        """Writes the next line; False once the stream is over, finished or cut."""
+        conn = self.conn
+        if conn.closed:
+            return False
+        if self.left:
+            self.left -= 1
+            conn.transport.write(TOKEN_CHUNK)
+            return True
+        conn.transport.write(done_chunk(self.eval_count))
+        conn.stream_finished()
+        return False
+
+
+class Ticker:
+    """Writes the next line of every stream of one interval on one shared clock, like a decoding batch."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float):
+        self._loop = loop
+        self._interval = interval
+        self._streams: set[Stream] = set()
+        self._next = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, stream: Stream) -> None:
+        self._streams.add(stream)
+        if self._timer is None:
+            self._next = self._loop.time() + self._interval
+            self._timer = self._loop.call_at(self._next, self._tick)
+
+    def _tick(self) -> None:
+        # Iterate over a copy: streams end during the tick, and a kept-alive connection may start its next.
+        for stream in list(self._streams):
+            if not stream.advance():
+                self._streams.discard(stream)
+        if not self._streams:
+            self._timer = None
+            return
+        # Keep the cadence, but after a stall resume from now rather than bursting the missed ticks.
+        self._next = max(self._next + self._interval, self._loop.time())
+        self._timer = self._loop.call_at(self._next, self._tick)
+
+
+class FakeOllama:
+    """State shared by all connections: routes, tickers and what the bench asks about."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.connections: set[Connection] = set()
+        self.active_streams = 0
+        self.disconnects: list[dict] = []
+        self._tickers: dict[float, Ticker] = {}
+        self._static = {
+            "/": (b"text/plain; charset=utf-8", b"Ollama is running"),
+            "/api/version": (JSON_TYPE, b'{"version":"0.12.3"}'),
+            "/api/tags": (JSON_TYPE, json.dumps(TAGS).encode()),
+        }
+
+    def dispatch(self, conn: "Connection", request: Request) -> None:
+        method, path = request.method, request.path
+        if method == "POST" and path == "/api/chat":
+            self.chat(conn, request.body)
+        elif method in ("GET", "HEAD") and path in self._static:
+            content_type, body = self._static[path]
+            conn.reply(200, body, content_type, head_only=method == "HEAD")
+        elif method == "GET" and path == "/_bench/stats":
+            stats = {"open_connections": len(self.connections) - 1, "active_streams": self.active_streams}
+            conn.reply(200, json.dumps(stats).encode())
+        elif method == "GET" and path == "/_bench/disconnects":
+            conn.reply(200, json.dumps({"disconnects": self.disconnects}).encode())
+        elif method == "POST" and path == "/_bench/reset":
+            self.disconnects.clear()
+            conn.reply(200, b"{}")
+        else:
+            conn.reply(404, b'{"error":"not found"}')
+
+    def chat(self, conn: "Connection", body: bytes) -> None:
+        try:
+            options = json.loads(body).get("options") or {}
+            tokens = int(options.get("bench_tokens", 100))
+            interval = float(options.get("bench_interval", 0.02))
+        except (ValueError, AttributeError, TypeError):
+            conn.reply(400, b'{"error":"invalid chat request"}')
+            return
+        head = STREAM_HEAD[conn.keep_alive]
+        if interval <= 0:
+            conn.transport.write(head + TOKEN_CHUNK * tokens + done_chunk(tokens))
+            return
+        stream = Stream(conn, tokens, options.get("bench_id"))
+        conn.stream = stream
+        self.active_streams += 1
+        if stream.left:
+            stream.left -= 1
+            head += TOKEN_CHUNK
+        conn.transport.write(head)
+        ticker = self._tickers.get(interval)
+        if ticker is None:
+            ticker = self._tickers[interval] = Ticker(self.loop, interval)
+        ticker.add(stream)
+
+
+class Connection(asyncio.Protocol):
+    """One HTTP/1.1 connection: requests one after another, kept alive unless the client says otherwise."""
+
+    def __init__(self, server: FakeOllama):
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.stream: Stream | None = None
+        self.keep_alive = True
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.server.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if self.stream is None:
+            self.serve()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+        if self.stream is not None:
+            self.server.disconnects.append({"id": self.stream.bench_id, "t": time.monotonic()})
+            self.server.active_streams -= 1
+            self.stream = None
+
+    def serve(self) -> None:
+        """Answers the buffered requests until one starts a stream, which holds the connection until done."""
+        while self.stream is None and not self.closed:
+            try:
+                parsed = parse_request(self.buffer)
+            except BadRequest as error:
+                self.keep_alive = False
+                self.reply(error.status, b'{"error":"bad request"}')
+                self.transport.close()
+                return
+            if parsed is None:
+                return
+            request, consumed = parsed
+            del self.buffer[:consumed]
+            self.keep_alive = request.keep_alive
+            self.server.dispatch(self, request)
+            if not self.keep_alive:
+                if self.stream is None:
+                    self.transport.close()
+                return
+
+    def reply(
+        self, status: int, body: bytes, content_type: bytes = JSON_TYPE, head_only: bool = False
+    ) -> None:
+        self.transport.write(plain_response(status, body, self.keep_alive, content_type, head_only))
+
+    def stream_finished(self) -> None:
+        self.stream = None
+        self.server.active_streams -= 1
+        if self.keep_alive:
+            self.serve()
+        else:
+            self.transport.close()
+
+
+async def serve() -> None:
+    loop = asyncio.get_running_loop()
+    fake = FakeOllama(loop)
+    server = await loop.create_server(lambda: Connection(fake), HOST, 0, backlog=4096)
+    print(json.dumps({"port": server.sockets[0].getsockname()[1]}), flush=True)
+    await stdin_closed()
+    server.close()
+
+
+if __name__ == "__main__":
+    raise_fd_limit()
+    # Ctrl-C reaches the whole process group: the orchestrator reports it, this process just ends.
+    with contextlib.suppress(KeyboardInterrupt):
+        uvloop.run(serve())
