@@ -57,7 +57,7 @@ async def open_services(settings: Settings) -> Services:
             idle=settings.upstream_idle_timeout,
         ),
     )
-    await upstream.start()
+
     signer = TokenSigner(secret_key, settings.access_token_expire_minutes * 60)
     return Services(settings=settings, db=db, users=users, signer=signer, uploads=uploads, upstream=upstream)
 

@@ -1,31 +1,24 @@
-"""The one upstream client of the process: an aiohttp session with the gateway's timeouts.
+"""The gateway's view of Ollama: one connection pool for the process, with the gateway's timeouts.
 
-Why aiohttp and not httpx: measured on this project's machines, httpx's AsyncClient collapses under
-hundreds of concurrent streams (pool locking and per-chunk cost, encode/httpx#3215): about 5x nginx's wall
-time for 400 streams, against 1.3x for aiohttp. See README, "Performance".
-
-Each open stream holds one upstream connection for its whole life, so the pool has no limit (aiohttp's
-default of 100 would make the 101st stream wait). Timeouts are the gateway's own: a short connect timeout,
-a long first-byte timeout (Ollama sends nothing until the model is loaded), and an idle timeout between
-chunks, enforced by the relay.
+Every upstream call goes through `Upstream`: the relay, the model list and the health probe. Its connection
+pool (`upstream.http11`) has no size limit, since each open stream holds one connection for its whole life.
+Timeouts are the gateway's own: a short connect timeout, a long first-byte timeout (Ollama sends nothing until
+the model is loaded), and an idle timeout between chunks, enforced by the relay.
 """
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from yarl import URL
 
 from core.errors import GatewayError
+from upstream.http11 import ConnectionPool, UpstreamError, UpstreamResponse
 
 MAX_ERROR_BODY = 64 * 1024
-# Bodies above this go out in slices, each written when the socket has room, instead of in one write that
-# copies megabytes (base64 images) into the transport at once.
-LARGE_BODY = 1024 * 1024
-BODY_SLICE = 256 * 1024
+MAX_JSON_BODY = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -46,46 +39,27 @@ class Upstream:
         self.base_url = base_url.rstrip("/")
         self.public_url = public_url(self.base_url)
         self.timeouts = timeouts
-        self._session: aiohttp.ClientSession | None = None
-        self._urls: dict[str, URL] = {}
-
-    def _url(self, path: str) -> URL:
-        # A handful of distinct paths, parsed once each rather than on every request.
-        url = self._urls.get(path)
-        if url is None:
-            url = self._urls[path] = URL(self.base_url + path)
-        return url
-
-    async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeouts.connect),
-            # Bytes are relayed as Ollama sent them; nothing is decoded, stored or added.
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("Accept-Encoding",),
-        )
+        self._pool = ConnectionPool(self.base_url, timeouts.connect)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        self._pool.close()
 
     async def send(
-        self, method: str, path: str, *, headers: Any = None, body: Any = None
-    ) -> aiohttp.ClientResponse:
-        """Send a request and wait for the response head. Raises 502 if Ollama can't be reached, 504 if it
-        sends nothing within the first-byte timeout."""
-        assert self._session is not None, "Upstream.start() was not awaited"
-        if isinstance(body, bytes) and len(body) > LARGE_BODY:
-            headers = [*(headers or ()), ("Content-Length", str(len(body)))]
-            body = _in_slices(body)
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: list[tuple[str, str]] | None = None,
+        body: bytes | AsyncIterable[bytes] | None = None,
+        length: int | None = None,
+    ) -> UpstreamResponse:
+        """Send a request and wait for the response head. Raises 502 if Ollama can't be reached or answers
+        nonsense, 504 if it sends nothing within the first-byte timeout."""
         try:
             async with asyncio.timeout(self.timeouts.first_byte):
-                return await self._session.request(
-                    method, self._url(path), headers=headers, data=body, allow_redirects=False
-                )
-        except aiohttp.ClientError as exc:
-            raise GatewayError(502, f"cannot reach Ollama at {self.public_url}: {_reason(exc)}") from None
+                return await self._pool.request(method, path, headers or [], body, length)
+        except UpstreamError as exc:
+            raise GatewayError(502, f"cannot reach Ollama at {self.public_url}: {exc}") from None
         except TimeoutError:
             raise GatewayError(
                 504,
@@ -99,31 +73,19 @@ class Upstream:
             if response.status >= 400:
                 raise await error_from(response, self.timeouts.idle)
             async with asyncio.timeout(self.timeouts.idle):
-                return json.loads(await response.read())
-        except (ValueError, aiohttp.ClientError, TimeoutError):
+                return json.loads(await response.read(MAX_JSON_BODY))
+        except (ValueError, UpstreamError, TimeoutError):
             raise GatewayError(502, f"Ollama at {self.public_url} sent an unreadable answer") from None
         finally:
-            response.close()
+            response.release()
 
 
-async def _in_slices(body: bytes) -> AsyncIterator[memoryview]:
-    view = memoryview(body)
-    for start in range(0, len(view), BODY_SLICE):
-        yield view[start : start + BODY_SLICE]
-
-
-def _reason(exc: aiohttp.ClientError) -> str:
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return exc.os_error.strerror or type(exc.os_error).__name__
-    return str(exc) or type(exc).__name__
-
-
-async def error_from(response: aiohttp.ClientResponse, read_timeout: float) -> GatewayError:
+async def error_from(response: UpstreamResponse, read_timeout: float) -> GatewayError:
     """Ollama's own error, with its status and message, as the gateway's error."""
     try:
         async with asyncio.timeout(read_timeout):
-            raw = await response.content.read(MAX_ERROR_BODY)
-    except (aiohttp.ClientError, TimeoutError):
+            raw = await response.read(MAX_ERROR_BODY)
+    except (UpstreamError, TimeoutError):
         raw = b""
     message = raw.decode("utf-8", "replace").strip()
     try:

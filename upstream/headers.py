@@ -1,8 +1,8 @@
 """Which headers cross the gateway, in each direction.
 
 Toward Ollama the client's credentials never travel (Authorization, Cookie), the Host is the upstream's own
-(Ollama bound to loopback answers 403 to a foreign Host, and aiohttp sets it from the URL), and the Origin is
-dropped: the gateway does CORS itself, while Ollama would reject origins outside its own OLLAMA_ORIGINS.
+(Ollama bound to loopback answers 403 to a foreign Host; it comes from OLLAMA_URL), and the Origin is dropped:
+the gateway does CORS itself, while Ollama would reject origins outside its own OLLAMA_ORIGINS.
 Hop-by-hop headers (RFC 9110 §7.6.1) describe one connection and never cross a proxy in either direction.
 """
 
@@ -51,8 +51,6 @@ def upstream_request_headers(client_headers: list[tuple[bytes, bytes]]) -> list[
     ]
 
 
-def downstream_response_headers(
-    upstream_headers: tuple[tuple[bytes, bytes], ...],
-) -> list[tuple[bytes, bytes]]:
-    dropped = _NOT_RELAYED_DOWNSTREAM | _named_in_connection(list(upstream_headers))
+def downstream_response_headers(upstream_headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    dropped = _NOT_RELAYED_DOWNSTREAM | _named_in_connection(upstream_headers)
     return [(name.lower(), value) for name, value in upstream_headers if name.lower() not in dropped]

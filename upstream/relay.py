@@ -15,12 +15,12 @@ Three things happen beside the copy loop:
 import asyncio
 import json
 
-import aiohttp
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from upstream.client import Upstream, error_from
 from upstream.headers import downstream_response_headers
+from upstream.http11 import UpstreamError, UpstreamResponse
 
 STREAMING_HEADERS = [(b"x-accel-buffering", b"no"), (b"cache-control", b"no-cache")]
 
@@ -46,13 +46,13 @@ def _error_tail(content_type: bytes, message: str, last_chunk: bytes) -> bytes:
 
 
 class RelayResponse(Response):
-    def __init__(self, upstream_response: aiohttp.ClientResponse, idle_timeout: float) -> None:
+    def __init__(self, upstream_response: UpstreamResponse, idle_timeout: float) -> None:
         self._upstream = upstream_response
         self._idle_timeout = idle_timeout
         self.status_code = upstream_response.status
         self.background = None
-        headers = downstream_response_headers(upstream_response.raw_headers)
-        self._content_type = upstream_response.headers.get("content-type", "").encode("latin-1").lower()
+        headers = downstream_response_headers(upstream_response.headers)
+        self._content_type = (upstream_response.header(b"content-type") or b"").lower()
         if b"ndjson" in self._content_type or b"event-stream" in self._content_type:
             headers += STREAMING_HEADERS
         self.raw_headers = headers
@@ -73,24 +73,24 @@ class RelayResponse(Response):
         finally:
             self._watchdog.cancel()
             disconnect_watch.cancel()
-            self._upstream.close()
+            self._upstream.release()
         await send({"type": "http.response.body", "body": tail, "more_body": False})
 
     async def _copy_body(self, send: Send) -> bytes:
         """Copy until the upstream ends; return the error tail to append if it ended badly."""
         loop = asyncio.get_running_loop()
-        content = self._upstream.content
+        upstream = self._upstream
         last_chunk = b"\n"
         try:
             while True:
                 self._awaiting_upstream_since = loop.time()
-                chunk = await content.readany()
+                chunk = await upstream.read_chunk()
                 self._awaiting_upstream_since = None
                 if not chunk:
                     return b""
                 last_chunk = chunk
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except (aiohttp.ClientError, ConnectionError, TimeoutError):
+        except UpstreamError:
             if self._idle_expired:
                 reason = f"Ollama sent nothing for {self._idle_timeout:g} s (upstream idle timeout)"
             else:

@@ -1,0 +1,87 @@
+"""The gateway's own upstream client, against an upstream scripted below the HTTP level."""
+
+import base64
+import json
+import time
+
+import httpx
+
+from tests.scripted_upstream import ScriptedUpstream
+from tests.streams import chat_body
+
+DONE_LINE = b'{"done":true}\n'
+
+
+def chunked_ndjson(lines: list[bytes]) -> bytes:
+    body = b"".join(b"%x\r\n%s\r\n" % (len(line), line) for line in lines)
+    return (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + body
+        + b"0\r\n\r\n"
+    )
+
+
+def test_a_pooled_connection_ollama_closed_is_retried_on_a_fresh_one(make_gateway):
+    def answer_once_then_drop_the_next(sock, upstream):
+        upstream.read(sock)
+        sock.sendall(chunked_ndjson([DONE_LINE]))
+        upstream.read(sock)  # the next request on this kept-alive connection: hang up without answering,
+        # as a restarted Ollama's old connections do
+
+    with ScriptedUpstream(answer_once_then_drop_the_next) as upstream:
+        gateway = make_gateway(ollama_url=upstream.url)
+        with httpx.Client(base_url=gateway.url, headers=gateway.admin_headers()) as http:
+            first = http.post("/chat", json=chat_body())
+            second = http.post("/chat", json=chat_body())
+    assert first.status_code == second.status_code == 200
+    assert second.text == DONE_LINE.decode()
+    assert upstream.connections == 2
+    assert len(upstream.heads) == 3  # the dropped request was sent again, once
+
+
+def test_a_body_that_ends_with_the_connection_is_relayed_whole(make_gateway):
+    lines = [json.dumps({"message": {"content": str(n)}, "done": False}).encode() + b"\n" for n in range(3)]
+
+    def no_length_no_chunking(sock, upstream):
+        upstream.read(sock)
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nConnection: close\r\n\r\n")
+        for line in [*lines, DONE_LINE]:
+            sock.sendall(line)
+            time.sleep(0.02)
+
+    with ScriptedUpstream(no_length_no_chunking) as upstream:
+        gateway = make_gateway(ollama_url=upstream.url)
+        response = httpx.post(f"{gateway.url}/chat", json=chat_body(), headers=gateway.admin_headers())
+    assert response.status_code == 200
+    assert response.content == b"".join(lines) + DONE_LINE
+
+
+def test_an_upstream_that_does_not_speak_http_is_502(make_gateway):
+    def garbage(sock, upstream):
+        upstream.read(sock)
+        sock.sendall(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+
+    with ScriptedUpstream(garbage) as upstream:
+        gateway = make_gateway(ollama_url=upstream.url)
+        response = httpx.post(f"{gateway.url}/chat", json=chat_body(), headers=gateway.admin_headers())
+    assert response.status_code == 502
+    assert "invalid HTTP response" in response.json()["error"]
+
+
+def test_ollama_url_path_prefix_and_credentials_are_used(make_gateway):
+    def record(sock, upstream):
+        upstream.read(sock)
+        sock.sendall(chunked_ndjson([DONE_LINE]))
+
+    with ScriptedUpstream(record) as upstream:
+        url = upstream.url.replace("http://", "http://operator:s%3Acret@") + "/ollama/"
+        gateway = make_gateway(ollama_url=url)
+        response = httpx.post(f"{gateway.url}/chat", json=chat_body(), headers=gateway.admin_headers())
+    assert response.status_code == 200
+    request_line, *header_lines = upstream.heads[0].decode().split("\r\n")
+    headers = {
+        name.lower(): value.strip() for name, _, value in (line.partition(":") for line in header_lines)
+    }
+    assert request_line == "POST /ollama/api/chat HTTP/1.1"
+    assert headers["host"] == upstream.url.removeprefix("http://")
+    assert headers["authorization"] == "Basic " + base64.b64encode(b"operator:s:cret").decode()
