@@ -196,3 +196,9 @@ def test_credentials_and_hop_by_hop_headers_never_reach_ollama(client, ollama):
     assert sent["host"] == ollama.host_header
     assert sent["x-request-id"] == "abc-123"
     assert sent["user-agent"] == "ollama-python/0.6.3"
+
+
+def test_ollamas_own_400_passes_through_with_its_message(client, ollama):
+    response = client.post("/chat", json=chat_body(tokens="many"))
+    assert response.status_code == 400
+    assert response.json()["error"].startswith("invalid fake_* option")

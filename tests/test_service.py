@@ -133,3 +133,13 @@ def test_cors_origins_are_read_comma_separated_from_the_environment(monkeypatch)
 
     monkeypatch.setenv("CORS_ORIGINS", "http://a.example, http://b.example/")
     assert Settings(_env_file=None).cors_origins == ["http://a.example", "http://b.example"]
+
+
+def test_env_example_documents_every_setting():
+    from pathlib import Path
+
+    from core.settings import Settings
+
+    example = (Path(__file__).resolve().parent.parent / ".env.example").read_text()
+    documented = {line.lstrip("# ").split("=", 1)[0] for line in example.splitlines() if "=" in line}
+    assert {name.upper() for name in Settings.model_fields} <= documented
