@@ -169,3 +169,15 @@ def test_a_chunked_upload_over_the_cap_is_cut_off_early(make_gateway):
     assert response.status_code == 413
     assert sent < 10 * MIB, f"the gateway read {sent / MIB:.0f} MB before refusing"
     assert list(gateway.settings.uploads_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "declared", ["text/plain\nX-Evil: 1", "text/plain\x01", "text/plain\x7f", "", "not a type", "x" * 300]
+)
+def test_a_declared_content_type_that_is_not_a_media_type_is_stored_generic(client, declared):
+    response = upload(client, "odd.bin", b"data", declared)
+    assert response.status_code == 201
+    assert response.json()["content_type"] == "application/octet-stream"
+    download = client.get(response.json()["download_path"])
+    assert download.status_code == 200
+    assert download.content == b"data"

@@ -5,6 +5,7 @@ import json
 import time
 
 import httpx
+import pytest
 
 from tests.scripted_upstream import ScriptedUpstream
 from tests.streams import chat_body
@@ -21,22 +22,84 @@ def chunked_ndjson(lines: list[bytes]) -> bytes:
     )
 
 
-def test_a_pooled_connection_ollama_closed_is_retried_on_a_fresh_one(make_gateway):
-    def answer_once_then_drop_the_next(sock, upstream):
-        upstream.read(sock)
-        sock.sendall(chunked_ndjson([DONE_LINE]))
-        upstream.read(sock)  # the next request on this kept-alive connection: hang up without answering,
-        # as a restarted Ollama's old connections do
+def _answer_once_then_drop_the_next(sock, upstream):
+    upstream.read(sock)
+    sock.sendall(chunked_ndjson([DONE_LINE]))
+    # The next request on this kept-alive connection is read, then the connection drops without an answer.
+    upstream.read(sock)
 
-    with ScriptedUpstream(answer_once_then_drop_the_next) as upstream:
+
+def test_a_get_on_a_pooled_connection_that_died_is_retried_once(make_gateway):
+    with ScriptedUpstream(_answer_once_then_drop_the_next) as upstream:
         gateway = make_gateway(ollama_url=upstream.url)
         with httpx.Client(base_url=gateway.url, headers=gateway.admin_headers()) as http:
-            first = http.post("/chat", json=chat_body())
-            second = http.post("/chat", json=chat_body())
-    assert first.status_code == second.status_code == 200
-    assert second.text == DONE_LINE.decode()
+            assert http.get("/api/version").status_code == 200
+            second = http.get("/api/version")
+    assert second.status_code == 200
     assert upstream.connections == 2
-    assert len(upstream.heads) == 3  # the dropped request was sent again, once
+    assert len(upstream.heads) == 3  # the dropped GET went once more, on a fresh connection
+
+
+def test_a_chat_ollama_received_is_never_sent_twice(make_gateway):
+    with ScriptedUpstream(_answer_once_then_drop_the_next) as upstream:
+        gateway = make_gateway(ollama_url=upstream.url)
+        with httpx.Client(base_url=gateway.url, headers=gateway.admin_headers()) as http:
+            assert http.post("/chat", json=chat_body()).status_code == 200
+            second = http.post("/chat", json=chat_body())
+    # Ollama may have started generating: sending it again could run the model twice.
+    assert second.status_code == 502
+    assert len(upstream.heads) == 2
+
+
+def test_ollama_restarting_between_requests_goes_unnoticed(make_gateway):
+    def answer_then_close_while_idle(sock, upstream):
+        upstream.read(sock)
+        sock.sendall(chunked_ndjson([DONE_LINE]))
+        time.sleep(0.05)  # then hang up while the connection sits in the gateway's pool
+
+    with ScriptedUpstream(answer_then_close_while_idle) as upstream:
+        gateway = make_gateway(ollama_url=upstream.url)
+        with httpx.Client(base_url=gateway.url, headers=gateway.admin_headers()) as http:
+            assert http.post("/chat", json=chat_body()).status_code == 200
+            time.sleep(0.3)
+            second = http.post("/chat", json=chat_body())
+    assert second.status_code == 200
+    assert upstream.connections == 2
+
+
+def test_a_stream_cut_mid_line_never_hands_the_client_half_a_line(make_gateway):
+    whole = json.dumps({"message": {"content": "a"}, "done": False}).encode() + b"\n"
+
+    def cut_mid_line(sock, upstream):
+        upstream.read(sock)
+        sock.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        piece = whole + b'{"message":{"cont'
+        sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+        time.sleep(0.05)
+
+    with ScriptedUpstream(cut_mid_line) as upstream:
+        gateway = make_gateway(ollama_url=upstream.url)
+        response = httpx.post(f"{gateway.url}/chat", json=chat_body(), headers=gateway.admin_headers())
+    lines = [
+        json.loads(line) for line in response.text.splitlines()
+    ]  # every line parses, as ollama-python needs
+    assert lines == [json.loads(whole), {"error": "the connection to Ollama was lost mid-stream"}]
+
+
+def test_a_one_piece_answer_cut_short_does_not_look_complete(make_gateway):
+    def short_body(sock, upstream):
+        upstream.read(sock)
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n")
+        sock.sendall(b'{"model":"x","mess')
+
+    with ScriptedUpstream(short_body) as upstream:
+        gateway = make_gateway(ollama_url=upstream.url)
+        with pytest.raises(httpx.RemoteProtocolError):
+            httpx.post(
+                f"{gateway.url}/chat", json=chat_body() | {"stream": False}, headers=gateway.admin_headers()
+            )
 
 
 def test_a_body_that_ends_with_the_connection_is_relayed_whole(make_gateway):

@@ -5,6 +5,7 @@ a crash or an over-size upload never leaves half a file behind.
 """
 
 import os
+import re
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,18 @@ from uploads.names import is_stored_name, new_stored_name
 
 MIB = 1024 * 1024
 COPY_CHUNK = MIB
+# type/subtype with optional parameters, nothing else: the value is sent back as a header on download.
+_MEDIA_TYPE = re.compile(
+    r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+(\s*;\s*[A-Za-z0-9!#$&^_.+-]+=[\w.+-]+)*"
+)
+DEFAULT_MEDIA_TYPE = "application/octet-stream"
+
+
+def safe_media_type(declared: str | None) -> str:
+    """The client's declared content type if it is a plain media type, else a generic one."""
+    if declared and len(declared) <= 255 and _MEDIA_TYPE.fullmatch(declared.strip()):
+        return declared.strip()
+    return DEFAULT_MEDIA_TYPE
 
 
 @dataclass(frozen=True)
@@ -66,7 +79,7 @@ class UploadStore:
                 owner_id=owner_id,
                 original_name=(original_name or "")[:255],
                 size=size,
-                content_type=content_type or "application/octet-stream",
+                content_type=safe_media_type(content_type),
             )
             with self._db.transaction() as conn:
                 conn.execute(

@@ -43,11 +43,13 @@ def _named_in_connection(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
 
 
 def upstream_request_headers(client_headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """The client's headers fit to forward. uvicorn's parser already refuses CR and LF in header values; a
+    value holding one is dropped here all the same, since these lines are written into Ollama's request."""
     dropped = _NOT_FORWARDED_UPSTREAM | _named_in_connection(client_headers)
     return [
         (name.decode("latin-1"), value.decode("latin-1"))
         for name, value in client_headers
-        if name.lower() not in dropped
+        if name.lower() not in dropped and b"\r" not in value and b"\n" not in value
     ]
 
 

@@ -28,11 +28,15 @@ IDLE_CONNECTION_SECONDS = 60.0
 
 
 class UpstreamError(Exception):
-    """The upstream connection failed; `before_response` tells whether any of the response had arrived."""
+    """The upstream connection failed, or Ollama answered something that isn't HTTP."""
 
-    def __init__(self, message: str, *, before_response: bool = False) -> None:
-        super().__init__(message)
-        self.before_response = before_response
+
+class _WriteFailed(UpstreamError):
+    """The request could not be sent: Ollama cannot have acted on it."""
+
+
+# Safe to send again when a reused connection dies before any answer: they change nothing upstream.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD"})
 
 
 class UpstreamResponse:
@@ -52,6 +56,7 @@ class UpstreamResponse:
         self._complete = False
         self._error: UpstreamError | None = None
         self._delimited_by_close = False
+        self.received_anything = False
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:
@@ -122,9 +127,7 @@ class UpstreamResponse:
         if self._head.done() and self._delimited_by_close:
             self._finish()  # a body without length or chunking ends when the connection does
         else:
-            self._fail(
-                UpstreamError("the connection to Ollama was lost", before_response=not self._head.done())
-            )
+            self._fail(UpstreamError("the connection to Ollama was lost"))
 
     def _fail(self, error: UpstreamError) -> None:
         if self._complete or self._error is not None:
@@ -160,16 +163,20 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if self.response is None or self.parser is None:
+        response = self.response
+        if response is None or self.parser is None or response._complete:
             self.abort()  # bytes nobody asked for: the connection can't be trusted any more
             return
+        response.received_anything = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self.response._fail(
-                UpstreamError(f"Ollama sent an invalid HTTP response ({exc})", before_response=True)
-            )
-            self.abort()
+            self._protocol_error(f"Ollama sent an invalid HTTP response ({exc})")
+
+    def _protocol_error(self, message: str) -> None:
+        if self.response is not None:
+            self.response._fail(UpstreamError(message))
+        self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -177,7 +184,7 @@ class _Connection(asyncio.Protocol):
         if self.response is not None:
             self.response._connection_lost()
         if self._drain is not None and not self._drain.done():
-            self._drain.set_exception(UpstreamError("the connection to Ollama was lost while sending"))
+            self._drain.set_exception(_WriteFailed("the connection to Ollama was lost while sending"))
             self._drain.exception()
 
     def pause_writing(self) -> None:
@@ -201,6 +208,10 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         response, parser = self.response, self.parser
         assert response is not None and parser is not None
+        if response._head.done():
+            # A second response to one request (or one pipelined behind it): never merge it into the first.
+            self._protocol_error("Ollama sent more than one response to one request")
+            return
         status = parser.get_status_code()
         if 100 <= status < 200:
             response.headers.clear()  # an interim response: the real one follows
@@ -216,8 +227,9 @@ class _Connection(asyncio.Protocol):
             self.on_message_complete()
 
     def on_body(self, body: bytes) -> None:
-        assert self.response is not None
-        self.response._feed(body)
+        response = self.response
+        if response is not None and not response._complete:
+            response._feed(body)
 
     def on_message_complete(self) -> None:
         response = self.response
@@ -241,7 +253,7 @@ class _Connection(asyncio.Protocol):
 
     async def write(self, data: bytes | memoryview) -> None:
         if self.lost or self.transport is None:
-            raise UpstreamError("the connection to Ollama was lost while sending", before_response=True)
+            raise _WriteFailed("the connection to Ollama was lost before the request was sent")
         self.transport.write(data)
         if self._drain is not None:
             await self._drain
@@ -302,9 +314,11 @@ class ConnectionPool:
     ) -> UpstreamResponse:
         """Send a request and wait for the response head. Raises UpstreamError if that fails.
 
-        A bytes body is sent once more on a fresh connection if a reused one turns out to have been closed by
-        Ollama (a restart, say) before answering; a streamed body can't be replayed and is never retried."""
-        replayable = not isinstance(body, AsyncIterable)
+        A reused connection may turn out to have been closed by Ollama (a restart, say). The request then goes
+        once more on a fresh connection, but only when that can't make Ollama do the work twice: the request
+        could not be written at all, or it is a GET or HEAD and nothing of the answer had arrived. A streamed
+        body can't be replayed and is never retried."""
+        may_retry = not isinstance(body, AsyncIterable)
         while True:
             connection, reused = await self._acquire()
             response = connection.begin(head_only=method == "HEAD")
@@ -314,8 +328,11 @@ class ConnectionPool:
                 return response
             except UpstreamError as exc:
                 connection.abort()
-                if not (reused and replayable and exc.before_response):
+                unsent = isinstance(exc, _WriteFailed)
+                harmless = method in IDEMPOTENT_METHODS and not response.received_anything
+                if not (reused and may_retry and (unsent or harmless)):
                     raise
+                may_retry = False
             except BaseException:
                 connection.abort()  # cancelled (a timeout, a client gone): the exchange can't be finished
                 raise
@@ -364,13 +381,9 @@ class ConnectionPool:
                     lambda: _Connection(self), self.host, self.port, ssl=self.ssl
                 )
         except TimeoutError:
-            raise UpstreamError(
-                f"no connection within {self.connect_timeout:g} s", before_response=True
-            ) from None
+            raise UpstreamError(f"no connection within {self.connect_timeout:g} s") from None
         except OSError as exc:
-            raise UpstreamError(
-                exc.strerror or str(exc) or type(exc).__name__, before_response=True
-            ) from None
+            raise UpstreamError(exc.strerror or str(exc) or type(exc).__name__) from None
         self._open.add(connection)
         return connection
 
