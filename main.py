@@ -18,7 +18,7 @@ from core.body_limit import MIB, BodyLimitMiddleware
 from core.errors import install_error_handlers
 from core.services import close_services, open_services
 from core.settings import Settings
-from routes import auth, files, health, models
+from routes import auth, files, health, root
 from routes.relay import RELAY_ROUTES
 from upstream.docs import install_relay_docs
 from upstream.endpoints import RelayEndpoints
@@ -56,6 +56,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         BodyLimitMiddleware,
         default_limit=settings.max_request_bytes,
         limits={"/upload": settings.max_upload_bytes + MULTIPART_ALLOWANCE},
+        # Blobs are streamed to Ollama as they arrive, never held, so any size may pass.
+        unlimited_prefixes=("/api/blobs/",),
     )
     if settings.cors_origins:
         # Bearer tokens travel in a header, not a cookie: no credentials mode, so no wildcard risk.
@@ -67,7 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["WWW-Authenticate", "Content-Disposition"],
             max_age=600,
         )
-    for module in (auth, models, files, health):
+    for module in (root, auth, files, health):
         app.include_router(module.router)
     install_relay_docs(app, RELAY_ROUTES)
     return app

@@ -18,21 +18,30 @@ class BodyTooLarge(GatewayError):
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, default_limit: int, limits: dict[str, int]) -> None:
-        """`limits` maps exact paths to their own caps; every other path gets `default_limit`."""
+    def __init__(
+        self,
+        app: ASGIApp,
+        default_limit: int,
+        limits: dict[str, int],
+        unlimited_prefixes: tuple[str, ...] = (),
+    ) -> None:
+        """`limits` maps exact paths to their own caps; paths under `unlimited_prefixes` (streamed straight
+        through, never held) have none; every other path gets `default_limit`."""
         self.app = app
         self.default_limit = default_limit
         self.limits = limits
+        self.unlimited_prefixes = unlimited_prefixes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path.startswith(self.unlimited_prefixes):
             await self.app(scope, receive, send)
             return
-        limit = self.limits.get(scope["path"], self.default_limit)
+        limit = self.limits.get(path, self.default_limit)
         declared = _declared_length(scope)
         if declared is not None and declared > limit:
             error = BodyTooLarge(limit)
-            await error_response(error.status, error.message)(scope, receive, send)
+            await error_response(error.status, error.message, path=path)(scope, receive, send)
             return
         received = 0
 

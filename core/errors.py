@@ -1,8 +1,8 @@
-"""One error shape for the whole gateway: Ollama's own `{"error": "message"}`.
+"""Errors in each surface's own shape: Ollama's `{"error": "message"}` everywhere, except under `/v1/`, where
+OpenAI's clients expect `{"error": {"message", "type", "param", "code"}}`.
 
 Every failure a client can cause or observe is raised as `GatewayError` (or one of Starlette's HTTP
-exceptions) and rendered by the handlers registered here, so no route formats errors itself and nothing
-leaks a stack trace.
+exceptions) and rendered here, so no route formats errors itself and nothing leaks a stack trace.
 """
 
 import logging
@@ -32,17 +32,41 @@ class Unauthorized(GatewayError):
         super().__init__(401, message, BEARER_CHALLENGE)
 
 
-def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+class Forbidden(GatewayError):
+    def __init__(self, message: str) -> None:
+        super().__init__(403, message)
 
 
-async def _gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
-    return error_response(exc.status, exc.message, exc.headers)
+OPENAI_PREFIX = "/v1/"
 
 
-async def _http_exception(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+def _openai_error(status: int, message: str) -> dict:
+    if status == 401:
+        kind, code = "invalid_request_error", "invalid_api_key"
+    elif status == 403:
+        kind, code = "permission_error", None
+    elif status < 500:
+        kind, code = "invalid_request_error", None
+    else:
+        kind, code = "api_error", None
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def error_response(
+    status: int, message: str, headers: dict[str, str] | None = None, *, path: str = ""
+) -> JSONResponse:
+    """The error in the shape the caller's surface expects, decided by the request path."""
+    body = _openai_error(status, message) if path.startswith(OPENAI_PREFIX) else {"error": message}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
+    return error_response(exc.status, exc.message, exc.headers, path=request.url.path)
+
+
+async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     message = exc.detail if isinstance(exc.detail, str) else "request failed"
-    return error_response(exc.status_code, message.lower(), exc.headers)
+    return error_response(exc.status_code, message.lower(), exc.headers, path=request.url.path)
 
 
 def _describe_validation_error(exc: RequestValidationError) -> str:
@@ -53,14 +77,14 @@ def _describe_validation_error(exc: RequestValidationError) -> str:
     return "; ".join(problems) or "invalid request"
 
 
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    return error_response(422, _describe_validation_error(exc))
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return error_response(422, _describe_validation_error(exc), path=request.url.path)
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     # The client learns only that it failed; the details go to the log for the operator.
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(500, "internal server error")
+    return error_response(500, "internal server error", path=request.url.path)
 
 
 def install_error_handlers(app: FastAPI) -> None:

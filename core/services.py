@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from auth.policy import ModelPolicy
 from auth.tokens import TokenSigner
 from auth.users import UserStore
 from core.database import Database
@@ -22,6 +23,7 @@ class Services:
     signer: TokenSigner
     uploads: UploadStore
     upstream: Upstream
+    policy: ModelPolicy
 
 
 async def get_services(request: Request) -> Services:
@@ -59,7 +61,15 @@ async def open_services(settings: Settings) -> Services:
     )
 
     signer = TokenSigner(secret_key, settings.access_token_expire_minutes * 60)
-    return Services(settings=settings, db=db, users=users, signer=signer, uploads=uploads, upstream=upstream)
+    return Services(
+        settings=settings,
+        db=db,
+        users=users,
+        signer=signer,
+        uploads=uploads,
+        upstream=upstream,
+        policy=ModelPolicy(),
+    )
 
 
 async def close_services(services: Services) -> None:

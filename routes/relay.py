@@ -1,24 +1,129 @@
-"""The endpoints that relay straight to Ollama, served by the fast path in `upstream.endpoints`."""
+"""Every endpoint that relays to Ollama, served by the fast path in `upstream.endpoints`.
 
+Ollama's native API at the same paths Ollama uses, its OpenAI-compatible API under `/v1`, and the two
+SPA-friendly aliases `/chat` and `/models`. Model management is for admins; every route that names a model,
+and every model list, goes through the model policy.
+"""
+
+import re
+
+from core.errors import GatewayError
 from routes.schemas import ChatRequest
-from upstream.bodies import check_chat_body
-from upstream.endpoints import RelayRoute
+from upstream.bodies import check_chat_messages
+from upstream.endpoints import OLLAMA_MODEL_LIST, OPENAI_MODEL_LIST, Access, Body, RelayRoute
 
 NDJSON_STREAM = {
-    "description": "NDJSON stream of chunks, the last with done:true (one JSON object when stream is false). "
-    'If Ollama fails mid-stream, the last line is {"error": "..."}.',
+    "description": "NDJSON stream, one JSON object per line, the last with done:true (one JSON object when "
+    'stream is false). If Ollama fails mid-stream, the last line is {"error": "..."}.',
     "content": {"application/x-ndjson": {}, "application/json": {}},
 }
+PROGRESS_STREAM = {
+    "description": 'NDJSON progress lines ending with {"status":"success"} (one object when stream is false)',
+    "content": {"application/x-ndjson": {}, "application/json": {}},
+}
+SSE_STREAM = {
+    "description": "OpenAI-style JSON, or with stream: true server-sent events ending with data: [DONE]",
+    "content": {"application/json": {}, "text/event-stream": {}},
+}
+_BLOB_DIGEST = re.compile(r"sha256[:-][0-9a-f]{64}")
+
+
+def _check_digest(digest: str) -> None:
+    if not _BLOB_DIGEST.fullmatch(digest):
+        raise GatewayError(400, "a blob is named sha256:<64 hex digits>")
+
+
+def _model_call(path: str, summary: str, response_doc: dict | None = None, tags=("ollama",)) -> RelayRoute:
+    return RelayRoute(
+        "POST", path, summary, body=Body.JSON, names_model=True, response_doc=response_doc or {}, tags=tags
+    )
+
+
+def _admin_call(method: str, path: str, summary: str, response_doc: dict | None = None) -> RelayRoute:
+    return RelayRoute(
+        method,
+        path,
+        summary,
+        access=Access.ADMIN,
+        body=Body.JSON,
+        response_doc=response_doc or {},
+        tags=("ollama: model management",),
+    )
+
 
 RELAY_ROUTES = [
+    # The SPA-friendly aliases kept from the original backend.
     RelayRoute(
         "POST",
         "/chat",
-        "/api/chat",
-        summary="Chat with a model (Ollama's /api/chat body, streamed back as NDJSON)",
-        check_body=check_chat_body,
+        "Chat with a model (Ollama's /api/chat body, streamed back as NDJSON)",
+        upstream_path="/api/chat",
+        body=Body.JSON,
+        names_model=True,
+        check_body=check_chat_messages,
         request_model=ChatRequest,
         response_doc=NDJSON_STREAM,
         tags=("chat",),
+    ),
+    RelayRoute(
+        "GET",
+        "/models",
+        "The models you may use (Ollama's /api/tags list)",
+        upstream_path="/api/tags",
+        model_list=OLLAMA_MODEL_LIST,
+        tags=("chat",),
+    ),
+    # Ollama's native API.
+    RelayRoute("GET", "/api/version", "Ollama's version", tags=("ollama",)),
+    RelayRoute("HEAD", "/api/version", "Ollama's version (headers only)", tags=("ollama",)),
+    RelayRoute("GET", "/api/tags", "The models you may use", model_list=OLLAMA_MODEL_LIST, tags=("ollama",)),
+    RelayRoute("HEAD", "/api/tags", "The model list (headers only)", tags=("ollama",)),
+    RelayRoute(
+        "GET", "/api/ps", "Running models you may use", model_list=OLLAMA_MODEL_LIST, tags=("ollama",)
+    ),
+    _model_call("/api/chat", "Chat (NDJSON stream)", NDJSON_STREAM),
+    _model_call("/api/generate", "Generate a completion (NDJSON stream)", NDJSON_STREAM),
+    _model_call("/api/embed", "Embeddings for one or more inputs"),
+    _model_call("/api/embeddings", "Embedding for one prompt (legacy)"),
+    _model_call("/api/show", "A model's details"),
+    _admin_call("POST", "/api/pull", "Pull a model (admins)", PROGRESS_STREAM),
+    _admin_call("POST", "/api/push", "Push a model (admins)", PROGRESS_STREAM),
+    _admin_call("POST", "/api/create", "Create a model (admins)", PROGRESS_STREAM),
+    _admin_call("POST", "/api/copy", "Copy a model (admins)"),
+    _admin_call("DELETE", "/api/delete", "Delete a model; JSON body {model} (admins)"),
+    RelayRoute(
+        "HEAD",
+        "/api/blobs/",
+        "Whether Ollama has a blob (admins)",
+        param="digest",
+        check_param=_check_digest,
+        access=Access.ADMIN,
+        tags=("ollama: model management",),
+    ),
+    RelayRoute(
+        "POST",
+        "/api/blobs/",
+        "Upload a blob, streamed through at any size (admins)",
+        param="digest",
+        check_param=_check_digest,
+        access=Access.ADMIN,
+        body=Body.STREAM,
+        tags=("ollama: model management",),
+    ),
+    # The OpenAI-compatible API.
+    _model_call(
+        "/v1/chat/completions", "Chat completions (SSE when stream is true)", SSE_STREAM, ("openai",)
+    ),
+    _model_call("/v1/completions", "Completions (SSE when stream is true)", SSE_STREAM, ("openai",)),
+    _model_call("/v1/embeddings", "Embeddings", tags=("openai",)),
+    _model_call("/v1/responses", "Responses API (SSE when stream is true)", SSE_STREAM, ("openai",)),
+    RelayRoute("GET", "/v1/models", "The models you may use", model_list=OPENAI_MODEL_LIST, tags=("openai",)),
+    RelayRoute(
+        "GET",
+        "/v1/models/",
+        "One model",
+        param="model",
+        param_names_model=True,
+        tags=("openai",),
     ),
 ]

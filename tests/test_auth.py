@@ -9,7 +9,7 @@ import pytest
 from tests import tokens
 from tests.servers import RunningGateway
 
-PUBLIC_ROUTES = {("GET", "/health"), ("POST", "/login")}
+PUBLIC_ROUTES = {("GET", "/"), ("HEAD", "/"), ("GET", "/health"), ("POST", "/login")}
 
 
 def secret_key_of(gateway: RunningGateway) -> str:

@@ -202,3 +202,10 @@ def test_ollamas_own_400_passes_through_with_its_message(client, ollama):
     response = client.post("/chat", json=chat_body(tokens="many"))
     assert response.status_code == 400
     assert response.json()["error"].startswith("invalid fake_* option")
+
+
+@pytest.mark.parametrize("path", ["/chat", "/login", "/api/chat"])
+def test_deeply_nested_json_is_400_not_500(client, ollama, path):
+    response = client.post(path, content=b"[" * 100_000, headers={"Content-Type": "application/json"})
+    assert response.status_code in (400, 422)
+    assert "error" in response.json()

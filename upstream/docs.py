@@ -1,23 +1,35 @@
 """OpenAPI documentation for the relay endpoints, generated from their route table.
 
 They are served by the pure-ASGI fast path, which FastAPI's schema generator cannot see, so their entries are
-added to the app's schema here: same security schemes, same error shape as every other route.
+added to the app's schema here: the same security schemes, and each surface's error shape.
 """
 
 from typing import Any
 
 from fastapi import FastAPI
 
-from upstream.endpoints import RelayRoute
+from core.errors import OPENAI_PREFIX
+from upstream.endpoints import Access, Body, RelayRoute
 
-_ERROR_SCHEMA = {
+_OLLAMA_ERROR = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
+_OPENAI_ERROR = {
     "type": "object",
-    "properties": {"error": {"type": "string"}},
-    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
 }
-_ERROR_STATUSES = {
-    "400": "The body is not what Ollama expects",
+_ERRORS = {
+    "400": "The request is not what Ollama expects",
     "401": "Missing, invalid or expired token",
+    "403": "You may not use this model, or this endpoint is for admins",
     "404": "Ollama does not have that model",
     "413": "Request body too large",
     "502": "Ollama cannot be reached",
@@ -27,23 +39,43 @@ _SECURITY = [{"bearer": []}, {"login": []}]
 
 
 def _operation(route: RelayRoute, components: dict[str, Any]) -> dict[str, Any]:
+    error_schema = _OPENAI_ERROR if route.path.startswith(OPENAI_PREFIX) else _OLLAMA_ERROR
+    slug = route.doc_path.strip("/").replace("/", "_").replace("{", "").replace("}", "") or "root"
     operation: dict[str, Any] = {
         "summary": route.summary,
-        "operationId": f"{route.method.lower()}_{route.path.strip('/').replace('/', '_') or 'root'}",
+        "operationId": f"{route.method.lower()}_{slug}",
         "tags": list(route.tags),
         "security": _SECURITY,
         "responses": {
             "200": route.response_doc or {"description": "Ollama's answer, relayed unchanged"},
             **{
-                status: {"description": text, "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
-                for status, text in _ERROR_STATUSES.items()
+                status: {"description": text, "content": {"application/json": {"schema": error_schema}}}
+                for status, text in _ERRORS.items()
             },
         },
     }
+    if route.access is Access.ADMIN:
+        operation["description"] = "For admins only: others get 403."
+    if route.param is not None:
+        operation["parameters"] = [
+            {"name": route.param, "in": "path", "required": True, "schema": {"type": "string"}}
+        ]
     if route.request_model is not None:
         schema = route.request_model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(schema.pop("$defs", {}))
         operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
+    elif route.body is Body.JSON:
+        operation["requestBody"] = {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"type": "object", "description": "Ollama's own body"}}
+            },
+        }
+    elif route.body is Body.STREAM:
+        operation["requestBody"] = {
+            "required": True,
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        }
     return operation
 
 
@@ -55,9 +87,8 @@ def install_relay_docs(app: FastAPI, routes: list[RelayRoute]) -> None:
             schema = generate()
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             for route in routes:
-                schema["paths"].setdefault(route.path, {})[route.method.lower()] = _operation(
-                    route, components
-                )
+                operations = schema["paths"].setdefault(route.doc_path, {})
+                operations[route.method.lower()] = _operation(route, components)
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -1,0 +1,37 @@
+"""Model access: the single place that decides whether a user may use a model, and filters model lists.
+
+Every surface goes through it: `/chat` and `/models`, Ollama's native API and the OpenAI-compatible `/v1`.
+Today every signed-in user may use every model; per-user allow-lists plug in here.
+"""
+
+from collections.abc import Iterable
+from typing import Any
+
+from auth.users import User
+from core.errors import Forbidden
+
+
+def canonical_model_name(name: str) -> str:
+    """Ollama's own reading of a name: `llama3.2` means `llama3.2:latest`."""
+    name = name.strip()
+    last_part = name.rsplit("/", 1)[-1]
+    return name if ":" in last_part else f"{name}:latest"
+
+
+class ModelPolicy:
+    def allows(self, user: User, model: str) -> bool:
+        return True
+
+    def require(self, user: User, model: str) -> None:
+        if not self.allows(user, canonical_model_name(model)):
+            raise Forbidden(f"you may not use the model '{model}'")
+
+    def visible(self, user: User, entries: Iterable[Any], name_key: str) -> list[dict[str, Any]]:
+        """The entries of a model list (Ollama's `name`/`model`, OpenAI's `id`) the user may use."""
+        return [
+            entry
+            for entry in entries
+            if isinstance(entry, dict)
+            and isinstance(entry.get(name_key), str)
+            and self.allows(user, canonical_model_name(entry[name_key]))
+        ]
