@@ -91,3 +91,10 @@ def start_gateway(settings: Settings) -> tuple[RunningGateway, ServerThread]:
         admin_password=settings.admin_password.get_secret_value(),
     )
     return gateway, server
+
+
+def add_user(gateway: RunningGateway, email: str, role: str = "user") -> str:
+    """A second person on the gateway; returns their token."""
+    password = secrets.token_urlsafe(12)
+    gateway.services.users.create(email, password, role)
+    return gateway.login(email, password)

@@ -1,0 +1,59 @@
+"""The gateway as a real process, started the way `make run` starts it: `python main.py`."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from core.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+SETTING_NAMES = {name.upper() for name in Settings.model_fields}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def clean_environment(**settings: str) -> dict[str, str]:
+    env = {name: value for name, value in os.environ.items() if name not in SETTING_NAMES}
+    return env | settings
+
+
+@contextmanager
+def running_main(folder: Path, **settings: str) -> Iterator[tuple[str, Path, int]]:
+    """`python main.py` with only these settings, from `folder`; yields its URL, console output file and
+    process id."""
+    port = free_port()
+    console = folder / f"console-{port}.txt"
+    with open(console, "wb") as output:
+        process = subprocess.Popen(
+            [sys.executable, str(REPO / "main.py")],
+            cwd=folder,
+            env=clean_environment(PORT=str(port), **settings),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"{url}/health", timeout=1)
+                break
+            except httpx.TransportError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(console.read_text()) from None
+                time.sleep(0.1)
+        yield url, console, process.pid
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
