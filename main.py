@@ -18,7 +18,7 @@ from core.body_limit import MIB, BodyLimitMiddleware
 from core.errors import install_error_handlers
 from core.services import close_services, open_services
 from core.settings import Settings
-from routes import auth, files, health, root
+from routes import admin, auth, files, health, keys, me, root
 from routes.relay import RELAY_ROUTES
 from upstream.docs import install_relay_docs
 from upstream.endpoints import RelayEndpoints
@@ -69,7 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["WWW-Authenticate", "Content-Disposition"],
             max_age=600,
         )
-    for module in (root, auth, files, health):
+    for module in (root, auth, me, keys, files, admin, health):
         app.include_router(module.router)
     install_relay_docs(app, RELAY_ROUTES)
     return app

@@ -1,16 +1,23 @@
 """From an Authorization header to a user: the one place that decides who is calling.
 
-Used by the `CurrentUser` dependency and by the relay fast path alike. A token is accepted as
-`Authorization: Bearer <token>` (what the OpenAI SDKs send as their api_key), or as the password of HTTP Basic
-(for clients that can only put credentials in a URL, `http://anything:<token>@gateway`).
+Used by the `CurrentUser` dependency and by the relay fast path alike. A credential is a JWT from `/login` or
+an API key, sent as `Authorization: Bearer <credential>` (what the OpenAI SDKs send as their api_key), or as
+the password of HTTP Basic (for clients that can only put credentials in a URL). A disabled or deleted user's
+credentials stop working at once: the user is read on every request.
 """
 
+import asyncio
 import base64
 import binascii
+import logging
+import sqlite3
 
+from auth.api_keys import ApiKeyStore, looks_like_api_key
 from auth.tokens import InvalidToken, TokenSigner
 from auth.users import User, UserStore
 from core.errors import Unauthorized
+
+logger = logging.getLogger("gateway.auth")
 
 EXPECTED = "expected 'Authorization: Bearer <token>' (or HTTP Basic with the token as password)"
 
@@ -34,13 +41,41 @@ def token_from_header(authorization: str | None) -> str:
     raise Unauthorized(EXPECTED)
 
 
-def authenticate(authorization: str | None, signer: TokenSigner, users: UserStore) -> User:
-    token = token_from_header(authorization)
-    try:
-        claims = signer.verify(token)
-    except InvalidToken:
-        raise Unauthorized("invalid or expired token") from None
-    user = users.get(claims.user_id)
-    if user is None:
-        raise Unauthorized("invalid or expired token")
-    return user
+class Authenticator:
+    def __init__(self, signer: TokenSigner, users: UserStore, keys: ApiKeyStore) -> None:
+        self._signer = signer
+        self._users = users
+        self._keys = keys
+
+    def authenticate(self, authorization: str | None) -> User:
+        credential = token_from_header(authorization)
+        user = (
+            self._key_owner(credential) if looks_like_api_key(credential) else self._token_owner(credential)
+        )
+        if user is None or user.disabled:
+            raise Unauthorized("invalid or expired token")
+        return user
+
+    def _token_owner(self, token: str) -> User | None:
+        try:
+            claims = self._signer.verify(token)
+        except InvalidToken:
+            return None
+        user = self._users.get(claims.user_id)
+        if user is not None and user.token_version != claims.version:
+            raise Unauthorized("this token was issued before a password change: sign in again")
+        return user
+
+    def _key_owner(self, key: str) -> User | None:
+        record = self._keys.find(key)
+        if record is None or record.is_expired():
+            raise Unauthorized("invalid, expired or revoked API key")
+        if self._keys.needs_touch(record.id):
+            asyncio.get_running_loop().run_in_executor(None, self._touch, record.id)
+        return self._users.get(record.user_id)
+
+    def _touch(self, key_id: int) -> None:
+        try:
+            self._keys.touch(key_id)
+        except sqlite3.Error:
+            logger.warning("could not record the use of API key %s", key_id, exc_info=True)

@@ -1,7 +1,8 @@
 """Model access: the single place that decides whether a user may use a model, and filters model lists.
 
 Every surface goes through it: `/chat` and `/models`, Ollama's native API and the OpenAI-compatible `/v1`.
-Today every signed-in user may use every model; per-user allow-lists plug in here.
+Each user has an allow-list of models, or none (`null`: every model). Names are compared as Ollama reads them,
+so allowing `llama3.2` allows `llama3.2:latest`.
 """
 
 from collections.abc import Iterable
@@ -20,7 +21,10 @@ def canonical_model_name(name: str) -> str:
 
 class ModelPolicy:
     def allows(self, user: User, model: str) -> bool:
-        return True
+        """`model` is a canonical name."""
+        if user.models is None:
+            return True
+        return any(canonical_model_name(allowed) == model for allowed in user.models)
 
     def require(self, user: User, model: str) -> None:
         if not self.allows(user, canonical_model_name(model)):

@@ -27,6 +27,8 @@ class IssuedToken:
 class TokenClaims:
     user_id: int
     issued_at: int
+    # The user's token version when issued; changing the password bumps it, which ends older tokens.
+    version: int
 
 
 # Scripts and pages send the same token request after request; checking its signature once is enough.
@@ -40,9 +42,9 @@ class TokenSigner:
         self._lifetime = lifetime_seconds
         self._verified: dict[str, tuple[TokenClaims, int]] = {}
 
-    def issue(self, user_id: int) -> IssuedToken:
+    def issue(self, user_id: int, version: int) -> IssuedToken:
         now = int(time.time())
-        claims = {"sub": str(user_id), "iat": now, "exp": now + self._lifetime}
+        claims = {"sub": str(user_id), "iat": now, "exp": now + self._lifetime, "ver": version}
         return IssuedToken(jwt.encode(claims, self._key, algorithm=ALGORITHM), self._lifetime)
 
     def verify(self, token: str) -> TokenClaims:
@@ -67,6 +69,9 @@ class TokenSigner:
                 algorithms=[ALGORITHM],
                 options={"require_exp": True, "require_iat": True, "require_sub": True},
             )
-            return TokenClaims(user_id=int(claims["sub"]), issued_at=int(claims["iat"])), int(claims["exp"])
+            version = claims.get("ver")
+            if not isinstance(version, int):
+                raise InvalidToken("no token version")
+            return TokenClaims(int(claims["sub"]), int(claims["iat"]), version), int(claims["exp"])
         except (JWTError, ValueError, TypeError) as exc:
             raise InvalidToken(str(exc)) from exc

@@ -1,10 +1,14 @@
-"""The user records in the database."""
+"""The user records in the database: who may sign in, with which role, and which models they may use."""
 
+import json
 import sqlite3
 from dataclasses import dataclass
 
 from auth.passwords import hash_password
 from core.database import Database
+from core.errors import GatewayError
+
+ROLES = ("admin", "user")
 
 
 @dataclass(frozen=True)
@@ -12,10 +16,24 @@ class User:
     id: int
     email: str
     role: str
+    disabled: bool = False
+    models: tuple[str, ...] | None = None  # None: every model
+    token_version: int = 0
+    created_at: str = ""
 
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
+
+    def public(self) -> dict:
+        return {
+            "id": self.id,
+            "email": self.email,
+            "role": self.role,
+            "models": list(self.models) if self.models is not None else None,
+            "disabled": self.disabled,
+            "created_at": self.created_at,
+        }
 
 
 @dataclass(frozen=True)
@@ -24,8 +42,24 @@ class StoredUser:
     password_hash: str
 
 
+_COLUMNS = "id, email, role, disabled, models, token_version, created_at"
+
+
 def _user_from(row: sqlite3.Row) -> User:
-    return User(id=row["id"], email=row["email"], role=row["role"])
+    models = json.loads(row["models"]) if row["models"] is not None else None
+    return User(
+        id=row["id"],
+        email=row["email"],
+        role=row["role"],
+        disabled=bool(row["disabled"]),
+        models=tuple(models) if models is not None else None,
+        token_version=row["token_version"],
+        created_at=row["created_at"],
+    )
+
+
+def _models_column(models: list[str] | tuple[str, ...] | None) -> str | None:
+    return json.dumps(list(models)) if models is not None else None
 
 
 class UserStore:
@@ -33,21 +67,76 @@ class UserStore:
         self._db = db
 
     def get(self, user_id: int) -> User | None:
-        row = self._db.fetch_one("SELECT id, email, role FROM users WHERE id = ?", (user_id,))
+        row = self._db.fetch_one(f"SELECT {_COLUMNS} FROM users WHERE id = ?", (user_id,))
         return _user_from(row) if row else None
 
     def find_by_email(self, email: str) -> StoredUser | None:
-        row = self._db.fetch_one("SELECT id, email, role, password_hash FROM users WHERE email = ?", (email,))
+        row = self._db.fetch_one(f"SELECT {_COLUMNS}, password_hash FROM users WHERE email = ?", (email,))
         return StoredUser(_user_from(row), row["password_hash"]) if row else None
+
+    def all(self) -> list[User]:
+        return [_user_from(row) for row in self._db.fetch_all(f"SELECT {_COLUMNS} FROM users ORDER BY id")]
 
     def has_admin(self) -> bool:
         return self._db.fetch_one("SELECT 1 FROM users WHERE role = 'admin' LIMIT 1") is not None
 
-    def create(self, email: str, password: str, role: str) -> User:
+    def create(
+        self, email: str, password: str, role: str, models: list[str] | tuple[str, ...] | None = None
+    ) -> User:
+        """Add a user (blocking: hashes the password). Raises 409 if the email is taken."""
         password_hash = hash_password(password)
+        try:
+            with self._db.transaction() as conn:
+                cursor = conn.execute(
+                    "INSERT INTO users (email, password_hash, role, models) VALUES (?, ?, ?, ?)",
+                    (email, password_hash, role, _models_column(models)),
+                )
+        except sqlite3.IntegrityError:
+            raise GatewayError(409, f"a user with the email {email} already exists") from None
+        created = self.get(cursor.lastrowid)
+        assert created is not None
+        return created
+
+    def update(
+        self,
+        user_id: int,
+        *,
+        role: str | None = None,
+        models: list[str] | None = None,
+        clear_models: bool = False,
+        disabled: bool | None = None,
+        password: str | None = None,
+    ) -> User | None:
+        """Change what is given, in one transaction; a new password also ends every token issued before.
+        Refuses (409) to leave the gateway without an enabled admin."""
+        password_hash = hash_password(password) if password is not None else None
         with self._db.transaction() as conn:
-            cursor = conn.execute(
-                "INSERT INTO users (email, password_hash, role) VALUES (?, ?, ?)",
-                (email, password_hash, role),
-            )
-        return User(id=cursor.lastrowid, email=email, role=role)
+            if conn.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone() is None:
+                return None
+            if role is not None:
+                conn.execute("UPDATE users SET role = ? WHERE id = ?", (role, user_id))
+            if models is not None or clear_models:
+                conn.execute("UPDATE users SET models = ? WHERE id = ?", (_models_column(models), user_id))
+            if disabled is not None:
+                conn.execute("UPDATE users SET disabled = ? WHERE id = ?", (int(disabled), user_id))
+            if password_hash is not None:
+                conn.execute(
+                    "UPDATE users SET password_hash = ?, token_version = token_version + 1 WHERE id = ?",
+                    (password_hash, user_id),
+                )
+            _require_an_enabled_admin(conn)
+        return self.get(user_id)
+
+    def delete(self, user_id: int) -> bool:
+        """Remove a user with their keys and upload records. Refuses (409) to remove the last enabled
+        admin."""
+        with self._db.transaction() as conn:
+            deleted = conn.execute("DELETE FROM users WHERE id = ?", (user_id,)).rowcount
+            _require_an_enabled_admin(conn)
+        return bool(deleted)
+
+
+def _require_an_enabled_admin(conn: sqlite3.Connection) -> None:
+    """Raised inside the transaction, so the change that would lock everyone out is rolled back."""
+    if conn.execute("SELECT 1 FROM users WHERE role = 'admin' AND disabled = 0 LIMIT 1").fetchone() is None:
+        raise GatewayError(409, "the gateway must keep at least one enabled admin")

@@ -32,6 +32,31 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX uploads_by_owner ON uploads (owner_id);
     """,
+    # Teams: disabled users, per-user model allow-lists (JSON list, NULL = every model), a token version that
+    # a password change bumps (older tokens stop working), API keys stored as hashes, failed logins.
+    """
+    ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE users ADD COLUMN models TEXT;
+    ALTER TABLE users ADD COLUMN token_version INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE api_keys (
+        id INTEGER PRIMARY KEY,
+        user_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        prefix TEXT NOT NULL,
+        key_hash TEXT NOT NULL UNIQUE,
+        created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
+        last_used_at TEXT,
+        expires_at TEXT
+    );
+    CREATE INDEX api_keys_by_user ON api_keys (user_id);
+    CREATE TABLE login_failures (
+        email TEXT NOT NULL COLLATE NOCASE,
+        address TEXT NOT NULL,
+        failed_at REAL NOT NULL
+    );
+    CREATE INDEX login_failures_by_email ON login_failures (email, failed_at);
+    CREATE INDEX login_failures_by_address ON login_failures (address, failed_at);
+    """,
 )
 
 

@@ -6,7 +6,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from auth.api_keys import ApiKeyStore
+from auth.authenticate import Authenticator
 from auth.policy import ModelPolicy
+from auth.throttle import LoginThrottle
 from auth.tokens import TokenSigner
 from auth.users import UserStore
 from core.database import Database
@@ -20,7 +23,10 @@ class Services:
     settings: Settings
     db: Database
     users: UserStore
+    keys: ApiKeyStore
     signer: TokenSigner
+    authenticator: Authenticator
+    throttle: LoginThrottle
     uploads: UploadStore
     upstream: Upstream
     policy: ModelPolicy
@@ -61,11 +67,15 @@ async def open_services(settings: Settings) -> Services:
     )
 
     signer = TokenSigner(secret_key, settings.access_token_expire_minutes * 60)
+    keys = ApiKeyStore(db)
     return Services(
         settings=settings,
         db=db,
         users=users,
+        keys=keys,
         signer=signer,
+        authenticator=Authenticator(signer, users, keys),
+        throttle=LoginThrottle(db, settings.login_max_failures, settings.login_window_minutes * 60),
         uploads=uploads,
         upstream=upstream,
         policy=ModelPolicy(),

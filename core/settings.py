@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     max_request_mb: float = Field(default=64, gt=0)
     cors_origins: Annotated[list[str], NoDecode] = []
 
+    # Failed logins allowed per email and per client address within the window, before 429.
+    login_max_failures: int = Field(default=10, gt=0)
+    login_window_minutes: float = Field(default=5, gt=0)
+
     # Ollama sends no byte until the model is loaded and the prompt evaluated, which can take minutes
     # on a cold start: the first-byte timeout must allow for that, the idle timeout only for gaps between
     # tokens once generation runs.

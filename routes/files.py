@@ -1,6 +1,6 @@
 """POST /upload and GET /files/{filename}: files that belong to the user who uploaded them."""
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -8,7 +8,7 @@ from starlette.datastructures import UploadFile
 from auth.dependencies import CurrentUser
 from core.errors import GatewayError
 from core.services import AppServices
-from routes.schemas import UploadResponse, errors
+from routes.schemas import UploadInfo, UploadResponse, errors
 
 router = APIRouter(tags=["files"])
 
@@ -78,3 +78,17 @@ async def download(filename: str, user: CurrentUser, services: AppServices) -> F
         content_disposition_type="attachment",
         headers=_DOWNLOAD_HEADERS,
     )
+
+
+@router.get("/files", response_model=list[UploadInfo], responses=errors(401), summary="Your uploads")
+def list_uploads(user: CurrentUser, services: AppServices) -> list[dict]:
+    return [upload.public() for upload in services.uploads.of_owner(user.id)]
+
+
+@router.delete(
+    "/files/{filename}", status_code=204, responses=errors(401, 404), summary="Delete one of your uploads"
+)
+def delete_upload(filename: str, user: CurrentUser, services: AppServices) -> Response:
+    if not services.uploads.delete(filename, user.id):
+        raise GatewayError(404, "file not found")
+    return Response(status_code=204)

@@ -1,8 +1,13 @@
 """Response and request shapes, for validation where the gateway owns the data and for `/docs`."""
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from auth.passwords import password_problem
+
+EMAIL_MAX_LENGTH = 254
+MODEL_NAME_MAX_LENGTH = 200
 
 
 class ErrorBody(BaseModel):
@@ -57,6 +62,107 @@ class HealthResponse(BaseModel):
     ollama_url: str
     ollama_reachable: bool
     ollama_version: str | None
+
+
+def _checked_email(value: str) -> str:
+    value = value.strip()
+    local, at, domain = value.rpartition("@")
+    if not at or not local or not domain or any(c.isspace() for c in value) or len(value) > EMAIL_MAX_LENGTH:
+        raise ValueError("not an email address")
+    return value
+
+
+def _checked_password(value: str) -> str:
+    problem = password_problem(value)
+    if problem:
+        raise ValueError(f"the password {problem}")
+    return value
+
+
+def _checked_models(value: list[str] | None) -> list[str] | None:
+    if value is None:
+        return None
+    names = [name.strip() for name in value]
+    if any(not name or len(name) > MODEL_NAME_MAX_LENGTH for name in names):
+        raise ValueError("model names must be non-empty and at most 200 characters")
+    return list(dict.fromkeys(names))
+
+
+UserModels = list[str] | None
+MODELS_DESCRIPTION = "The models this user may use; null: every model"
+
+
+class UserOut(BaseModel):
+    id: int
+    email: str
+    role: Literal["admin", "user"]
+    models: UserModels = Field(description=MODELS_DESCRIPTION)
+    disabled: bool
+    created_at: str
+
+
+class NewUser(BaseModel):
+    email: str = Field(examples=["ada@example.com"])
+    password: str = Field(description="At least 8 characters")
+    role: Literal["admin", "user"] = "user"
+    models: UserModels = Field(default=None, description=MODELS_DESCRIPTION, examples=[["llama3.2:1b"]])
+
+    _email = field_validator("email")(_checked_email)
+    _password = field_validator("password")(_checked_password)
+    _models = field_validator("models")(_checked_models)
+
+
+class UserPatch(BaseModel):
+    """Only the fields sent change; `"models": null` lets the user use every model."""
+
+    role: Literal["admin", "user"] | None = None
+    models: UserModels = Field(default=None, description=MODELS_DESCRIPTION)
+    disabled: bool | None = None
+    password: str | None = None
+
+    _password = field_validator("password")(
+        lambda value: value if value is None else _checked_password(value)
+    )
+    _models = field_validator("models")(_checked_models)
+
+
+class PasswordChange(BaseModel):
+    current_password: str
+    new_password: str
+
+    _new_password = field_validator("new_password")(_checked_password)
+
+
+class NewKey(BaseModel):
+    name: str = Field(min_length=1, max_length=100, examples=["nightly summariser"])
+    expires_in_days: int | None = Field(default=None, ge=1, le=3650, description="null: never expires")
+
+
+class KeyInfo(BaseModel):
+    id: int
+    name: str
+    prefix: str = Field(description="The key's first characters, to tell keys apart")
+    created_at: str
+    last_used_at: str | None
+    expires_at: str | None
+
+
+class CreatedKey(KeyInfo):
+    key: str = Field(description="The full key: shown only this once")
+
+
+class OwnedKeyInfo(KeyInfo):
+    user_id: int
+    email: str
+
+
+class UploadInfo(BaseModel):
+    filename: str
+    download_path: str
+    original_name: str
+    size: int
+    content_type: str
+    created_at: str
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:

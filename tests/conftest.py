@@ -28,7 +28,10 @@ def ollama(fake_ollama_server: FakeOllama) -> FakeOllama:
 def shared_gateway(
     fake_ollama_server: FakeOllama, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningGateway]:
-    settings = gateway_settings(tmp_path_factory.mktemp("gateway"), fake_ollama_server.url)
+    # Many tests fail logins on purpose from 127.0.0.1; throttling is tested on gateways of its own.
+    settings = gateway_settings(
+        tmp_path_factory.mktemp("gateway"), fake_ollama_server.url, login_max_failures=1_000_000
+    )
     gateway, server = start_gateway(settings)
     yield gateway
     server.stop()

@@ -108,6 +108,9 @@ def _attack_headers(gateway: RunningGateway) -> dict[str, dict[str, str]]:
         "tampered": {"Authorization": f"Bearer {tampered}"},
         "no-exp": {"Authorization": f"Bearer {tokens.signed({'sub': '1', 'iat': int(time.time())}, key)}"},
         "unknown-user": {"Authorization": f"Bearer {tokens.signed(tokens.claims(999_999), key)}"},
+        "no-version": {"Authorization": f"Bearer {tokens.signed(tokens.claims(1) | {'ver': None}, key)}"},
+        "old-version": {"Authorization": f"Bearer {tokens.signed(tokens.claims(1, version=-1), key)}"},
+        "fake-api-key": {"Authorization": "Bearer ogw_notreal_" + "x" * 43},
         "cookie-instead-of-header": {"Cookie": f"access_token={admin_token}"},
     }
 
@@ -127,6 +130,9 @@ ATTACKS = [
     "tampered",
     "no-exp",
     "unknown-user",
+    "no-version",
+    "old-version",
+    "fake-api-key",
     "cookie-instead-of-header",
 ]
 

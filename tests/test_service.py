@@ -48,11 +48,8 @@ def test_openapi_describes_every_endpoint_with_the_bearer_scheme(anonymous):
     spec = anonymous.get("/openapi.json").json()
     assert {"/login", "/chat", "/models", "/upload", "/files/{filename}", "/health"} <= set(spec["paths"])
     schemes = spec["components"]["securitySchemes"]
-    assert schemes["bearer"] == {
-        "type": "http",
-        "scheme": "bearer",
-        "description": "A token from POST /login",
-    }
+    assert schemes["bearer"]["type"] == "http"
+    assert schemes["bearer"]["scheme"] == "bearer"
     assert schemes["login"]["flows"]["password"]["tokenUrl"] == "login"
     for path in ("/chat", "/models", "/upload", "/files/{filename}"):
         for operation in spec["paths"][path].values():

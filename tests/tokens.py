@@ -11,9 +11,9 @@ def _b64(data: dict) -> str:
     return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
 
 
-def claims(user_id: int = 1, *, lifetime: int = 3600, **extra) -> dict:
+def claims(user_id: int = 1, *, lifetime: int = 3600, version: int = 0, **extra) -> dict:
     now = int(time.time())
-    return {"sub": str(user_id), "iat": now, "exp": now + lifetime, **extra}
+    return {"sub": str(user_id), "iat": now, "exp": now + lifetime, "ver": version, **extra}
 
 
 def signed(payload: dict, key: str, algorithm: str = "HS256") -> str:

@@ -38,10 +38,21 @@ class StoredUpload:
     original_name: str
     size: int
     content_type: str
+    created_at: str = ""
 
     @property
     def download_path(self) -> str:
         return f"/files/{self.filename}"
+
+    def public(self) -> dict:
+        return {
+            "filename": self.filename,
+            "download_path": self.download_path,
+            "original_name": self.original_name,
+            "size": self.size,
+            "content_type": self.content_type,
+            "created_at": self.created_at,
+        }
 
 
 def _upload_from(row: sqlite3.Row) -> StoredUpload:
@@ -51,6 +62,7 @@ def _upload_from(row: sqlite3.Row) -> StoredUpload:
         original_name=row["original_name"],
         size=row["size"],
         content_type=row["content_type"],
+        created_at=row["created_at"],
     )
 
 
@@ -113,3 +125,27 @@ class UploadStore:
 
     def path_of(self, upload: StoredUpload) -> Path:
         return self.directory / upload.filename
+
+    def of_owner(self, owner_id: int) -> list[StoredUpload]:
+        rows = self._db.fetch_all(
+            "SELECT * FROM uploads WHERE owner_id = ? ORDER BY created_at, filename", (owner_id,)
+        )
+        return [_upload_from(row) for row in rows]
+
+    def delete(self, filename: str, owner_id: int) -> bool:
+        """Remove one of the owner's uploads: its record, then its file (blocking)."""
+        if not is_stored_name(filename):
+            return False
+        with self._db.transaction() as conn:
+            deleted = conn.execute(
+                "DELETE FROM uploads WHERE filename = ? AND owner_id = ?", (filename, owner_id)
+            ).rowcount
+        if deleted:
+            self.remove_files([filename])
+        return bool(deleted)
+
+    def remove_files(self, filenames: list[str]) -> None:
+        """Files whose records are gone (blocking)."""
+        for filename in filenames:
+            if is_stored_name(filename):
+                (self.directory / filename).unlink(missing_ok=True)

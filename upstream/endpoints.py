@@ -17,7 +17,6 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from auth.authenticate import authenticate
 from auth.users import User
 from core.errors import Forbidden, GatewayError, error_response
 from core.services import Services
@@ -120,7 +119,7 @@ class RelayEndpoints:
         request = Request(scope, receive)
         path = scope["path"]
         try:
-            user = authenticate(request.headers.get("authorization"), services.signer, services.users)
+            user = services.authenticator.authenticate(request.headers.get("authorization"))
             if route.access is Access.ADMIN and not user.is_admin:
                 raise Forbidden("only admins may manage models")
             if param is not None:

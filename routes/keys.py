@@ -1,0 +1,38 @@
+"""API keys for scripts: POST /keys, GET /keys, DELETE /keys/{id}, each on your own keys."""
+
+from fastapi import APIRouter, Response
+
+from auth.dependencies import CurrentUser
+from core.errors import GatewayError
+from core.services import AppServices
+from routes.schemas import CreatedKey, KeyInfo, NewKey, errors
+
+router = APIRouter(tags=["keys"])
+
+
+@router.post(
+    "/keys",
+    status_code=201,
+    response_model=CreatedKey,
+    responses=errors(401, 422),
+    summary="Create an API key (the full key is shown only in this answer)",
+)
+def create_key(body: NewKey, user: CurrentUser, services: AppServices) -> dict:
+    record, key = services.keys.create(user.id, body.name, body.expires_in_days)
+    return {**record.public(), "key": key}
+
+
+@router.get(
+    "/keys", response_model=list[KeyInfo], responses=errors(401), summary="Your API keys (no secrets)"
+)
+def list_keys(user: CurrentUser, services: AppServices) -> list[dict]:
+    return [key.public() for key in services.keys.of_user(user.id)]
+
+
+@router.delete(
+    "/keys/{key_id}", status_code=204, responses=errors(401, 404), summary="Revoke one of your keys"
+)
+def revoke_key(key_id: int, user: CurrentUser, services: AppServices) -> Response:
+    if not services.keys.revoke(key_id, user_id=user.id):
+        raise GatewayError(404, "no such key")
+    return Response(status_code=204)
