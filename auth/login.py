@@ -20,7 +20,7 @@ def sign_in(users: UserStore, throttle: LoginThrottle, email: str, password: str
         if stored.user.disabled:
             # Only someone who knows the password learns this, so it may be said plainly.
             raise Unauthorized("this account is disabled: ask an admin")
-        throttle.record_success(email)
+        throttle.forget_failures(email)
         return stored.user
     throttle.record_failure(email, address)
     raise Unauthorized("wrong email or password")

@@ -45,6 +45,6 @@ class LoginThrottle:
             )
             conn.execute("DELETE FROM login_failures WHERE failed_at <= ?", (now - self.window,))
 
-    def record_success(self, email: str) -> None:
+    def forget_failures(self, email: str) -> None:
         with self._db.transaction() as conn:
             conn.execute("DELETE FROM login_failures WHERE email = ?", (email,))

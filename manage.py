@@ -1,0 +1,162 @@
+"""The operator's command line: people and API keys, straight on the database in DATA_DIR.
+
+It needs neither the HTTP API nor a running gateway, so a locked-out admin can always get back in. It reads
+the same settings as the gateway (environment and `.env`). Run it with the project's environment:
+
+    .venv/bin/python manage.py users
+    .venv/bin/python manage.py create-user ada@example.com --role admin
+    .venv/bin/python manage.py reset-password ada@example.com
+    .venv/bin/python manage.py create-key ada@example.com "nightly job" --expires-days 90
+    .venv/bin/python manage.py keys
+    .venv/bin/python manage.py revoke-key 3
+
+Passwords are generated and printed once unless `--password-stdin` reads one from standard input.
+"""
+
+import argparse
+import secrets
+import sys
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from auth.api_keys import ApiKeyStore
+from auth.passwords import password_problem
+from auth.throttle import LoginThrottle
+from auth.users import ROLES, User, UserStore
+from core.database import Database
+from core.errors import GatewayError
+from core.settings import Settings
+from routes.schemas import NewUser
+
+
+class CommandError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Stores:
+    users: UserStore
+    keys: ApiKeyStore
+    throttle: LoginThrottle
+
+
+def _password(args: argparse.Namespace) -> tuple[str, bool]:
+    """The new password, and whether it was generated (and so must be shown)."""
+    if not args.password_stdin:
+        return secrets.token_urlsafe(15), True
+    password = sys.stdin.readline().rstrip("\r\n")
+    problem = password_problem(password)
+    if problem:
+        raise CommandError(f"the password {problem}")
+    return password, False
+
+
+def _user(users: UserStore, email: str) -> User:
+    stored = users.find_by_email(email)
+    if stored is None:
+        raise CommandError(f"no user with the email {email}")
+    return stored.user
+
+
+def list_users(stores: Stores, _: argparse.Namespace) -> None:
+    for user in stores.users.all():
+        models = "every model" if user.models is None else ", ".join(user.models) or "no model"
+        state = "disabled" if user.disabled else "enabled"
+        print(f"{user.id}\t{user.email}\t{user.role}\t{state}\t{models}")
+
+
+def create_user(stores: Stores, args: argparse.Namespace) -> None:
+    password, generated = _password(args)
+    models = [name.strip() for name in args.models.split(",") if name.strip()] if args.models else None
+    try:  # the same rules as POST /admin/users
+        new = NewUser(email=args.email, password=password, role=args.role, models=models)
+    except ValidationError as exc:
+        raise CommandError("; ".join(error["msg"] for error in exc.errors())) from None
+    user = stores.users.create(new.email, new.password, new.role, new.models)
+    print(f"created {user.role} {user.email} (id {user.id})")
+    if generated:
+        print(f"password: {password}")
+
+
+def reset_password(stores: Stores, args: argparse.Namespace) -> None:
+    user = _user(stores.users, args.email)
+    password, generated = _password(args)
+    # A reset also lifts a disable and any login throttle: it is how a locked-out admin gets back in.
+    stores.users.update(user.id, password=password, disabled=False)
+    stores.throttle.forget_failures(user.email)
+    print(f"reset the password of {user.email}; every token issued before no longer works")
+    if generated:
+        print(f"password: {password}")
+
+
+def create_key(stores: Stores, args: argparse.Namespace) -> None:
+    user = _user(stores.users, args.email)
+    record, key = stores.keys.create(user.id, args.name, args.expires_days)
+    expiry = f", expires {record.expires_at}" if record.expires_at else ""
+    print(f"created key {record.id} '{record.name}' for {user.email}{expiry}")
+    print(f"key: {key}")
+    print("It is shown only this once.")
+
+
+def list_keys(stores: Stores, _: argparse.Namespace) -> None:
+    for key, email in stores.keys.all():
+        print(f"{key.id}\t{key.prefix}…\t{email}\t{key.name}\tlast used {key.last_used_at or 'never'}")
+
+
+def revoke_key(stores: Stores, args: argparse.Namespace) -> None:
+    if not stores.keys.revoke(args.key_id):
+        raise CommandError(f"no key with the id {args.key_id}")
+    print(f"revoked key {args.key_id}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="manage.py", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    commands.add_parser("users", help="list every user").set_defaults(run=list_users)
+
+    create = commands.add_parser("create-user", help="add a user")
+    create.add_argument("email")
+    create.add_argument("--role", choices=ROLES, default="user")
+    create.add_argument("--models", help="comma-separated allow-list (default: every model)")
+    create.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    create.set_defaults(run=create_user)
+
+    reset = commands.add_parser("reset-password", help="set a new password (and re-enable the user)")
+    reset.add_argument("email")
+    reset.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    reset.set_defaults(run=reset_password)
+
+    key = commands.add_parser("create-key", help="create an API key for a user")
+    key.add_argument("email")
+    key.add_argument("name")
+    key.add_argument("--expires-days", type=int, default=None)
+    key.set_defaults(run=create_key)
+
+    commands.add_parser("keys", help="list every API key (no secrets)").set_defaults(run=list_keys)
+
+    revoke = commands.add_parser("revoke-key", help="revoke an API key by its id")
+    revoke.add_argument("key_id", type=int)
+    revoke.set_defaults(run=revoke_key)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = Settings()
+    db = Database(settings.database_path)
+    try:
+        db.migrate()
+        throttle = LoginThrottle(db, settings.login_max_failures, settings.login_window_minutes * 60)
+        args.run(Stores(UserStore(db), ApiKeyStore(db), throttle), args)
+    except (CommandError, GatewayError) as exc:
+        print(f"manage.py: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        db.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""manage.py, the operator's command line: it works on the database directly, beside a running gateway."""
+
+import re
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from tests.processes import REPO, clean_environment
+
+PASSWORD_LINE = re.compile(r"^password: (\S+)$", re.MULTILINE)
+KEY_LINE = re.compile(r"^key: (ogw_\S+)$", re.MULTILINE)
+
+
+@pytest.fixture
+def gateway(make_gateway, tmp_path, ollama):
+    return make_gateway(data_dir=tmp_path / "data", login_max_failures=3)
+
+
+def manage(gateway, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "manage.py"), *args],
+        cwd=gateway.settings.data_dir.parent,
+        env=clean_environment(DATA_DIR=str(gateway.settings.data_dir)),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def login(gateway, email: str, password: str) -> httpx.Response:
+    return httpx.post(f"{gateway.url}/login", json={"email": email, "password": password})
+
+
+def test_create_user_prints_a_generated_password_that_signs_in(gateway):
+    result = manage(gateway, "create-user", "eve@example.com", "--models", "llama3.2:1b")
+    assert result.returncode == 0, result.stderr
+    (password,) = PASSWORD_LINE.findall(result.stdout)
+    token = login(gateway, "eve@example.com", password).json()["access_token"]
+    me = httpx.get(f"{gateway.url}/me", headers={"Authorization": f"Bearer {token}"}).json()
+    assert (me["role"], me["models"]) == ("user", ["llama3.2:1b"])
+
+
+def test_create_user_can_read_the_password_from_stdin(gateway):
+    result = manage(
+        gateway,
+        "create-user",
+        "fay@example.com",
+        "--role",
+        "admin",
+        "--password-stdin",
+        stdin="fays-password-1\n",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "fays-password-1" not in result.stdout
+    assert login(gateway, "fay@example.com", "fays-password-1").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "message"),
+    [
+        (("create-user", "not-an-email"), "", "email"),
+        (("create-user", "gus@example.com", "--password-stdin"), "short\n", "8 characters"),
+        (("reset-password", "nobody@example.com"), "", "no user"),
+        (("create-key", "nobody@example.com", "k"), "", "no user"),
+        (("revoke-key", "999"), "", "no key"),
+    ],
+)
+def test_a_mistake_is_one_line_and_exit_status_1(gateway, args, stdin, message):
+    result = manage(gateway, *args, stdin=stdin)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_users_lists_everyone(gateway):
+    manage(gateway, "create-user", "hal@example.com")
+    listing = manage(gateway, "users").stdout
+    assert gateway.admin_email in listing
+    assert "hal@example.com\tuser\tenabled\tevery model" in listing
+
+
+def test_reset_password_lets_a_locked_out_admin_back_in(gateway):
+    old_token = gateway.login(gateway.admin_email, gateway.admin_password)
+    for _ in range(3):
+        login(gateway, gateway.admin_email, "wrong-password")
+    assert login(gateway, gateway.admin_email, gateway.admin_password).status_code == 429
+
+    result = manage(gateway, "reset-password", gateway.admin_email)
+    assert result.returncode == 0, result.stderr
+    (password,) = PASSWORD_LINE.findall(result.stdout)
+    assert login(gateway, gateway.admin_email, password).status_code == 200
+    assert httpx.get(f"{gateway.url}/me", headers={"Authorization": f"Bearer {old_token}"}).status_code == 401
+
+
+def test_create_and_revoke_a_key(gateway):
+    created = manage(gateway, "create-key", gateway.admin_email, "backup job", "--expires-days", "30")
+    assert created.returncode == 0, created.stderr
+    (key,) = KEY_LINE.findall(created.stdout)
+    assert httpx.get(f"{gateway.url}/me", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+
+    listing = manage(gateway, "keys").stdout
+    assert "backup job" in listing
+    assert key not in listing
+    key_id = listing.split("\t", 1)[0]
+    assert manage(gateway, "revoke-key", key_id).returncode == 0
+    assert httpx.get(f"{gateway.url}/me", headers={"Authorization": f"Bearer {key}"}).status_code == 401
