@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 import uvicorn
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 
 from auth.bootstrap import ConfigurationError, check_configuration
@@ -18,7 +19,7 @@ from core.body_limit import MIB, BodyLimitMiddleware
 from core.errors import install_error_handlers
 from core.services import close_services, open_services
 from core.settings import Settings
-from routes import admin, auth, files, health, keys, me, root
+from routes import admin, auth, files, health, keys, me, web
 from routes.relay import RELAY_ROUTES
 from upstream.docs import install_relay_docs
 from upstream.endpoints import RelayEndpoints
@@ -69,8 +70,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["WWW-Authenticate", "Content-Disposition"],
             max_age=600,
         )
-    for module in (root, auth, me, keys, files, admin, health):
+    for module in (web, auth, me, keys, files, admin, health):
         app.include_router(module.router)
+    app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
     install_relay_docs(app, RELAY_ROUTES)
     return app
 

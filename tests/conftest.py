@@ -1,5 +1,6 @@
 """Shared fixtures: one fake Ollama for the session, gateways built from their own settings."""
 
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -71,3 +72,11 @@ def client(gateway: RunningGateway) -> Iterator[httpx.Client]:
 def anonymous(gateway: RunningGateway) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=gateway.url, timeout=30) as http:
         yield http
+
+
+@pytest.fixture
+def unused_port() -> int:
+    """A loopback port nothing listens on: an Ollama that is down."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

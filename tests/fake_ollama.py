@@ -546,6 +546,8 @@ class FakeOllama:
         self.blobs: dict[str, int] = {}
         self.blob_bytes_received = 0
         self._busy = False
+        # Knobs applied to every request that doesn't set them itself (see `_knobs`).
+        self.default_options: dict[str, Any] = {}
         self._allowed_hosts: set[str] = set()
         self._lock = threading.Lock()
         self._stream_added = threading.Condition(self._lock)
@@ -596,6 +598,13 @@ class FakeOllama:
         self.blobs = {}
         self.blob_bytes_received = 0
         self._busy = False
+        self.default_options = {}
+
+    def _knobs(self, body: dict[str, Any]) -> Knobs:
+        """The request's knobs over `default_options`: lets a client that only sends real Ollama options
+        (such as the web page) still get a slow, echoing or failing model."""
+        options = body.get("options") if isinstance(body.get("options"), dict) else {}
+        return Knobs.from_body({**body, "options": {**self.default_options, **options}})
 
     def set_busy(self, busy: bool) -> None:
         """Answer every /api/* and /v1/* request with Ollama's 503 "queue full" error."""
@@ -887,7 +896,7 @@ class FakeOllama:
         started = time.monotonic()
         body = await read_json(request)
         model = self._known_model(request, body)
-        knobs = Knobs.from_body(body)
+        knobs = self._knobs(body)
         messages = [message for message in body.get("messages") or [] if isinstance(message, dict)]
         last = text_of(messages[-1].get("content")) if messages else ""
         prompt = " ".join(text_of(message.get("content")) for message in messages)
@@ -898,7 +907,7 @@ class FakeOllama:
         started = time.monotonic()
         body = await read_json(request)
         model = self._known_model(request, body)
-        knobs = Knobs.from_body(body)
+        knobs = self._knobs(body)
         prompt = str(body.get("prompt") or "")
         reply = generate_reply(model, knobs.content(prompt), knobs, started, count_prompt_tokens(prompt))
         return await self._answer(request, model, knobs, body.get("stream") is not False, reply)
@@ -907,7 +916,7 @@ class FakeOllama:
         started = time.monotonic()
         body = await read_json(request)
         model = self._known_model(request, body)
-        knobs = Knobs.from_body(body)
+        knobs = self._knobs(body)
         await asyncio.sleep(knobs.load)
         inputs = embedding_inputs(body.get("input"))
         counters = timings(started, knobs, sum(count_prompt_tokens(text) for text in inputs), 0)
@@ -924,7 +933,7 @@ class FakeOllama:
     async def _embeddings(self, request: web.Request) -> web.Response:
         body = await read_json(request)
         self._known_model(request, body)
-        await asyncio.sleep(Knobs.from_body(body).load)
+        await asyncio.sleep(self._knobs(body).load)
         prompt = body.get("prompt")
         return json_response({"embedding": fake_embedding(str(prompt)) if prompt else []})
 
@@ -953,7 +962,7 @@ class FakeOllama:
     ) -> web.StreamResponse:
         reply = progress_reply(kind, name, on_success)
         streaming = body.get("stream") is not False
-        return await self._answer(request, name, Knobs.from_body(body), streaming, reply)
+        return await self._answer(request, name, self._knobs(body), streaming, reply)
 
     async def _copy(self, request: web.Request) -> web.Response:
         body = await read_json(request)
@@ -1013,7 +1022,7 @@ class FakeOllama:
     async def _openai_chat(self, request: web.Request) -> web.StreamResponse:
         body = await read_json(request)
         model = self._known_model(request, body)
-        knobs = Knobs.from_body(body)
+        knobs = self._knobs(body)
         messages = [message for message in body.get("messages") or [] if isinstance(message, dict)]
         last = text_of(messages[-1].get("content")) if messages else ""
         prompt = " ".join(text_of(message.get("content")) for message in messages)
@@ -1025,7 +1034,7 @@ class FakeOllama:
     async def _openai_completions(self, request: web.Request) -> web.StreamResponse:
         body = await read_json(request)
         model = self._known_model(request, body)
-        knobs = Knobs.from_body(body)
+        knobs = self._knobs(body)
         prompt = str(body.get("prompt") or "")
         reply = openai_completion_reply(model, knobs.content(prompt), count_prompt_tokens(prompt))
         return await self._answer(request, model, knobs, body.get("stream") is True, reply)
@@ -1033,7 +1042,7 @@ class FakeOllama:
     async def _openai_responses(self, request: web.Request) -> web.StreamResponse:
         body = await read_json(request)
         model = self._known_model(request, body)
-        knobs = Knobs.from_body(body)
+        knobs = self._knobs(body)
         given = body.get("input")
         if isinstance(given, list) and given:
             last = given[-1]

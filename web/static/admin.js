@@ -1,0 +1,146 @@
+// The "API keys" page (everyone's own keys) and the "Users" page (admins only).
+
+import { getJson, sendJson } from "./api.js";
+import { copyText } from "./markdown.js";
+
+function cell(row, text) {
+  const td = document.createElement("td");
+  td.textContent = text ?? "";
+  row.append(td);
+  return td;
+}
+
+function button(label, onClick) {
+  const element = document.createElement("button");
+  element.type = "button";
+  element.textContent = label;
+  element.addEventListener("click", onClick);
+  return element;
+}
+
+function showError(box, error) {
+  box.textContent = error ? error.message : "";
+  box.hidden = !error;
+}
+
+function date(stamp) {
+  return stamp ? stamp.replace("T", " ").replace("Z", " UTC") : "never";
+}
+
+export function setUpKeys($) {
+  async function refresh() {
+    try {
+      const keys = await getJson("/keys");
+      $("#key-rows").replaceChildren(
+        ...keys.map((key) => {
+          const row = document.createElement("tr");
+          cell(row, key.name);
+          cell(row, `${key.prefix}…`);
+          cell(row, date(key.created_at));
+          cell(row, date(key.last_used_at));
+          cell(row, key.expires_at ? date(key.expires_at) : "never");
+          cell(row, "").append(
+            button("Revoke", async () => {
+              if (!confirm(`Revoke the key "${key.name}"? Scripts using it will stop working.`)) return;
+              try {
+                await sendJson("DELETE", `/keys/${key.id}`);
+                await refresh();
+              } catch (error) {
+                showError($("#keys-error"), error);
+              }
+            }),
+          );
+          return row;
+        }),
+      );
+      showError($("#keys-error"), null);
+    } catch (error) {
+      showError($("#keys-error"), error);
+    }
+  }
+
+  $("#key-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const days = $("#key-days").value;
+    try {
+      const created = await sendJson("POST", "/keys", {
+        name: $("#key-name").value.trim(),
+        expires_in_days: days ? Number(days) : null,
+      });
+      $("#new-key-value").textContent = created.key;
+      $("#new-key").hidden = false;
+      event.target.reset();
+      await refresh();
+    } catch (error) {
+      showError($("#keys-error"), error);
+    }
+  });
+  $("#copy-new-key").addEventListener("click", async () => {
+    if (await copyText($("#new-key-value").textContent)) $("#copy-new-key").textContent = "Copied";
+    else window.getSelection().selectAllChildren($("#new-key-value"));
+  });
+  return refresh;
+}
+
+function modelsFrom(text) {
+  const names = text.split(",").map((name) => name.trim()).filter(Boolean);
+  return names.length ? names : null;
+}
+
+export function setUpUsers($) {
+  async function save(user, changes) {
+    try {
+      await sendJson("PATCH", `/admin/users/${user.id}`, changes);
+      await refresh();
+    } catch (error) {
+      showError($("#users-error"), error);
+    }
+  }
+
+  async function refresh() {
+    try {
+      const users = await getJson("/admin/users");
+      $("#user-rows").replaceChildren(
+        ...users.map((user) => {
+          const row = document.createElement("tr");
+          cell(row, user.email);
+          const role = document.createElement("select");
+          role.setAttribute("aria-label", `Role of ${user.email}`);
+          for (const name of ["user", "admin"]) role.add(new Option(name, name, false, name === user.role));
+          cell(row, "").append(role);
+          const models = document.createElement("input");
+          models.setAttribute("aria-label", `Models of ${user.email}`);
+          models.placeholder = "all";
+          models.value = user.models ? user.models.join(", ") : "";
+          cell(row, "").append(models);
+          cell(row, user.disabled ? "yes" : "no");
+          cell(row, "").append(
+            button("Save", () => save(user, { role: role.value, models: modelsFrom(models.value) })),
+            button(user.disabled ? "Enable" : "Disable", () => save(user, { disabled: !user.disabled })),
+          );
+          return row;
+        }),
+      );
+      showError($("#users-error"), null);
+    } catch (error) {
+      showError($("#users-error"), error);
+    }
+  }
+
+  $("#user-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    try {
+      await sendJson("POST", "/admin/users", {
+        email: $("#new-user-email").value.trim(),
+        password: $("#new-user-password").value,
+        role: $("#new-user-role").value,
+        models: modelsFrom($("#new-user-models").value),
+      });
+      event.target.reset();
+      await refresh();
+    } catch (error) {
+      showError($("#users-error"), error);
+    }
+  });
+  return refresh;
+}
