@@ -10,6 +10,7 @@ import pytest
 
 from core.database import MIGRATIONS
 from tests.servers import RunningGateway, gateway_settings, start_gateway
+from tests.surfaces import MODEL_LISTS, error_message, model_calls
 
 ALLOWED = "llama3.2:1b"
 NOT_ALLOWED = "llava:7b"
@@ -292,18 +293,7 @@ def test_a_deleted_users_credentials_and_uploads_are_gone(team):
 # Model access
 
 
-SURFACES = [
-    ("/chat", {"model": NOT_ALLOWED, "messages": []}),
-    ("/api/chat", {"model": NOT_ALLOWED, "messages": []}),
-    ("/api/generate", {"model": NOT_ALLOWED, "prompt": "x"}),
-    ("/api/embed", {"model": NOT_ALLOWED, "input": "x"}),
-    ("/api/embeddings", {"model": NOT_ALLOWED, "prompt": "x"}),
-    ("/api/show", {"model": NOT_ALLOWED}),
-    ("/v1/chat/completions", {"model": NOT_ALLOWED, "messages": []}),
-    ("/v1/completions", {"model": NOT_ALLOWED, "prompt": "x"}),
-    ("/v1/embeddings", {"model": NOT_ALLOWED, "input": "x"}),
-    ("/v1/responses", {"model": NOT_ALLOWED, "input": "x"}),
-]
+SURFACES = model_calls(NOT_ALLOWED)
 
 
 @pytest.mark.parametrize(("path", "body"), SURFACES, ids=[path for path, _ in SURFACES])
@@ -312,8 +302,7 @@ def test_a_model_outside_the_users_list_is_403_on_every_surface(team, ollama, pa
         refused = bob.post(path, json=body)
         allowed = bob.post(path, json=body | {"model": ALLOWED, "stream": False})
     assert refused.status_code == 403
-    message = refused.json()["error"]["message"] if path.startswith("/v1/") else refused.json()["error"]
-    assert NOT_ALLOWED in message
+    assert NOT_ALLOWED in error_message(refused)
     assert allowed.status_code == 200
     assert all(NOT_ALLOWED not in request.body.decode() for request in ollama.requests)
 
@@ -324,15 +313,7 @@ def test_a_model_by_its_path_on_v1_models_is_checked_too(team, ollama):
         assert bob.get(f"/v1/models/{ALLOWED}").status_code == 200
 
 
-@pytest.mark.parametrize(
-    ("path", "field", "key"),
-    [
-        ("/models", "models", "name"),
-        ("/api/tags", "models", "name"),
-        ("/api/ps", "models", "name"),
-        ("/v1/models", "data", "id"),
-    ],
-)
+@pytest.mark.parametrize(("path", "field", "key"), MODEL_LISTS)
 def test_model_lists_show_a_user_only_their_models_and_an_admin_all(team, ollama, path, field, key):
     with team.http(team.bob_token()) as bob, team.admin() as admin:
         for_bob = {entry[key] for entry in bob.get(path).json()[field]}
