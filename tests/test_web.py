@@ -28,12 +28,15 @@ def web(make_gateway, ollama):
     return gateway
 
 
-def open_page(browser: Browser, *, theme: str = "light", width: int = 1280, height: int = 800) -> Page:
+def open_page(
+    browser: Browser, *, theme: str = "light", width: int = 1280, height: int = 800, answer: str | None = None
+) -> Page:
+    """A fresh browser context; every confirm() is accepted and every prompt() answered with `answer`."""
     context = browser.new_context(
         viewport={"width": width, "height": height}, color_scheme=theme, accept_downloads=True
     )
     page = context.new_page()
-    page.on("dialog", lambda dialog: dialog.accept())
+    page.on("dialog", lambda dialog: dialog.accept(answer) if answer is not None else dialog.accept())
     return page
 
 
@@ -110,6 +113,26 @@ def test_conversations_survive_a_reload_and_can_be_switched(page, web, ollama):
     sidebar.get_by_role("button", name="First conversation").click()
     expect(page.locator(".message.user .body")).to_have_text(["First conversation"])
     expect(last_reply(page)).to_have_text("Hello, world!")
+
+
+def test_a_conversation_is_renamed_and_deleted(browser, web, ollama):
+    page = open_page(browser, answer="Trip planning")
+    try:
+        admin_sign_in(page, web)
+        send_message(page, "Where should we go?")
+        expect(last_reply(page)).to_have_text("Hello, world!")
+        sidebar = page.get_by_role("complementary", name="Conversations")
+        page.get_by_role("button", name="Rename").click()
+        expect(sidebar.get_by_role("button", name="Trip planning")).to_be_visible()
+        page.get_by_role("button", name="New conversation").click()
+        sidebar.get_by_role("button", name="Trip planning").click()
+        page.get_by_role("button", name="Delete").click()
+        expect(sidebar.get_by_role("button", name="Trip planning")).to_have_count(0)
+        page.reload()
+        expect(page.get_by_label("Model", exact=True)).to_be_visible()
+        expect(sidebar.get_by_role("button", name="Trip planning")).to_have_count(0)
+    finally:
+        page.context.close()
 
 
 def test_switching_model_mid_conversation_sends_the_new_model(page, web, ollama):
