@@ -3,6 +3,9 @@
 Each thread gets its own connection (SQLite connections are not meant to be shared across threads).
 Point reads by primary key run directly on the event loop: on a local WAL-mode database they take
 microseconds, less than a hop to a worker thread would. Anything that writes runs in a worker thread.
+
+Worker pools retire idle threads and start new ones all day long, so the connections of threads that have
+ended are closed whenever a new one is opened: each holds file descriptors (the database and its log).
 """
 
 import sqlite3
@@ -64,7 +67,7 @@ class Database:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        self._connections: dict[threading.Thread, sqlite3.Connection] = {}
         self._lock = threading.Lock()
 
     def connection(self) -> sqlite3.Connection:
@@ -76,8 +79,13 @@ class Database:
             conn.execute("PRAGMA busy_timeout = 5000")
             self._local.conn = conn
             with self._lock:
-                self._connections.append(conn)
+                self._close_those_of_ended_threads()
+                self._connections[threading.current_thread()] = conn
         return conn
+
+    def _close_those_of_ended_threads(self) -> None:
+        for thread in [thread for thread in self._connections if not thread.is_alive()]:
+            self._connections.pop(thread).close()
 
     def fetch_one(self, sql: str, params: tuple = ()) -> sqlite3.Row | None:
         return self.connection().execute(sql, params).fetchone()
@@ -112,7 +120,7 @@ class Database:
 
     def close(self) -> None:
         with self._lock:
-            for conn in self._connections:
+            for conn in self._connections.values():
                 conn.close()
             self._connections.clear()
         self._local = threading.local()
