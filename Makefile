@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # apt-get needs root: use sudo when not running as root.
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: run test lint browser bench clean
+.PHONY: run test lint browser bench sweep soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,8 +39,19 @@ browser:
 test: lint browser
 	$(BIN)/python -m pytest
 
+# On demand, not part of `make test`: see bench/README.md.
+$(VENV)/.installed-bench: requirements.txt requirements-dev.txt requirements-bench.txt | $(BIN)/python
+	$(BIN)/pip install --quiet -r requirements-bench.txt
+	touch $@
+
 bench: $(VENV)/.installed-dev
 	bash bench/run.sh
+
+sweep: $(VENV)/.installed-bench
+	bash bench/run.sh sweep
+
+soak: $(VENV)/.installed-bench
+	bash bench/run.sh soak
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -5,16 +5,13 @@ upstream, each its own process, so the figures compare relays, not whoever ran i
 """
 
 import argparse
-import datetime
-import os
-import platform
 import shlex
 import sys
 import time
 
 from bench import gateway, nginx, report
 from bench.control import LoadClient, Upstream
-from bench.procs import REPO_ROOT, raise_fd_limit
+from bench.procs import REPO_ROOT, raise_fd_limit, run_until_interrupted
 from bench.scenarios import SCENARIOS, Bench, log
 from bench.targets import NAMES
 
@@ -72,14 +69,7 @@ def main(argv: list[str]) -> int:
     report.write_json(
         REPO_ROOT / args.out,
         {
-            "command": command,
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "duration_s": round(time.monotonic() - started, 1),
-            "machine": {
-                "cpus": os.cpu_count(),
-                "python": platform.python_version(),
-                "nginx": nginx.version() if "nginx" in args.targets else None,
-            },
+            **report.run_header(command, started, nginx.version() if "nginx" in args.targets else None),
             "settings": vars(args),
             "summary": rows,
             "results": results,
@@ -95,9 +85,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except KeyboardInterrupt:
-        # The context managers have stopped every process the bench started by now.
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_until_interrupted(main, sys.argv[1:])

@@ -12,6 +12,9 @@ upstream's `options` for its streams:
   disconnect   `count` streams one after another, each closed after `after_lines` lines; for each
                {"id": its options.bench_id, "t_close": time.monotonic() just before the close}
 
+Exchange parses any HTTP/1.1 response, not only streams: bench/traffic.py builds the soak's mixed
+traffic on it and serves its own jobs with serve_jobs().
+
 Times are time.monotonic(), which is CLOCK_MONOTONIC and so comparable with the upstream's.
 """
 
@@ -200,6 +203,10 @@ class Exchange(asyncio.Protocol):
         except (ValueError, AttributeError):
             return False
 
+    def tail(self) -> bytes:
+        """The body's last bytes (up to 1 KB): all of a small JSON answer, or a stream's last lines."""
+        return self._tail
+
     def gaps(self) -> list[float]:
         return [later - earlier for earlier, later in zip(self.arrivals, self.arrivals[1:], strict=False)]
 
@@ -243,6 +250,8 @@ def summarize(exchanges: list[Exchange], t0: float, expect_lines: int | None) ->
     return {
         "count": len(exchanges),
         "ok": ok,
+        # Status 0: no response head at all (refused, reset or timed out before it).
+        "non_200": sum(1 for exchange in exchanges if exchange.status != 200),
         "problems": problems,
         "wall_s": round(max(ends) - t0, 4) if ends else None,
         "first_byte_ms": summarize_ms(first_bytes),
@@ -321,12 +330,13 @@ def emit(message: dict) -> None:
     sys.stdout.flush()
 
 
-async def serve_jobs() -> None:
+async def serve_jobs(jobs: dict = JOBS) -> None:
+    """Runs the jobs read from stdin, one at a time, until stdin closes; `jobs`: kind -> runner."""
     loop = asyncio.get_running_loop()
     emit({"event": "ready"})
     while line := await loop.run_in_executor(None, sys.stdin.readline):
         job = json.loads(line)
-        emit({"event": "result", **await JOBS[job["kind"]](job)})
+        emit({"event": "result", **await jobs[job["kind"]](job)})
 
 
 if __name__ == "__main__":

@@ -13,13 +13,15 @@ import psutil
 from bench.procs import HOST, spawn_python_module, stop
 
 
-def request(method: str, port: int, path: str, body: dict | None = None) -> tuple[int, bytes]:
+def request(
+    method: str, port: int, path: str, body: dict | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
     """A small request to a loopback port on a connection of its own: (status, body bytes).
 
     Raises OSError when nothing answers.
     """
     data = None if body is None else json.dumps(body).encode()
-    headers = {} if data is None else {"Content-Type": "application/json"}
+    headers = {**({} if data is None else {"Content-Type": "application/json"}), **(headers or {})}
     conn = http.client.HTTPConnection(HOST, port, timeout=10)
     try:
         conn.request(method, path, body=data, headers=headers)
@@ -29,9 +31,11 @@ def request(method: str, port: int, path: str, body: dict | None = None) -> tupl
         conn.close()
 
 
-def request_json(method: str, port: int, path: str, body: dict | None = None) -> dict:
+def request_json(
+    method: str, port: int, path: str, body: dict | None = None, headers: dict[str, str] | None = None
+) -> dict:
     """A JSON request whose answer must be 2xx JSON; anything else raises RuntimeError."""
-    status, payload = request(method, port, path, body)
+    status, payload = request(method, port, path, body, headers)
     if not 200 <= status < 300:
         raise RuntimeError(f"{method} {path} on port {port} answered {status}: {payload[:300]!r}")
     return json.loads(payload or b"{}")
@@ -76,10 +80,16 @@ class Upstream:
 
 
 class LoadClient:
-    """The load client (bench/client.py) in its own process, fed one job at a time."""
+    """The load client (bench/client.py) in its own process, fed one job at a time.
+
+    `module` names another client that serves jobs the same way, such as the soak's bench/traffic.py.
+    """
+
+    def __init__(self, module: str = "bench.client"):
+        self.module = module
 
     def __enter__(self) -> "LoadClient":
-        self.proc = spawn_python_module("bench.client")
+        self.proc = spawn_python_module(self.module)
         try:
             self.receive()
             self.process = psutil.Process(self.proc.pid)

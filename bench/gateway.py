@@ -25,8 +25,14 @@ def available() -> bool:
 
 
 @contextlib.contextmanager
-def run_gateway(upstream_port: int) -> Iterator[tuple[int, str, list[psutil.Process]]]:
-    """Yields the gateway's port, a bearer token for it and its processes."""
+def run_gateway(
+    upstream_port: int, settings: dict[str, str] | None = None, keep_log: Path | None = None
+) -> Iterator[tuple[int, str, list[psutil.Process]]]:
+    """Yields the gateway's port, a bearer token for it and its processes.
+
+    `settings` adds to or overrides its environment; `keep_log` is where to copy its log when it stops
+    (the data dir, log included, is deleted).
+    """
     tmp = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     data_dir = tmp / "data"
     data_dir.mkdir()
@@ -39,6 +45,7 @@ def run_gateway(upstream_port: int) -> Iterator[tuple[int, str, list[psutil.Proc
         "ADMIN_EMAIL": ADMIN_EMAIL,
         "ADMIN_PASSWORD": password,
         "SECRET_KEY": secrets.token_hex(32),
+        **(settings or {}),
     }
     argv = [
         sys.executable, "-m", "uvicorn", "main:app", "--host", HOST, "--port", str(port),
@@ -54,6 +61,9 @@ def run_gateway(upstream_port: int) -> Iterator[tuple[int, str, list[psutil.Proc
             yield port, token, process_tree(proc.pid)
         finally:
             stop(proc)
+            if keep_log is not None:
+                keep_log.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(log_path, keep_log)
             shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -82,6 +82,11 @@ def rss_bytes(processes: list[psutil.Process]) -> int:
     return sum(proc.memory_info().rss for proc in processes)
 
 
+def open_fds(processes: list[psutil.Process]) -> int:
+    """File descriptors the processes hold: sockets, files, pipes, epoll."""
+    return sum(proc.num_fds() for proc in processes)
+
+
 def _cpu_seconds(processes: list[psutil.Process]) -> float:
     total = 0.0
     for proc in processes:
@@ -97,6 +102,16 @@ def _machine_seconds() -> tuple[float, float]:
     """CPU seconds the whole machine has been busy, and those the hypervisor took from it (steal)."""
     times = psutil.cpu_times()
     return times.user + times.nice + times.system + times.irq + times.softirq, times.steal
+
+
+def cpu_readings(groups: dict[str, list[psutil.Process]]) -> dict[str, float]:
+    """CPU seconds used so far by each named group, by the rest of the machine ("other") and lost to the
+    hypervisor ("steal"); the difference of two readings over the time between them is a load."""
+    readings = {name: _cpu_seconds(procs) for name, procs in groups.items()}
+    busy, steal = _machine_seconds()
+    readings["other"] = busy - sum(readings.values())
+    readings["steal"] = steal
+    return readings
 
 
 class CpuMeter:
@@ -116,11 +131,7 @@ class CpuMeter:
         self.summary: dict[str, dict[str, float]] = {}
 
     def _read(self) -> dict[str, float]:
-        readings = {name: _cpu_seconds(procs) for name, procs in self._groups.items()}
-        busy, steal = _machine_seconds()
-        readings["other"] = busy - sum(readings.values())
-        readings["steal"] = steal
-        return readings
+        return cpu_readings(self._groups)
 
     def __enter__(self) -> "CpuMeter":
         self._start = time.monotonic()
@@ -164,3 +175,13 @@ async def stdin_closed() -> None:
 
     await loop.connect_read_pipe(Watch, sys.stdin)
     await closed
+
+
+def run_until_interrupted(main, argv: list[str]) -> None:
+    """Run a bench entry point; Ctrl-C ends it with status 130 once its context managers have stopped every
+    process it started."""
+    try:
+        sys.exit(main(argv))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,6 +1,10 @@
 """Turns the scenarios' figures into the summary: ratios, targets met, a Markdown table and the JSON file."""
 
+import datetime
 import json
+import os
+import platform
+import time
 from pathlib import Path
 
 # The gateway's targets, from the project's performance goals.
@@ -168,3 +172,16 @@ def noise_warning(streams: dict) -> str | None:
 def write_json(path: Path, document: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=2) + "\n")
+
+
+def run_header(command: str, started: float, nginx_version: str | None = None) -> dict:
+    """What every results file opens with: how the run was started, when, how long it took, on what."""
+    machine = {"cpus": os.cpu_count(), "python": platform.python_version()}
+    if nginx_version is not None:
+        machine["nginx"] = nginx_version
+    return {
+        "command": command,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "duration_s": round(time.monotonic() - started, 1),
+        "machine": machine,
+    }

@@ -92,7 +92,7 @@ def _cpu_line(summary: dict) -> str:
 
 
 def _combine(results: list[dict]) -> dict:
-    """The median round's figures; the worst round's count of good streams."""
+    """The median round's figures; the worst round's counts of good streams and of non-200 answers."""
 
     def middle(key: str, stat: str | None = None) -> float | None:
         values = [result[key] if stat is None else (result[key] or {}).get(stat) for result in results]
@@ -102,9 +102,11 @@ def _combine(results: list[dict]) -> dict:
     return {
         "count": results[0]["count"],
         "ok": min(result["ok"] for result in results),
+        "non_200": max(result["non_200"] for result in results),
         "wall_s": middle("wall_s"),
         "first_byte_p50_ms": middle("first_byte_ms", "p50"),
         "first_byte_p99_ms": middle("first_byte_ms", "p99"),
+        "gap_p50_ms": middle("gap_ms", "p50"),
         "gap_p99_ms": middle("gap_ms", "p99"),
         "cpu": {
             group: {
