@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from auth.bootstrap import ConfigurationError, check_configuration
 from core.body_limit import MIB, BodyLimitMiddleware
 from core.errors import install_error_handlers
+from core.server import raise_open_file_limit, with_header_timeout
 from core.services import close_services, open_services
 from core.settings import Settings
 from routes import admin, auth, files, health, keys, me, web
@@ -35,6 +36,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        raise_open_file_limit()  # before uvicorn starts accepting: one descriptor per connection
         app.state.services = await open_services(settings)
         try:
             yield
@@ -84,7 +86,14 @@ def serve() -> None:
         check_configuration(settings)
     except (ValidationError, ConfigurationError) as exc:
         sys.exit(f"ollama-gateway: configuration error: {exc}")
-    uvicorn.run("main:app", host=settings.host, port=settings.port, loop="uvloop", http="httptools")
+    uvicorn.run(
+        "main:app",
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http=with_header_timeout(settings.request_header_timeout),
+        timeout_graceful_shutdown=settings.graceful_shutdown_seconds,
+    )
 
 
 if __name__ == "__main__":

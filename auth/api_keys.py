@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from core.database import Database
+from core.errors import Unauthorized
 
 KEY_PREFIX = "ogw_"
 SHOWN_PREFIX_LENGTH = 12
@@ -89,11 +90,16 @@ class ApiKeyStore:
             if expires_in_days is not None
             else None
         )
-        with self._db.transaction() as conn:
-            cursor = conn.execute(
-                "INSERT INTO api_keys (user_id, name, prefix, key_hash, expires_at) VALUES (?, ?, ?, ?, ?)",
-                (user_id, name, key[:SHOWN_PREFIX_LENGTH], _hash(key), expires_at),
-            )
+        try:
+            with self._db.transaction() as conn:
+                cursor = conn.execute(
+                    "INSERT INTO api_keys (user_id, name, prefix, key_hash, expires_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (user_id, name, key[:SHOWN_PREFIX_LENGTH], _hash(key), expires_at),
+                )
+        except sqlite3.IntegrityError:
+            # The account was removed after its request was authenticated (the key can't name a missing user).
+            raise Unauthorized("this account no longer exists") from None
         row = self._db.fetch_one(f"SELECT {_COLUMNS} FROM api_keys WHERE id = ?", (cursor.lastrowid,))
         return _key_from(row), key
 

@@ -63,12 +63,17 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 
+# How long a write waits for the database before giving up ("database is locked", answered 503).
+BUSY_TIMEOUT_SECONDS = 5.0
+
+
 class Database:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._local = threading.local()
         self._connections: dict[threading.Thread, sqlite3.Connection] = {}
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
 
     def connection(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -76,7 +81,7 @@ class Database:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA foreign_keys = ON")
-            conn.execute("PRAGMA busy_timeout = 5000")
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
             self._local.conn = conn
             with self._lock:
                 self._close_those_of_ended_threads()
@@ -95,15 +100,29 @@ class Database:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction: committed as a whole, or rolled back as a whole."""
-        conn = self.connection()
-        conn.execute("BEGIN IMMEDIATE")
+        """A write transaction: committed as a whole, or rolled back as a whole.
+
+        SQLite lets one writer in at a time and makes the others poll, sleeping up to 100 ms between tries,
+        until the busy timeout: with a hundred concurrent writers most of them sleep while the lock is free,
+        and the last ones time out ("database is locked"). This process's writers queue on a lock instead,
+        each let in as soon as the one before is done; SQLite's own waiting is left for other processes
+        (`manage.py`, a backup)."""
+        if not self._write_lock.acquire(timeout=BUSY_TIMEOUT_SECONDS):
+            raise sqlite3.OperationalError("database is locked (waited for this process's other writers)")
         try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+            conn = self.connection()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                # Also when COMMIT itself failed (a full disk, a deferred constraint): SQLite may keep the
+                # transaction open, and with it the write lock every other writer waits for.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        finally:
+            self._write_lock.release()
 
     def migrate(self) -> None:
         """Create or upgrade the schema in place; existing rows are kept."""

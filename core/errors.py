@@ -6,15 +6,18 @@ exceptions) and rendered here, so no route formats errors itself and nothing lea
 """
 
 import logging
+import sqlite3
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 logger = logging.getLogger("gateway.errors")
 
 BEARER_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 
 
 class GatewayError(Exception):
@@ -66,7 +69,23 @@ async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
 
 async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     message = exc.detail if isinstance(exc.detail, str) else "request failed"
-    return error_response(exc.status_code, message.lower(), exc.headers, path=request.url.path)
+    headers = exc.headers
+    if exc.status_code == 405:
+        # Starlette names only the methods of the first route that matched the path, but a path often has
+        # one route per method (GET and POST /keys): Allow must list them all (RFC 9110 §15.5.6).
+        headers = {**(headers or {}), "Allow": _allowed_methods(request)}
+    return error_response(exc.status_code, message.lower(), headers, path=request.url.path)
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route fully matches on this path, asked of the router itself."""
+    routes = request.app.router.routes
+    allowed = [
+        method
+        for method in HTTP_METHODS
+        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)
+    ]
+    return ", ".join(allowed)
 
 
 def _describe_validation_error(exc: RequestValidationError) -> str:
@@ -81,6 +100,17 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return error_response(422, _describe_validation_error(exc), path=request.url.path)
 
 
+async def _database_error(request: Request, exc: sqlite3.OperationalError) -> JSONResponse:
+    # SQLite has one writer at a time; a write waits for the lock up to the connection's busy timeout, and
+    # past it the client should come back, not be told the gateway broke.
+    if "locked" in str(exc) or "busy" in str(exc):
+        logger.warning("database busy on %s %s: %s", request.method, request.url.path, exc)
+        return error_response(
+            503, "the database is busy: try again", {"Retry-After": "1"}, path=request.url.path
+        )
+    return await _unexpected_error(request, exc)
+
+
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     # The client learns only that it failed; the details go to the log for the operator.
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
@@ -91,4 +121,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(GatewayError, _gateway_error)
     app.add_exception_handler(StarletteHTTPException, _http_exception)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(sqlite3.OperationalError, _database_error)
     app.add_exception_handler(Exception, _unexpected_error)

@@ -41,6 +41,13 @@ class Settings(BaseSettings):
     upstream_first_byte_timeout: float = Field(default=600, gt=0)
     upstream_idle_timeout: float = Field(default=300, gt=0)
 
+    # A client must send its whole request head (request line and headers) within this many seconds of
+    # connecting, or of starting its next request on a kept-alive connection; uvicorn itself never gives up
+    # on a client that connects and sends nothing, or trickles its headers a byte at a time.
+    request_header_timeout: float = Field(default=20, gt=0)
+    # On SIGTERM, requests already running (streams included) get this long to finish; then they are cut.
+    graceful_shutdown_seconds: float = Field(default=30, ge=0)
+
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
 

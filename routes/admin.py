@@ -7,7 +7,7 @@ from auth.dependencies import admin_user
 from core.accounts import delete_account
 from core.errors import GatewayError
 from core.services import AppServices
-from routes.schemas import NewUser, OwnedKeyInfo, UserOut, UserPatch, errors
+from routes.schemas import KeyId, NewUser, OwnedKeyInfo, UserId, UserOut, UserPatch, errors
 
 router = APIRouter(
     prefix="/admin", tags=["admin"], dependencies=[Depends(admin_user)], responses=errors(401, 403)
@@ -17,7 +17,7 @@ NO_SUCH_USER = "no such user"
 
 
 @router.post(
-    "/users", status_code=201, response_model=UserOut, responses=errors(409, 422), summary="Add a person"
+    "/users", status_code=201, response_model=UserOut, responses=errors(400, 409, 422), summary="Add a person"
 )
 async def create_user(body: NewUser, services: AppServices) -> dict:
     user = await run_in_threadpool(services.users.create, body.email, body.password, body.role, body.models)
@@ -29,8 +29,8 @@ def list_users(services: AppServices) -> list[dict]:
     return [user.public() for user in services.users.all()]
 
 
-@router.get("/users/{user_id}", response_model=UserOut, responses=errors(404), summary="One person")
-def get_user(user_id: int, services: AppServices) -> dict:
+@router.get("/users/{user_id}", response_model=UserOut, responses=errors(404, 422), summary="One person")
+def get_user(user_id: UserId, services: AppServices) -> dict:
     user = services.users.get(user_id)
     if user is None:
         raise GatewayError(404, NO_SUCH_USER)
@@ -40,10 +40,10 @@ def get_user(user_id: int, services: AppServices) -> dict:
 @router.patch(
     "/users/{user_id}",
     response_model=UserOut,
-    responses=errors(404, 409, 422),
+    responses=errors(400, 404, 409, 422),
     summary="Change role, model allow-list, disabled or password",
 )
-def update_user(user_id: int, body: UserPatch, services: AppServices) -> dict:
+def update_user(user_id: UserId, body: UserPatch, services: AppServices) -> dict:
     sent = body.model_fields_set
     user = services.users.update(
         user_id,
@@ -61,10 +61,10 @@ def update_user(user_id: int, body: UserPatch, services: AppServices) -> dict:
 @router.delete(
     "/users/{user_id}",
     status_code=204,
-    responses=errors(404, 409),
+    responses=errors(404, 409, 422),
     summary="Remove a person, their keys and uploads",
 )
-def delete_user(user_id: int, services: AppServices) -> Response:
+def delete_user(user_id: UserId, services: AppServices) -> Response:
     if not delete_account(services.users, services.uploads, user_id):
         raise GatewayError(404, NO_SUCH_USER)
     return Response(status_code=204)
@@ -75,8 +75,8 @@ def list_all_keys(services: AppServices) -> list[dict]:
     return [{**key.public(), "user_id": key.user_id, "email": email} for key, email in services.keys.all()]
 
 
-@router.delete("/keys/{key_id}", status_code=204, responses=errors(404), summary="Revoke anyone's key")
-def revoke_any_key(key_id: int, services: AppServices) -> Response:
+@router.delete("/keys/{key_id}", status_code=204, responses=errors(404, 422), summary="Revoke anyone's key")
+def revoke_any_key(key_id: KeyId, services: AppServices) -> Response:
     if not services.keys.revoke(key_id):
         raise GatewayError(404, "no such key")
     return Response(status_code=204)

@@ -3,13 +3,14 @@
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from auth.credentials import read_credentials
+from auth.credentials import MAX_FIELD_LENGTH, read_credentials
 from auth.login import sign_in
 from core.services import AppServices
 from routes.schemas import LoginRequest, TokenResponse, errors
 
 router = APIRouter(tags=["auth"])
 
+_FIELD = {"type": "string", "minLength": 1, "maxLength": MAX_FIELD_LENGTH}
 _LOGIN_BODY = {
     "requestBody": {
         "required": True,
@@ -18,7 +19,7 @@ _LOGIN_BODY = {
             "application/x-www-form-urlencoded": {
                 "schema": {
                     "type": "object",
-                    "properties": {"username": {"type": "string"}, "password": {"type": "string"}},
+                    "properties": {"username": _FIELD, "password": _FIELD},
                     "required": ["username", "password"],
                 }
             },
@@ -30,7 +31,7 @@ _LOGIN_BODY = {
 @router.post(
     "/login",
     response_model=TokenResponse,
-    responses=errors(401, 422, 429),
+    responses=errors(400, 401, 422, 429),
     openapi_extra=_LOGIN_BODY,
     summary="Exchange an email and password for a bearer token",
 )

@@ -1,12 +1,14 @@
 """POST /upload and GET /files/{filename}: files that belong to the user who uploaded them."""
 
+import sqlite3
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from auth.dependencies import CurrentUser
-from core.errors import GatewayError
+from core.errors import GatewayError, Unauthorized
 from core.services import AppServices
 from routes.schemas import UploadInfo, UploadResponse, errors
 
@@ -49,9 +51,14 @@ async def upload(request: Request, user: CurrentUser, services: AppServices) -> 
         file = form.get("file")
         if not isinstance(file, UploadFile):
             raise GatewayError(400, "send the file as the multipart/form-data field 'file'")
-        stored = await run_in_threadpool(
-            services.uploads.save, user.id, file.file, file.filename, file.content_type
-        )
+        try:
+            stored = await run_in_threadpool(
+                services.uploads.save, user.id, file.file, file.filename, file.content_type
+            )
+        except sqlite3.IntegrityError:
+            # The account was removed while its file was on the way (its record can't name a missing
+            # owner, and nothing was kept): its credentials no longer work.
+            raise Unauthorized("this account no longer exists") from None
     return UploadResponse(
         filename=stored.filename,
         download_path=stored.download_path,
@@ -63,7 +70,7 @@ async def upload(request: Request, user: CurrentUser, services: AppServices) -> 
 @router.get(
     "/files/{filename}",
     response_class=FileResponse,
-    responses={**errors(401, 404), 200: {"description": "The file's bytes, as an attachment"}},
+    responses={**errors(401, 404, 422), 200: {"description": "The file's bytes, as an attachment"}},
     summary="Download one of your uploads",
 )
 async def download(filename: str, user: CurrentUser, services: AppServices) -> FileResponse:
@@ -86,7 +93,10 @@ def list_uploads(user: CurrentUser, services: AppServices) -> list[dict]:
 
 
 @router.delete(
-    "/files/{filename}", status_code=204, responses=errors(401, 404), summary="Delete one of your uploads"
+    "/files/{filename}",
+    status_code=204,
+    responses=errors(401, 404, 422),
+    summary="Delete one of your uploads",
 )
 def delete_upload(filename: str, user: CurrentUser, services: AppServices) -> Response:
     if not services.uploads.delete(filename, user.id):

@@ -5,7 +5,7 @@ from fastapi import APIRouter, Response
 from auth.dependencies import CurrentUser
 from core.errors import GatewayError
 from core.services import AppServices
-from routes.schemas import CreatedKey, KeyInfo, NewKey, errors
+from routes.schemas import CreatedKey, KeyId, KeyInfo, NewKey, errors
 
 router = APIRouter(tags=["keys"])
 
@@ -14,7 +14,7 @@ router = APIRouter(tags=["keys"])
     "/keys",
     status_code=201,
     response_model=CreatedKey,
-    responses=errors(401, 422),
+    responses=errors(400, 401, 422),
     summary="Create an API key (the full key is shown only in this answer)",
 )
 def create_key(body: NewKey, user: CurrentUser, services: AppServices) -> dict:
@@ -30,9 +30,9 @@ def list_keys(user: CurrentUser, services: AppServices) -> list[dict]:
 
 
 @router.delete(
-    "/keys/{key_id}", status_code=204, responses=errors(401, 404), summary="Revoke one of your keys"
+    "/keys/{key_id}", status_code=204, responses=errors(401, 404, 422), summary="Revoke one of your keys"
 )
-def revoke_key(key_id: int, user: CurrentUser, services: AppServices) -> Response:
+def revoke_key(key_id: KeyId, user: CurrentUser, services: AppServices) -> Response:
     if not services.keys.revoke(key_id, user_id=user.id):
         raise GatewayError(404, "no such key")
     return Response(status_code=204)

@@ -10,6 +10,7 @@ import re
 from core.errors import GatewayError
 from routes.schemas import ChatRequest
 from upstream.bodies import check_chat_messages
+from upstream.docs import MODEL_BODY
 from upstream.endpoints import OLLAMA_MODEL_LIST, OPENAI_MODEL_LIST, Access, Body, RelayRoute
 
 NDJSON_STREAM = {
@@ -26,6 +27,14 @@ SSE_STREAM = {
     "content": {"application/json": {}, "text/event-stream": {}},
 }
 _BLOB_DIGEST = re.compile(r"sha256[:-][0-9a-f]{64}")
+_BLOB_PARAM = {"type": "string", "pattern": f"^{_BLOB_DIGEST.pattern}$"}
+_NAME = {"type": "string", "minLength": 1}
+_COPY_BODY = {
+    "type": "object",
+    "description": "Ollama's own body, forwarded unchanged",
+    "required": ["source", "destination"],
+    "properties": {"source": _NAME, "destination": _NAME},
+}
 
 
 def _check_digest(digest: str) -> None:
@@ -39,13 +48,20 @@ def _model_call(path: str, summary: str, response_doc: dict | None = None, tags=
     )
 
 
-def _admin_call(method: str, path: str, summary: str, response_doc: dict | None = None) -> RelayRoute:
+def _admin_call(
+    method: str,
+    path: str,
+    summary: str,
+    response_doc: dict | None = None,
+    body_schema: dict | None = MODEL_BODY,
+) -> RelayRoute:
     return RelayRoute(
         method,
         path,
         summary,
         access=Access.ADMIN,
         body=Body.JSON,
+        body_schema=body_schema,
         response_doc=response_doc or {},
         tags=("ollama: model management",),
     )
@@ -89,7 +105,7 @@ RELAY_ROUTES = [
     _admin_call("POST", "/api/pull", "Pull a model (admins)", PROGRESS_STREAM),
     _admin_call("POST", "/api/push", "Push a model (admins)", PROGRESS_STREAM),
     _admin_call("POST", "/api/create", "Create a model (admins)", PROGRESS_STREAM),
-    _admin_call("POST", "/api/copy", "Copy a model (admins)"),
+    _admin_call("POST", "/api/copy", "Copy a model (admins)", body_schema=_COPY_BODY),
     _admin_call("DELETE", "/api/delete", "Delete a model; JSON body {model} (admins)"),
     RelayRoute(
         "HEAD",
@@ -97,6 +113,7 @@ RELAY_ROUTES = [
         "Whether Ollama has a blob (admins)",
         param="digest",
         check_param=_check_digest,
+        param_schema=_BLOB_PARAM,
         access=Access.ADMIN,
         tags=("ollama: model management",),
     ),
@@ -106,6 +123,7 @@ RELAY_ROUTES = [
         "Upload a blob, streamed through at any size (admins)",
         param="digest",
         check_param=_check_digest,
+        param_schema=_BLOB_PARAM,
         access=Access.ADMIN,
         body=Body.STREAM,
         tags=("ollama: model management",),

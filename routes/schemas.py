@@ -1,12 +1,18 @@
 """Response and request shapes, for validation where the gateway owns the data and for `/docs`."""
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from fastapi import Path
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
-from auth.passwords import password_problem
+from auth.credentials import MAX_FIELD_LENGTH
+from auth.passwords import MIN_PASSWORD_LENGTH, password_problem
 
 EMAIL_MAX_LENGTH = 254
+# Row ids are SQLite integers: a larger number in a path is refused (422), never handed to SQLite.
+MAX_ROW_ID = 2**63 - 1
+UserId = Annotated[int, Path(ge=1, le=MAX_ROW_ID)]
+KeyId = Annotated[int, Path(ge=1, le=MAX_ROW_ID)]
 MODEL_NAME_MAX_LENGTH = 200
 
 
@@ -15,8 +21,8 @@ class ErrorBody(BaseModel):
 
 
 class LoginRequest(BaseModel):
-    email: str = Field(examples=["admin@local"])
-    password: str
+    email: str = Field(examples=["admin@local"], min_length=1, max_length=MAX_FIELD_LENGTH)
+    password: str = Field(min_length=1, max_length=MAX_FIELD_LENGTH)
 
 
 class TokenResponse(BaseModel):
@@ -36,7 +42,7 @@ class ChatRequest(BaseModel):
     """Ollama's `/api/chat` body, forwarded unchanged."""
 
     model_config = ConfigDict(extra="allow")
-    model: str = Field(examples=["llama3.2:1b"])
+    model: str = Field(examples=["llama3.2:1b"], pattern="[!-~]")
     messages: list[ChatMessage]
     stream: bool = Field(default=True, description="false: one JSON object instead of an NDJSON stream")
     options: dict[str, Any] | None = None
@@ -89,6 +95,19 @@ def _checked_models(value: list[str] | None) -> list[str] | None:
 
 
 UserModels = list[str] | None
+# What `_checked_models` accepts, said in the schema (a name is stripped, then 1 to 200 characters).
+_MODEL_NAME_SCHEMA = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": MODEL_NAME_MAX_LENGTH,
+    "pattern": "[!-~]",  # something besides whitespace, said in printable ASCII (see _EMAIL_SCHEMA)
+}
+NewUserModels = list[Annotated[str, WithJsonSchema(_MODEL_NAME_SCHEMA)]] | None
+# Checked by `_checked_password` and `_checked_email`; the rules are repeated here only for the schema.
+_PASSWORD_SCHEMA = {"minLength": MIN_PASSWORD_LENGTH}
+# Printable ASCII only: the JSON schema's and Python's ideas of whitespace differ past ASCII, and the schema
+# must never call valid an address the check refuses (it accepts more than the schema says, not less).
+_EMAIL_SCHEMA = {"pattern": "^[!-~]+@[!-?A-~]+$", "maxLength": EMAIL_MAX_LENGTH}
 MODELS_DESCRIPTION = "The models this user may use; null: every model"
 
 
@@ -102,10 +121,10 @@ class UserOut(BaseModel):
 
 
 class NewUser(BaseModel):
-    email: str = Field(examples=["ada@example.com"])
-    password: str = Field(description="At least 8 characters")
+    email: str = Field(examples=["ada@example.com"], json_schema_extra=_EMAIL_SCHEMA)
+    password: str = Field(description="At least 8 characters", json_schema_extra=_PASSWORD_SCHEMA)
     role: Literal["admin", "user"] = "user"
-    models: UserModels = Field(default=None, description=MODELS_DESCRIPTION, examples=[["llama3.2:1b"]])
+    models: NewUserModels = Field(default=None, description=MODELS_DESCRIPTION, examples=[["llama3.2:1b"]])
 
     _email = field_validator("email")(_checked_email)
     _password = field_validator("password")(_checked_password)
@@ -116,9 +135,9 @@ class UserPatch(BaseModel):
     """Only the fields sent change; `"models": null` lets the user use every model."""
 
     role: Literal["admin", "user"] | None = None
-    models: UserModels = Field(default=None, description=MODELS_DESCRIPTION)
+    models: NewUserModels = Field(default=None, description=MODELS_DESCRIPTION)
     disabled: bool | None = None
-    password: str | None = None
+    password: str | None = Field(default=None, json_schema_extra=_PASSWORD_SCHEMA)
 
     _password = field_validator("password")(
         lambda value: value if value is None else _checked_password(value)
@@ -128,7 +147,7 @@ class UserPatch(BaseModel):
 
 class PasswordChange(BaseModel):
     current_password: str
-    new_password: str
+    new_password: str = Field(json_schema_extra=_PASSWORD_SCHEMA)
 
     _new_password = field_validator("new_password")(_checked_password)
 

@@ -15,6 +15,7 @@ from fastapi.responses import FileResponse, Response
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 STATIC_DIR = WEB_DIR / "static"
+PAGE_TYPE = "text/html; charset=utf-8"
 
 PAGE_HEADERS = {
     "Content-Security-Policy": (
@@ -31,9 +32,9 @@ router = APIRouter(tags=["web"])
 
 @router.get("/", response_class=FileResponse, summary="The chat page (no token needed)")
 async def page() -> FileResponse:
-    return FileResponse(WEB_DIR / "index.html", media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
+    return FileResponse(WEB_DIR / "index.html", media_type=PAGE_TYPE, headers=PAGE_HEADERS)
 
 
-@router.head("/", summary="Heartbeat of Ollama's clients (no token needed)")
+@router.head("/", response_class=FileResponse, summary="Heartbeat of Ollama's clients (no token needed)")
 async def heartbeat() -> Response:
-    return Response(status_code=200, headers=PAGE_HEADERS)
+    return Response(status_code=200, media_type=PAGE_TYPE, headers=PAGE_HEADERS)

@@ -1,6 +1,7 @@
 """The gateway as a real process, started the way `make run` starts it: `python main.py`."""
 
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -28,10 +29,16 @@ def clean_environment(**settings: str) -> dict[str, str]:
     return env | settings
 
 
+def _limit_open_files(soft: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
 @contextmanager
-def running_main(folder: Path, **settings: str) -> Iterator[tuple[str, Path, int]]:
+def running_main(
+    folder: Path, open_files: int | None = None, **settings: str
+) -> Iterator[tuple[str, Path, int]]:
     """`python main.py` with only these settings, from `folder`; yields its URL, console output file and
-    process id."""
+    process id. `open_files`: start it with that soft limit on open files, as many systems do (1024)."""
     port = free_port()
     console = folder / f"console-{port}.txt"
     with open(console, "wb") as output:
@@ -41,6 +48,7 @@ def running_main(folder: Path, **settings: str) -> Iterator[tuple[str, Path, int
             env=clean_environment(PORT=str(port), **settings),
             stdout=output,
             stderr=subprocess.STDOUT,
+            preexec_fn=None if open_files is None else lambda: _limit_open_files(open_files),
         )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -53,11 +53,28 @@ def get(base_url: str, raw_path: str, headers: dict[str, str]) -> RawResponse:
         return read_response(sock)
 
 
-def open_post(base_url: str, path: str, headers: dict[str, str]) -> socket.socket:
-    """Send a POST's head only; the caller writes the body and reads the answer."""
+def open_request(base_url: str, method: str, path: str, headers: dict[str, str]) -> socket.socket:
+    """Send a request's head only; the caller writes the body and reads the answer."""
     host, port = _address(base_url)
     sock = socket.create_connection((host, port), timeout=10)
-    lines = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}"]
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}"]
     lines += [f"{name}: {value}" for name, value in headers.items()]
     sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
     return sock
+
+
+def open_post(base_url: str, path: str, headers: dict[str, str]) -> socket.socket:
+    """Send a POST's head only; the caller writes the body and reads the answer."""
+    return open_request(base_url, "POST", path, headers)
+
+
+def read_status(sock: socket.socket) -> int:
+    """The status of the answer, read from its status line alone (a HEAD answer's promised body never
+    comes)."""
+    data = b""
+    while b"\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return int(data.split(b" ", 2)[1])

@@ -14,6 +14,7 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
+from core.server import with_header_timeout
 from core.settings import Settings
 from main import create_app
 
@@ -21,9 +22,15 @@ START_TIMEOUT = 15.0
 
 
 class ServerThread:
-    def __init__(self, app: FastAPI) -> None:
+    def __init__(self, app: FastAPI, header_timeout: float = 20.0) -> None:
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=0, loop="uvloop", http="httptools", log_level="warning", lifespan="on"
+            app,
+            host="127.0.0.1",
+            port=0,
+            loop="uvloop",
+            http=with_header_timeout(header_timeout),  # the protocol `python main.py` serves with
+            log_level="warning",
+            lifespan="on",
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -81,7 +88,7 @@ def gateway_settings(data_dir: Path, ollama_url: str, **overrides) -> Settings:
 
 def start_gateway(settings: Settings) -> tuple[RunningGateway, ServerThread]:
     app = create_app(settings)
-    server = ServerThread(app)
+    server = ServerThread(app, settings.request_header_timeout)
     url = server.start()
     gateway = RunningGateway(
         url=url,

@@ -1,10 +1,18 @@
-"""Many people at once: concurrent streams all complete, none waits on a connection pool."""
+"""Many people at once: concurrent streams all complete, none waits on a connection pool; concurrent writes
+leave a consistent database."""
 
 import asyncio
 import json
+import sqlite3
+import time
 
 import httpx
+import pytest
 
+from core.database import Database
+from core.errors import GatewayError
+from tests import rawhttp
+from tests.servers import add_user
 from tests.streams import chat_body
 
 STREAMS = 300
@@ -31,3 +39,140 @@ def test_300_concurrent_two_second_streams_all_complete(gateway, ollama):
         assert len(lines) == 21
         assert lines[-1]["done"] is True
     assert len(ollama.streams) == STREAMS
+
+
+# Many people writing at once: users, keys, uploads and failed logins, all in one SQLite database.
+
+NEW_USERS = 5  # each costs an Argon2 hash, as does each login below
+SAME_EMAIL_ATTEMPTS = 4
+KEYS = 60
+UPLOADS = 40
+FAILED_LOGINS = 10
+
+
+async def _write_concurrently(url: str, headers: dict) -> dict[str, list[httpx.Response]]:
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=60) as http:
+        calls = {
+            "users": [
+                http.post("/admin/users", json={"email": f"u{n}@example.com", "password": f"password-{n}"})
+                for n in range(NEW_USERS)
+            ],
+            "same-email": [
+                http.post("/admin/users", json={"email": "twin@example.com", "password": f"password-{n}"})
+                for n in range(SAME_EMAIL_ATTEMPTS)
+            ],
+            "keys": [http.post("/keys", json={"name": f"key {n}"}) for n in range(KEYS)],
+            "uploads": [
+                http.post("/upload", files={"file": (f"f{n}.txt", b"x" * (n * 1000))}) for n in range(UPLOADS)
+            ],
+            "failed-logins": [
+                http.post("/login", json={"email": f"nobody{n}@example.com", "password": "wrong-password"})
+                for n in range(FAILED_LOGINS)
+            ],
+        }
+        kinds = list(calls)
+        results = await asyncio.gather(*(call for kind in kinds for call in calls[kind]))
+    answers: dict[str, list[httpx.Response]] = {}
+    for kind in kinds:
+        answers[kind], results = results[: len(calls[kind])], results[len(calls[kind]) :]
+    return answers
+
+
+def test_concurrent_writes_leave_a_consistent_database(make_gateway, ollama):
+    gateway = make_gateway(login_max_failures=1000)
+    answers = asyncio.run(_write_concurrently(gateway.url, gateway.admin_headers()))
+    for kind, responses in answers.items():
+        assert all(response.status_code < 500 for response in responses), [
+            (kind, r.status_code, r.text) for r in responses if r.status_code >= 500
+        ]
+    assert [r.status_code for r in answers["users"]] == [201] * NEW_USERS
+    assert sorted(r.status_code for r in answers["same-email"]) == [201] + [409] * (SAME_EMAIL_ATTEMPTS - 1)
+    assert [r.status_code for r in answers["keys"]] == [201] * KEYS
+    assert [r.status_code for r in answers["uploads"]] == [201] * UPLOADS
+    assert [r.status_code for r in answers["failed-logins"]] == [401] * FAILED_LOGINS
+
+    with sqlite3.connect(gateway.settings.database_path) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert db.execute("PRAGMA foreign_key_check").fetchall() == []
+        assert db.execute("SELECT count(*) FROM users").fetchone()[0] == 1 + NEW_USERS + 1
+        assert db.execute("SELECT count(*) FROM api_keys").fetchone()[0] == KEYS
+        assert db.execute("SELECT count(*) FROM login_failures").fetchone()[0] == FAILED_LOGINS
+        recorded = {row[0]: row[1] for row in db.execute("SELECT filename, size FROM uploads")}
+    stored = {path.name: path.stat().st_size for path in gateway.settings.uploads_dir.iterdir()}
+    assert recorded == stored
+    assert sorted(recorded.values()) == [n * 1000 for n in range(UPLOADS)]
+
+
+def test_a_database_locked_past_its_busy_timeout_is_503_not_500(make_gateway, ollama):
+    gateway = make_gateway()
+    headers = gateway.admin_headers()
+    # Another process (a backup, `manage.py`) holding the write lock for longer than the busy timeout.
+    holder = sqlite3.connect(gateway.settings.database_path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        response = httpx.post(f"{gateway.url}/keys", json={"name": "k"}, headers=headers, timeout=30)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert "busy" in response.json()["error"]
+    assert httpx.post(f"{gateway.url}/keys", json={"name": "k"}, headers=headers).status_code == 201
+
+
+def test_an_upload_finishing_after_its_owner_was_removed_is_401_and_keeps_nothing(make_gateway, ollama):
+    gateway = make_gateway()
+    token = add_user(gateway, "leaving@example.com")
+    leaving = gateway.services.users.find_by_email("leaving@example.com").user
+    part = b'--b\r\nContent-Disposition: form-data; name="file"; filename="late.txt"\r\n\r\n'
+    data, closing = b"x" * 100_000, b"\r\n--b--\r\n"
+    headers = {
+        "Authorization": f"Bearer {token}",
+        "Content-Type": "multipart/form-data; boundary=b",
+        "Content-Length": str(len(part) + len(data) + len(closing)),
+    }
+    with rawhttp.open_post(gateway.url, "/upload", headers) as sock:
+        sock.sendall(part + data[:50_000])  # signed in, and half-way through the file...
+        time.sleep(0.2)
+        removed = httpx.delete(f"{gateway.url}/admin/users/{leaving.id}", headers=gateway.admin_headers())
+        assert removed.status_code == 204  # ...when an admin removes the account
+        sock.sendall(data[50_000:] + closing)
+        response = rawhttp.read_response(sock)
+    assert response.status_code == 401
+    assert "error" in response.json()
+    assert list(gateway.settings.uploads_dir.iterdir()) == []
+    with sqlite3.connect(gateway.settings.database_path) as db:
+        assert db.execute("SELECT count(*) FROM uploads").fetchone()[0] == 0
+
+
+def test_a_key_for_an_account_removed_meanwhile_is_401_not_500(make_gateway, ollama):
+    # POST /keys runs in a worker thread, after authentication: with the threads busy (Argon2 hashing),
+    # an admin may remove the account in between.
+    gateway = make_gateway()
+    add_user(gateway, "gone@example.com")
+    gone = gateway.services.users.find_by_email("gone@example.com").user
+    assert gateway.services.users.delete(gone.id)
+    with pytest.raises(GatewayError) as refused:
+        gateway.services.keys.create(gone.id, "too late")
+    assert refused.value.status == 401
+    assert gateway.services.keys.of_user(gone.id) == []
+
+
+def test_a_failed_commit_leaves_the_database_writable(tmp_path):
+    # A COMMIT can fail (a full disk, a deferred constraint) and leave SQLite's transaction open, holding the
+    # write lock: every later write, from any thread or process, would then wait and fail.
+    db = Database(tmp_path / "gateway.sqlite3")
+    db.migrate()
+    with pytest.raises(sqlite3.IntegrityError), db.transaction() as conn:
+        conn.execute("PRAGMA defer_foreign_keys = ON")  # the constraint is checked at COMMIT, and fails there
+        conn.execute("INSERT INTO api_keys (user_id, name, prefix, key_hash) VALUES (404, 'k', 'p', 'h')")
+    with db.transaction() as conn:
+        conn.execute("INSERT INTO users (email, password_hash, role) VALUES ('a@b.c', 'x', 'user')")
+    other_process = sqlite3.connect(tmp_path / "gateway.sqlite3", timeout=0.1)
+    with other_process:
+        other_process.execute("INSERT INTO users (email, password_hash, role) VALUES ('d@e.f', 'x', 'user')")
+    other_process.close()
+    assert db.fetch_one("SELECT count(*) FROM users")[0] == 2
+    assert db.fetch_one("SELECT count(*) FROM api_keys")[0] == 0
+    db.close()

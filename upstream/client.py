@@ -89,9 +89,11 @@ async def error_from(response: UpstreamResponse, read_timeout: float) -> Gateway
         raw = b""
     message = raw.decode("utf-8", "replace").strip()
     try:
-        decoded = json.loads(raw)
-        if isinstance(decoded, dict) and isinstance(decoded.get("error"), str):
-            message = decoded["error"]
-    except ValueError:
-        pass  # Gin's own 404/405 pages are plain text: the text is the message.
+        error = json.loads(raw).get("error")
+    except (ValueError, AttributeError):
+        error = None  # Gin's own 404/405 pages are plain text: the text is the message.
+    if isinstance(error, dict):
+        error = error.get("message")  # on /v1, Ollama answers OpenAI's {"error": {"message": ...}}
+    if isinstance(error, str):
+        message = error
     return GatewayError(response.status, message or response.reason or f"Ollama answered {response.status}")

@@ -36,6 +36,19 @@ _ERRORS = {
     "504": "Ollama sent nothing within the first-byte timeout",
 }
 _SECURITY = [{"bearer": []}, {"login": []}]
+# What the gateway itself requires of a body that names a model (`model_named_in`); the rest is Ollama's.
+MODEL_BODY = {
+    "type": "object",
+    "description": "Ollama's own body, forwarded unchanged",
+    "required": ["model"],
+    "properties": {
+        "model": {
+            "type": "string",
+            "pattern": "[!-~]",
+            "description": "The model's name (older clients send it as `name`)",
+        }
+    },
+}
 
 
 def _operation(route: RelayRoute, components: dict[str, Any]) -> dict[str, Any]:
@@ -58,19 +71,22 @@ def _operation(route: RelayRoute, components: dict[str, Any]) -> dict[str, Any]:
         operation["description"] = "For admins only: others get 403."
     if route.param is not None:
         operation["parameters"] = [
-            {"name": route.param, "in": "path", "required": True, "schema": {"type": "string"}}
+            {
+                "name": route.param,
+                "in": "path",
+                "required": True,
+                "schema": route.param_schema or {"type": "string"},
+            }
         ]
     if route.request_model is not None:
         schema = route.request_model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(schema.pop("$defs", {}))
         operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
     elif route.body is Body.JSON:
-        operation["requestBody"] = {
-            "required": True,
-            "content": {
-                "application/json": {"schema": {"type": "object", "description": "Ollama's own body"}}
-            },
-        }
+        schema = route.body_schema or (
+            MODEL_BODY if route.names_model else {"type": "object", "description": "Ollama's own body"}
+        )
+        operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
     elif route.body is Body.STREAM:
         operation["requestBody"] = {
             "required": True,

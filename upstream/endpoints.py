@@ -8,10 +8,12 @@ hundreds of streams start together. Relay endpoints are therefore served here, s
 (`upstream.docs`).
 """
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
+from urllib.parse import quote
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -23,6 +25,9 @@ from core.services import Services
 from upstream.bodies import model_named_in, parse_json_object
 from upstream.headers import upstream_request_headers
 from upstream.relay import relay
+
+# RFC 3986 pchar and "/": what may stand unencoded in a request line's path.
+PATH_SAFE = "/:@!$&'()*+,;="
 
 
 class Access(Enum):
@@ -65,6 +70,8 @@ class RelayRoute:
     check_body: Callable[[dict[str, Any]], None] | None = None
     model_list: ModelList | None = None  # the answer is a model list, filtered by the policy
     request_model: Any = None  # pydantic model describing the body, for the docs
+    body_schema: dict[str, Any] | None = None  # or a JSON schema describing it
+    param_schema: dict[str, Any] | None = None  # the path parameter's JSON schema, for the docs
     response_doc: dict[str, Any] = field(default_factory=dict)
     tags: tuple[str, ...] = ()
 
@@ -90,7 +97,13 @@ class RelayEndpoints:
         method, path = scope["method"], scope["path"]
         route, param = self._match(method, path)
         if route is not None:
-            response = await self._respond(route, param, scope, receive)
+            try:
+                response = await self._respond(route, param, scope, receive)
+            except asyncio.CancelledError:
+                # Still waiting for Ollama (a model load) when GRACEFUL_SHUTDOWN_SECONDS ran out: say so,
+                # rather than let uvicorn answer a bare 500.
+                await error_response(503, "the gateway is shutting down", path=path)(scope, receive, send)
+                raise
         elif path in self.methods_by_path:
             allowed = ", ".join(sorted(self.methods_by_path[path]))
             response = error_response(405, "method not allowed", {"Allow": allowed}, path=path)
@@ -127,7 +140,11 @@ class RelayEndpoints:
                     route.check_param(param)
                 if route.param_names_model:
                     services.policy.require(user, param)
-            upstream_path = route.upstream_path or path
+            upstream_path = route.upstream_path or route.path
+            if param is not None:
+                # The parameter as checked (decoded), encoded again for the request line: left decoded,
+                # %0D%0A would end that line and let a client write its own headers and requests to Ollama.
+                upstream_path += quote(param, safe=PATH_SAFE)
             if route.model_list is not None:
                 return await self._filtered_list(services, user, route.model_list, upstream_path)
             body, length = await self._body(route, request, services, user)

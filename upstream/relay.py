@@ -10,6 +10,11 @@ Beside the copy loop:
 - A watchdog enforces the idle timeout between upstream chunks, without a timer per chunk.
 - Line-framed streams (NDJSON, SSE) are relayed line for line: a piece of a line waits for its end, which
   Ollama flushes with it, so a stream cut short never hands the client half a JSON object.
+- A line-framed stream's response head waits for its first line (Ollama sends no header before it anyway,
+  so the wait costs nothing), and that line is checked once: an NDJSON stream must open with a JSON object,
+  an event stream with an SSE field. Anything else (a proxy's error page, a crashed server's noise) is
+  answered 502, as is Ollama failing before that first line (504 if it went silent), rather than relayed
+  as a 200 stream no client could parse. Nothing is parsed per line after that.
 - If the upstream fails mid-stream, a line-framed stream ends with one last line saying so, in its own format,
   as Ollama itself does (an error after streaming began keeps status 200). Any other body is left
   unterminated, so the client sees it was cut short instead of taking a truncated body for a whole one.
@@ -22,11 +27,16 @@ from collections.abc import AsyncIterator
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from core.errors import GatewayError, error_response
 from upstream.client import Upstream, error_from
 from upstream.headers import downstream_response_headers
 from upstream.http11 import UpstreamError, UpstreamResponse
 
 STREAMING_HEADERS = [(b"x-accel-buffering", b"no"), (b"cache-control", b"no-cache")]
+# How an event stream's first line may begin: one of the fields of the SSE format, or a comment.
+SSE_FIELDS = (b"data:", b"event:", b"id:", b"retry:", b":")
+# Enough of the first line to tell what it is (the longest SSE field name, with its colon).
+FIRST_LINE_PREFIX = 6
 
 
 def _ndjson_error(message: str) -> bytes:
@@ -57,27 +67,78 @@ class RelayResponse(Response):
         loop = asyncio.get_running_loop()
         disconnect_watch = loop.create_task(self._close_upstream_on_disconnect(receive))
         self._watchdog = loop.call_later(self._idle_timeout, self._check_idle)
+        refusal: GatewayError | None = None
+        ending: bytes | None = None
+        started = cancelled = False
         try:
-            await send(
-                {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
-            )
-            ending = await self._copy_body(send)
+            first = b""
+            if self._line_framed:
+                first, refusal = await self._first_line()
+            if refusal is None:
+                await send(
+                    {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+                )
+                started = True
+                ending = await self._copy_body(send, first)
+        except asyncio.CancelledError:
+            # uvicorn cancels what still runs when GRACEFUL_SHUTDOWN_SECONDS are over. A line-framed stream
+            # still gets its last line saying so, as for any failure mid-stream, instead of being cut.
+            if not (started and self._line_framed):
+                raise
+            cancelled = True
+            ending = self._error_line("the gateway is shutting down")
         finally:
             self._watchdog.cancel()
             disconnect_watch.cancel()
             self._upstream.release()
-        if ending is not None:
+        if refusal is not None:
+            await error_response(refusal.status, refusal.message, path=scope["path"])(scope, receive, send)
+        elif ending is not None:
             await send({"type": "http.response.body", "body": ending, "more_body": False})
         # else: returning without the final message makes uvicorn drop the connection mid-body.
+        if cancelled:
+            raise asyncio.CancelledError
 
-    async def _copy_body(self, send: Send) -> bytes | None:
-        """Copy until the upstream ends. Returns the last bytes to send (an error line if it failed), or None
-        if the body must be left unterminated."""
+    async def _first_line(self) -> tuple[bytes, GatewayError | None]:
+        """The stream's first bytes (at least the start of its first line, unless the body is empty), or why
+        the stream must be refused instead of relayed."""
+        loop = asyncio.get_running_loop()
+        first = b""
+        try:
+            while len(first) < FIRST_LINE_PREFIX and b"\n" not in first:
+                self._awaiting_upstream_since = loop.time()
+                chunk = await self._upstream.read_chunk()
+                self._awaiting_upstream_since = None
+                if not chunk:
+                    break
+                first += chunk
+        except UpstreamError:
+            if self._idle_expired:
+                reason = f"Ollama sent nothing for {self._idle_timeout:g} s (upstream idle timeout)"
+                return b"", GatewayError(504, reason)
+            return b"", GatewayError(502, "the connection to Ollama was lost before its answer began")
+        if not first:
+            return b"", None  # an empty body is relayed as it is
+        if self._is_sse:
+            if not first.startswith(SSE_FIELDS):
+                return b"", GatewayError(502, "Ollama's answer is not the event stream it announced")
+        elif not first.startswith(b"{"):
+            return b"", GatewayError(502, "Ollama's answer is not the NDJSON stream it announced")
+        return first, None
+
+    async def _copy_body(self, send: Send, first: bytes) -> bytes | None:
+        """Copy until the upstream ends, starting with `first` (bytes already read). Returns the last bytes
+        to send (an error line if it failed), or None if the body must be left unterminated."""
         loop = asyncio.get_running_loop()
         upstream = self._upstream
         line_framed = self._line_framed
         partial = b""
         try:
+            if first:
+                end = first.rfind(b"\n") + 1
+                if end:
+                    await send({"type": "http.response.body", "body": first[:end], "more_body": True})
+                partial = first[end:]
             while True:
                 self._awaiting_upstream_since = loop.time()
                 chunk = await upstream.read_chunk()
@@ -100,8 +161,12 @@ class RelayResponse(Response):
                 reason = f"Ollama sent nothing for {self._idle_timeout:g} s (upstream idle timeout)"
             else:
                 reason = "the connection to Ollama was lost mid-stream"
-            # SSE: the blank line first ends any event left open; on its own it dispatches nothing.
-            return b"\n" + _sse_error(reason) if self._is_sse else _ndjson_error(reason)
+            return self._error_line(reason)
+
+    def _error_line(self, reason: str) -> bytes:
+        """The last line of a line-framed stream that failed, in the stream's own format."""
+        # SSE: the blank line first ends any event left open; on its own it dispatches nothing.
+        return b"\n" + _sse_error(reason) if self._is_sse else _ndjson_error(reason)
 
     def _check_idle(self) -> None:
         loop = asyncio.get_running_loop()
