@@ -93,13 +93,19 @@ class UploadStore:
                 size=size,
                 content_type=safe_media_type(content_type),
             )
-            with self._db.transaction() as conn:
-                conn.execute(
-                    "INSERT INTO uploads (filename, owner_id, original_name, size, content_type)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (upload.filename, owner_id, upload.original_name, size, upload.content_type),
-                )
-                os.replace(partial, self.directory / filename)
+            final = self.directory / filename
+            try:
+                with self._db.transaction() as conn:
+                    conn.execute(
+                        "INSERT INTO uploads (filename, owner_id, original_name, size, content_type)"
+                        " VALUES (?, ?, ?, ?, ?)",
+                        (upload.filename, owner_id, upload.original_name, size, upload.content_type),
+                    )
+                    os.replace(partial, final)
+            except BaseException:
+                # The record did not commit (a full disk, say): the file it names must not stay either.
+                final.unlink(missing_ok=True)
+                raise
         finally:
             partial.unlink(missing_ok=True)
         return upload
