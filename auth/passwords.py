@@ -1,8 +1,11 @@
 """Password hashing with Argon2 (through libpass, the maintained fork of passlib).
 
-Argon2 has no 72-byte limit, unlike bcrypt, and is what current guidance prefers.
+Argon2 has no 72-byte limit, unlike bcrypt, and is what current guidance prefers. Each hash or check holds
+64 MiB while it runs, and they run in a pool of up to 40 worker threads: at most MAX_CONCURRENT_HASHES run at
+once (found by the soak: a burst of logins briefly took 250 MB), the rest wait their turn.
 """
 
+import threading
 from functools import cache
 
 from passlib.context import CryptContext
@@ -25,6 +28,9 @@ WELL_KNOWN_PASSWORDS = frozenset(
 
 _context = CryptContext(schemes=["argon2"])
 
+MAX_CONCURRENT_HASHES = 4
+_hashing = threading.BoundedSemaphore(MAX_CONCURRENT_HASHES)
+
 
 def password_problem(password: str) -> str | None:
     """Why a password may not be used, or None if it may."""
@@ -36,18 +42,20 @@ def password_problem(password: str) -> str | None:
 
 
 def hash_password(password: str) -> str:
-    return _context.hash(password)
+    with _hashing:
+        return _context.hash(password)
 
 
 def verify_password(password: str, password_hash: str) -> bool:
-    return _context.verify(password, password_hash)
+    with _hashing:
+        return _context.verify(password, password_hash)
 
 
 @cache
 def _dummy_hash() -> str:
-    return _context.hash("not a real password: only spends the time a real check would")
+    return hash_password("not a real password: only spends the time a real check would")
 
 
 def spend_verification_time(password: str) -> None:
     """Do the work of a failed check, so an unknown email answers as slowly as a wrong password."""
-    _context.verify(password, _dummy_hash())
+    verify_password(password, _dummy_hash())

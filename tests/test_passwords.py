@@ -1,0 +1,48 @@
+"""Password hashing: Argon2 holds 64 MiB per hash, so a burst of logins must not run them all at once."""
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from auth import passwords
+
+
+class _CountingContext:
+    """Stands in for the Argon2 context: takes a while, and records how many run at the same time."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.most = 0
+        self._lock = threading.Lock()
+
+    def _work(self) -> None:
+        with self._lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        time.sleep(0.05)
+        with self._lock:
+            self.running -= 1
+
+    def hash(self, password: str) -> str:
+        self._work()
+        return "hashed"
+
+    def verify(self, password: str, password_hash: str) -> bool:
+        self._work()
+        return False
+
+
+def test_a_burst_of_logins_runs_at_most_a_few_hashes_at_once(monkeypatch):
+    counting = _CountingContext()
+    monkeypatch.setattr(passwords, "_context", counting)
+    with ThreadPoolExecutor(max_workers=40) as pool:  # as many as the worker pool that runs logins
+        list(pool.map(lambda n: passwords.verify_password(f"guess-{n}", "x"), range(40)))
+        list(pool.map(lambda n: passwords.hash_password(f"new-{n}"), range(20)))
+    assert 1 < counting.most <= passwords.MAX_CONCURRENT_HASHES
+
+
+def test_a_real_hash_verifies_and_a_wrong_password_does_not():
+    stored = passwords.hash_password("correct horse battery")
+    assert stored.startswith("$argon2")
+    assert passwords.verify_password("correct horse battery", stored)
+    assert not passwords.verify_password("correct horse battery!", stored)
