@@ -600,6 +600,12 @@ class FakeOllama:
         self._busy = False
         self.default_options = {}
 
+    async def _model_request(self, request: web.Request) -> tuple[float, dict[str, Any], str, Knobs]:
+        """What every model call starts with: when it arrived, its body, its (known) model, its knobs."""
+        started = time.monotonic()
+        body = await read_json(request)
+        return started, body, self._known_model(request, body), self._knobs(body)
+
     def _knobs(self, body: dict[str, Any]) -> Knobs:
         """The request's knobs over `default_options`: lets a client that only sends real Ollama options
         (such as the web page) still get a slow, echoing or failing model."""
@@ -893,10 +899,7 @@ class FakeOllama:
         )
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
-        started = time.monotonic()
-        body = await read_json(request)
-        model = self._known_model(request, body)
-        knobs = self._knobs(body)
+        started, body, model, knobs = await self._model_request(request)
         messages = [message for message in body.get("messages") or [] if isinstance(message, dict)]
         last = text_of(messages[-1].get("content")) if messages else ""
         prompt = " ".join(text_of(message.get("content")) for message in messages)
@@ -904,19 +907,13 @@ class FakeOllama:
         return await self._answer(request, model, knobs, body.get("stream") is not False, reply)
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
-        started = time.monotonic()
-        body = await read_json(request)
-        model = self._known_model(request, body)
-        knobs = self._knobs(body)
+        started, body, model, knobs = await self._model_request(request)
         prompt = str(body.get("prompt") or "")
         reply = generate_reply(model, knobs.content(prompt), knobs, started, count_prompt_tokens(prompt))
         return await self._answer(request, model, knobs, body.get("stream") is not False, reply)
 
     async def _embed(self, request: web.Request) -> web.Response:
-        started = time.monotonic()
-        body = await read_json(request)
-        model = self._known_model(request, body)
-        knobs = self._knobs(body)
+        started, body, model, knobs = await self._model_request(request)
         await asyncio.sleep(knobs.load)
         inputs = embedding_inputs(body.get("input"))
         counters = timings(started, knobs, sum(count_prompt_tokens(text) for text in inputs), 0)
