@@ -41,16 +41,16 @@ def request_json(
     return json.loads(payload or b"{}")
 
 
-class Upstream:
-    """The fake Ollama server (bench/upstream.py) in its own process."""
+class _BenchProcess:
+    """A bench process of its own that speaks JSON lines on stdout, the first one saying it is ready.
+    It is stopped on exit, or at once if it fails to start."""
 
-    def __enter__(self) -> "Upstream":
-        self.proc = spawn_python_module("bench.upstream")
+    module: str
+
+    def __enter__(self):
+        self.proc = spawn_python_module(self.module)
         try:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError("the fake upstream exited before listening")
-            self.port = json.loads(line)["port"]
+            self.ready = self.receive()
             self.process = psutil.Process(self.proc.pid)
         except BaseException:
             stop(self.proc)
@@ -59,6 +59,22 @@ class Upstream:
 
     def __exit__(self, *exc_info) -> None:
         stop(self.proc)
+
+    def receive(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.module} exited with {self.proc.wait(timeout=5)}")
+        return json.loads(line)
+
+
+class Upstream(_BenchProcess):
+    """The fake Ollama server (bench/upstream.py) in its own process."""
+
+    module = "bench.upstream"
+
+    @property
+    def port(self) -> int:
+        return self.ready["port"]
 
     def stats(self) -> dict:
         return request_json("GET", self.port, "/_bench/stats")
@@ -79,7 +95,7 @@ class Upstream:
         return active
 
 
-class LoadClient:
+class LoadClient(_BenchProcess):
     """The load client (bench/client.py) in its own process, fed one job at a time.
 
     `module` names another client that serves jobs the same way, such as the soak's bench/traffic.py.
@@ -88,28 +104,9 @@ class LoadClient:
     def __init__(self, module: str = "bench.client"):
         self.module = module
 
-    def __enter__(self) -> "LoadClient":
-        self.proc = spawn_python_module(self.module)
-        try:
-            self.receive()
-            self.process = psutil.Process(self.proc.pid)
-        except BaseException:
-            stop(self.proc)
-            raise
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        stop(self.proc)
-
     def send(self, line: str) -> None:
         self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
-
-    def receive(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the load client exited with {self.proc.wait(timeout=5)}")
-        return json.loads(line)
 
     def run(self, job: dict) -> dict:
         """Runs a job that needs no conversation and returns its result."""
