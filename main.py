@@ -15,11 +15,11 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 
 from auth.bootstrap import ConfigurationError, check_configuration
-from core.body_limit import MIB, BodyLimitMiddleware
+from core.body_limit import BodyLimitMiddleware
 from core.errors import install_error_handlers
 from core.server import raise_open_file_limit, with_header_timeout
 from core.services import close_services, open_services
-from core.settings import Settings
+from core.settings import MIB, Settings
 from routes import admin, auth, files, health, keys, me, web
 from routes.relay import RELAY_ROUTES
 from upstream.docs import install_relay_docs

@@ -8,8 +8,7 @@ so an oversized upload is never held in memory or on disk.
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.errors import GatewayError, error_response
-
-MIB = 1024 * 1024
+from core.settings import MIB
 
 
 class BodyTooLarge(GatewayError):

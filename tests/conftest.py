@@ -1,6 +1,5 @@
 """Shared fixtures: one fake Ollama for the session, gateways built from their own settings."""
 
-import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -8,6 +7,7 @@ import httpx
 import pytest
 
 from tests.fake_ollama import FakeOllama
+from tests.processes import free_port
 from tests.servers import RunningGateway, ServerThread, gateway_settings, start_gateway
 
 
@@ -77,6 +77,4 @@ def anonymous(gateway: RunningGateway) -> Iterator[httpx.Client]:
 @pytest.fixture
 def unused_port() -> int:
     """A loopback port nothing listens on: an Ollama that is down."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_port()

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from core.server import raise_open_file_limit
-from core.settings import Settings
+from core.settings import MIB, Settings
 from main import create_app
 from tests import rawhttp
 from tests.processes import running_main
@@ -46,7 +46,6 @@ def test_relay_path_with_encoded_crlf_cannot_smuggle_a_request_to_ollama(make_ga
 HEADER_TIMEOUT = 1.0
 KEEP_ALIVE_SECONDS = 5  # uvicorn's default `timeout_keep_alive`, which `python main.py` keeps
 ADMIN_PASSWORD = "abuse-test-password"
-MIB = 1024 * 1024
 
 
 @dataclass

@@ -4,7 +4,6 @@ import base64
 import itertools
 import json
 import os
-import socket
 import time
 
 import httpx
@@ -149,14 +148,8 @@ def test_no_first_byte_within_the_first_byte_timeout_is_504(make_gateway, ollama
     assert time.monotonic() - started < 3
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_unreachable_ollama_is_502(make_gateway):
-    gateway = make_gateway(ollama_url=f"http://127.0.0.1:{_closed_port()}")
+def test_unreachable_ollama_is_502(make_gateway, unused_port):
+    gateway = make_gateway(ollama_url=f"http://127.0.0.1:{unused_port}")
     response = httpx.post(f"{gateway.url}/chat", json=chat_body(), headers=gateway.admin_headers())
     assert response.status_code == 502
     assert "cannot reach Ollama" in response.json()["error"]

@@ -10,12 +10,11 @@ import psutil
 import pytest
 
 from auth.policy import ModelPolicy
+from core.settings import MIB
 from tests.processes import running_main
 from tests.servers import add_user
 from tests.streams import chat_body
 from tests.surfaces import MODEL_LISTS, error_message, model_calls
-
-MIB = 1024 * 1024
 
 
 @pytest.mark.parametrize("path", ["/", "/api/version", "/api/tags"])

@@ -1,7 +1,5 @@
 """The public face: /health, the docs, CORS, and errors in one JSON shape."""
 
-import socket
-
 import httpx
 import pytest
 
@@ -19,11 +17,8 @@ def test_health_is_public_and_reports_ollama(anonymous, ollama):
     }
 
 
-def test_health_reports_ollama_down_without_failing(make_gateway):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    gateway = make_gateway(ollama_url=f"http://127.0.0.1:{port}")
+def test_health_reports_ollama_down_without_failing(make_gateway, unused_port):
+    gateway = make_gateway(ollama_url=f"http://127.0.0.1:{unused_port}")
     response = httpx.get(f"{gateway.url}/health")
     assert response.status_code == 200
     assert response.json()["status"] == "degraded"

@@ -6,10 +6,9 @@ import select
 import httpx
 import pytest
 
+from core.settings import MIB
 from tests import rawhttp
 from uploads.names import is_stored_name
-
-MIB = 1024 * 1024
 
 
 def upload(client: httpx.Client, name: str, data: bytes, content_type: str = "text/plain") -> httpx.Response:

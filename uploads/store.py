@@ -13,9 +13,9 @@ from typing import BinaryIO
 
 from core.database import Database
 from core.errors import GatewayError
+from core.settings import MIB
 from uploads.names import is_stored_name, new_stored_name
 
-MIB = 1024 * 1024
 COPY_CHUNK = MIB
 # type/subtype with optional parameters, nothing else: the value is sent back as a header on download.
 _MEDIA_TYPE = re.compile(
