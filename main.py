@@ -17,9 +17,10 @@ from pydantic import ValidationError
 from auth.bootstrap import ConfigurationError, check_configuration
 from core.body_limit import BodyLimitMiddleware
 from core.errors import install_error_handlers
-from core.server import raise_open_file_limit, with_header_timeout
+from core.server import raise_open_file_limit, require_gateway_protocol, with_header_timeout
 from core.services import close_services, open_services
 from core.settings import MIB, Settings
+from core.startup_errors import OneLineStartupErrors
 from routes import admin, auth, files, health, keys, me, web
 from routes.relay import RELAY_ROUTES
 from upstream.docs import install_relay_docs
@@ -36,6 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        require_gateway_protocol()
         raise_open_file_limit()  # before uvicorn starts accepting: one descriptor per connection
         app.state.services = await open_services(settings)
         try:
@@ -72,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["WWW-Authenticate", "Content-Disposition"],
             max_age=600,
         )
+    app.add_middleware(OneLineStartupErrors)
     for module in (web, auth, me, keys, files, admin, health):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
@@ -92,6 +95,8 @@ def serve() -> None:
         port=settings.port,
         loop="uvloop",
         http=with_header_timeout(settings.request_header_timeout),
+        # The gateway reads X-Forwarded-For itself, and only from TRUSTED_PROXIES (core.client_address).
+        proxy_headers=False,
         timeout_graceful_shutdown=settings.graceful_shutdown_seconds,
     )
 

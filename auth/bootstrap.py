@@ -11,14 +11,10 @@ from pathlib import Path
 
 from auth.passwords import password_problem
 from auth.users import UserStore
-from core.settings import Settings
+from core.settings import ConfigurationError, Settings
 
 MIN_SECRET_KEY_LENGTH = 32
 SECRET_KEY_FILE = "secret_key"  # noqa: S105 -- a file name, not a secret
-
-
-class ConfigurationError(Exception):
-    pass
 
 
 def check_configuration(settings: Settings) -> None:

@@ -49,7 +49,8 @@ def run_gateway(
     }
     argv = [
         sys.executable, "-m", "uvicorn", "main:app", "--host", HOST, "--port", str(port),
-        "--loop", "uvloop", "--http", "httptools", "--workers", "1", "--no-access-log",
+        "--loop", "uvloop", "--http", "core.server:HeaderTimeoutProtocol", "--workers", "1",
+        "--no-access-log",
     ]  # fmt: skip
     log_path = tmp / "gateway.log"
     with log_path.open("wb") as log:

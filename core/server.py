@@ -6,9 +6,14 @@ sends nothing, or sends its request head a byte at a time: each such connection 
 descriptor for as long as the client likes, and a few thousand of them exhaust the process. The protocol
 below closes a connection whose request head is not complete within REQUEST_HEADER_TIMEOUT seconds.
 
+The protocol also keeps the TCP peer's address in the request scope (`core.client_address`): uvicorn's own
+proxy-header handling, on by default for 127.0.0.1, would otherwise replace it with whatever a client wrote
+in `X-Forwarded-For`.
+
 `python main.py` uses it. With uvicorn's own command line, pass it as
 `uvicorn main:app --http core.server:HeaderTimeoutProtocol` (it then reads REQUEST_HEADER_TIMEOUT from the
-settings itself).
+settings itself). The app refuses to start under a server that was not given it
+(`require_gateway_protocol`): nothing else would time out a client that never finishes its request head.
 """
 
 import asyncio
@@ -17,6 +22,9 @@ import logging
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from core.client_address import PEER_EXTENSION
+from core.settings import ConfigurationError
+
 logger = logging.getLogger("gateway.server")
 
 # Enough descriptors for this many connections is worth asking the kernel for, even if the hard limit is
@@ -24,7 +32,7 @@ logger = logging.getLogger("gateway.server")
 WANTED_OPEN_FILES = 65536
 
 
-class HeaderTimeoutProtocol(HttpToolsProtocol):
+class _GatewayProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, closing connections whose request head takes too long."""
 
     # None: read REQUEST_HEADER_TIMEOUT from the settings on first use (the `uvicorn --http` case).
@@ -45,6 +53,7 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.scope["extensions"] = {PEER_EXTENSION: {"client": self.client}}  # type: ignore[typeddict-unknown-key]
         self._head_begun = True
         if self._head_timer is None:
             # A later request on a kept-alive connection: its head is due within the timeout of its first
@@ -92,9 +101,39 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         return cls.header_timeout
 
 
-def with_header_timeout(seconds: float) -> type[HeaderTimeoutProtocol]:
+_protocol_requested = False
+
+
+UNPROTECTED_SERVER = (
+    "start the gateway with `python main.py`, or give uvicorn the gateway's protocol: "
+    "`uvicorn main:app --http core.server:HeaderTimeoutProtocol` (without it nothing times out a client "
+    "that never finishes its request head)"
+)
+
+
+def require_gateway_protocol() -> None:
+    """Refuse to start unless this process's server was given the gateway's protocol, by
+    `with_header_timeout` or by name. Called from the app's lifespan: uvicorn has resolved its protocol by
+    then."""
+    if not _protocol_requested:
+        raise ConfigurationError(UNPROTECTED_SERVER)
+
+
+def with_header_timeout(seconds: float) -> type[_GatewayProtocol]:
     """The protocol class to give uvicorn, with its timeout fixed."""
-    return type("HeaderTimeoutProtocol", (HeaderTimeoutProtocol,), {"header_timeout": seconds})
+    global _protocol_requested
+    _protocol_requested = True
+    return type("HeaderTimeoutProtocol", (_GatewayProtocol,), {"header_timeout": seconds})
+
+
+def __getattr__(name: str) -> type[_GatewayProtocol]:
+    # `HeaderTimeoutProtocol` is looked up here, not defined at module level, so that a server asking for it
+    # by name (`--http core.server:HeaderTimeoutProtocol`) is noticed; its timeout is read from the settings.
+    if name == "HeaderTimeoutProtocol":
+        global _protocol_requested
+        _protocol_requested = True
+        return _GatewayProtocol
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def raise_open_file_limit() -> None:

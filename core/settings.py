@@ -11,7 +11,13 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from core.client_address import IPNetwork, parse_networks
+
 MIB = 1024 * 1024
+
+
+class ConfigurationError(Exception):
+    """A setting (or the way the gateway was started) that can't work: said in one line, before serving."""
 
 
 class Settings(BaseSettings):
@@ -29,6 +35,9 @@ class Settings(BaseSettings):
     # JSON bodies on /chat carry base64 images, so several MB must pass; this only stops absurd bodies.
     max_request_mb: float = Field(default=64, gt=0)
     cors_origins: Annotated[list[str], NoDecode] = []
+    # Proxies (addresses or CIDR networks) whose X-Forwarded-For is believed; none by default, since any
+    # client can send the header (see core.client_address).
+    trusted_proxies: Annotated[tuple[IPNetwork, ...], NoDecode] = ()
 
     # Failed logins allowed per email and per client address within the window, before 429.
     login_max_failures: int = Field(default=10, gt=0)
@@ -56,6 +65,13 @@ class Settings(BaseSettings):
     def _split_origins(cls, value: object) -> object:
         if isinstance(value, str):
             return [origin.strip().rstrip("/") for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _parse_proxies(cls, value: object) -> object:
+        if isinstance(value, str):
+            return parse_networks(value.split(","))
         return value
 
     @field_validator("ollama_url")
