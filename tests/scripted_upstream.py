@@ -4,13 +4,35 @@ connection runs a script (answer once then hang up, send garbage, ...). It recor
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 Script = Callable[[socket.socket, "ScriptedUpstream"], None]
 
 
-def read_request_head(sock: socket.socket) -> bytes | None:
-    """The request's head and its Content-Length body, or None if the peer closed first."""
+def _read_chunked(sock: socket.socket, data: bytes) -> bytes | None:
+    """A chunked body, given what has arrived of it so far; None if the peer closed first."""
+    body = b""
+    while True:
+        while b"\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return None
+            data += chunk
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        while len(data) < size + 2:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return None
+            data += chunk
+        if size == 0:
+            return body  # no trailers: the gateway sends none
+        body, data = body + data[:size], data[size + 2 :]
+
+
+def read_request(sock: socket.socket) -> tuple[bytes, bytes] | None:
+    """The request's head and body (Content-Length or chunked), or None if the peer closed first."""
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(65536)
@@ -18,20 +40,79 @@ def read_request_head(sock: socket.socket) -> bytes | None:
             return None
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
-    for line in head.split(b"\r\n"):
+    for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
+        name, value = name.strip().lower(), value.strip().lower()
+        if name == b"content-length":
             while len(body) < int(value):
-                body += sock.recv(65536)
-    return head
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return None
+                body += chunk
+        elif name == b"transfer-encoding" and value == b"chunked":
+            chunked = _read_chunked(sock, body)
+            if chunked is None:
+                return None
+            body = chunked
+    return head, body
+
+
+def read_request_head(sock: socket.socket) -> bytes | None:
+    """The request's head, its body read and dropped, or None if the peer closed first."""
+    request = read_request(sock)
+    return None if request is None else request[0]
+
+
+def read_head_only(sock: socket.socket) -> bytes:
+    """The request's head, leaving its body unread (some bytes of it may have come with the head); b"" if
+    the peer closed first."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b""
+        data += chunk
+    return data.partition(b"\r\n\r\n")[0]
+
+
+def linger_then_close(sock: socket.socket) -> None:
+    """Close as Go's net/http does after answering without reading the whole body (`closeWriteAndWait`): end
+    its side first, and close 500 ms later, so the client reads the answer before the reset that unread
+    bytes cause. (Closed at once, the reset can make the client's kernel or loop drop the answer unread.)"""
+    sock.shutdown(socket.SHUT_WR)
+    time.sleep(0.5)
+
+
+def answer_each(reply: bytes, *, close_after: bool = False) -> Script:
+    """A script: every request on the connection gets `reply`, exact bytes; with `close_after`, the
+    connection is closed after the first one."""
+
+    def script(sock: socket.socket, upstream: "ScriptedUpstream") -> None:
+        while upstream.read(sock) is not None:
+            sock.sendall(reply)
+            if close_after:
+                return
+
+    return script
 
 
 class ScriptedUpstream:
-    def __init__(self, script: Script) -> None:
+    def __init__(
+        self, script: Script, *, receive_buffer: int | None = None, timeout: float | None = None
+    ) -> None:
+        """`receive_buffer`: a small socket receive buffer, so that a script that stops reading soon makes
+        the gateway's writes wait. `timeout`: how long a script may block on its socket."""
         self.script = script
         self.heads: list[bytes] = []
+        self.bodies: list[bytes] = []
         self.connections = 0
+        self.closed_by_peer = 0  # connections the gateway closed while the script waited for a request
+        self._closing = threading.Condition()
+        self._timeout = timeout
         self._server = socket.create_server(("127.0.0.1", 0))
+        if receive_buffer is not None:
+            # Set on the listener so accepted sockets inherit it before the handshake sizes the window.
+            self._server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
         # Closing a listening socket does not wake a thread blocked in accept(): poll instead.
         self._server.settimeout(0.05)
         self._closed = threading.Event()
@@ -42,7 +123,7 @@ class ScriptedUpstream:
         self._thread.start()
         return self
 
-    def __exit__(self, *_) -> None:
+    def __exit__(self, *_: object) -> None:
         self._closed.set()
         self._thread.join(timeout=5)
         self._server.close()
@@ -53,7 +134,7 @@ class ScriptedUpstream:
                 sock, _ = self._server.accept()
             except TimeoutError:
                 continue
-            sock.settimeout(None)
+            sock.settimeout(self._timeout)
             self.connections += 1
             threading.Thread(target=self._run, args=(sock,), daemon=True).start()
 
@@ -63,7 +144,23 @@ class ScriptedUpstream:
             self.script(sock, self)
 
     def read(self, sock: socket.socket) -> bytes | None:
-        head = read_request_head(sock)
-        if head is not None:
-            self.heads.append(head)
+        """The next request's head (its body is kept in `bodies`), or None if the gateway hung up."""
+        try:
+            request = read_request(sock)
+        except OSError:  # reset rather than closed
+            request = None
+        if request is None:
+            with self._closing:
+                self.closed_by_peer += 1
+                self._closing.notify_all()
+            return None
+        head, body = request
+        self.heads.append(head)
+        self.bodies.append(body)
         return head
+
+    def wait_closed_by_peer(self, count: int, timeout: float) -> int:
+        """Wait until the gateway has closed `count` connections a script was reading; the count then."""
+        with self._closing:
+            self._closing.wait_for(lambda: self.closed_by_peer >= count, timeout)
+            return self.closed_by_peer
