@@ -15,6 +15,10 @@ Beside the copy loop:
   an event stream with an SSE field. Anything else (a proxy's error page, a crashed server's noise) is
   answered 502, as is Ollama failing before that first line (504 if it went silent), rather than relayed
   as a 200 stream no client could parse. Nothing is parsed per line after that.
+- A line-framed stream that arrives compressed (a proxy compressing although the gateway asks Ollama for
+  `Accept-Encoding: identity`) can't be cut at line ends: it is answered 502, saying so. Any other body is
+  relayed as it came, with its Content-Encoding. Of Ollama's headers only an allow-list reaches the client
+  (`upstream.headers`).
 - If the upstream fails mid-stream, a line-framed stream ends with one last line saying so, in its own format,
   as Ollama itself does (an error after streaming began keeps status 200). Any other body is left
   unterminated, so the client sees it was cut short instead of taking a truncated body for a whole one.
@@ -28,7 +32,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from core.errors import GatewayError, error_response
-from upstream.client import Upstream, error_from
+from upstream.client import Upstream, content_coding, error_from
 from upstream.headers import downstream_response_headers
 from upstream.http11 import UpstreamError, UpstreamResponse
 
@@ -195,11 +199,18 @@ async def relay(
 ) -> Response:
     """Forward one request to Ollama and answer with its response, streamed through unchanged.
 
-    Ollama's own errors (404 unknown model, 400 bad request, ...) keep their status and message."""
+    Ollama's own errors (404 unknown model, 400 bad request, ...) keep their status and message. A stream a
+    proxy compressed all the same is refused (502): it can't be cut at line ends. Any other compressed body
+    is relayed as it is, with its Content-Encoding."""
     response = await upstream.send(method, path, headers=headers, body=body, length=length)
     if response.status >= 400:
         try:
             raise await error_from(response, upstream.timeouts.idle)
         finally:
             response.close()
-    return RelayResponse(response, upstream.timeouts.idle)
+    relayed = RelayResponse(response, upstream.timeouts.idle)
+    coding = content_coding(response) if relayed._line_framed else None
+    if coding is not None:
+        response.close()
+        raise GatewayError(502, upstream.compressed_message(coding, "stream"))
+    return relayed
