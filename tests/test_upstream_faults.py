@@ -395,12 +395,12 @@ def test_an_upload_ollama_stops_reading_is_504_after_the_idle_timeout(gateway_be
         read_the_head_then_stall,
         receive_buffer=4096,
         upstream_idle_timeout=0.5,
-        upstream_first_byte_timeout=4.0,
+        upstream_first_byte_timeout=8.0,
     )
     response, elapsed = _upload(gateway, 256 * 1024 * 1024)
     assert response.status_code == 504
     assert "stopped reading the request" in error_message(response)
-    assert elapsed < 3.0  # the idle timeout's bound, not the first-byte timeout's
+    assert elapsed < 4.0  # the idle timeout's bound, not the first-byte timeout's
 
 
 @pytest.mark.parametrize("then_close", [True, False], ids=["then-closes", "then-stops-reading"])
@@ -429,9 +429,9 @@ def test_an_answer_during_the_upload_is_ollamas_own(
             time.sleep(5)  # the connection stays open, the body unread
 
     gateway, _ = gateway_before(
-        answer_before_reading_the_body, receive_buffer=4096, upstream_first_byte_timeout=4.0
+        answer_before_reading_the_body, receive_buffer=4096, upstream_first_byte_timeout=8.0
     )
     response, elapsed = _upload(gateway, 256 * 1024 * 1024)
     assert response.status_code == expected_status
     assert expected_message in error_message(response)
-    assert elapsed < 3.0
+    assert elapsed < 4.0  # not held until the first-byte timeout

@@ -469,7 +469,7 @@ def test_http11_an_answer_before_the_upload_ends_is_the_response(then_close: boo
         outcome, elapsed = run(upload)
     assert outcome.status == 413
     assert outcome.body == b'{"error":"too large"}'
-    assert elapsed < 2.0  # neither the write timeout nor the client's pace held the answer back
+    assert elapsed < 3.0  # neither the write timeout nor the client's pace held the answer back
 
 
 def test_http11_after_an_early_answer_the_connection_is_not_reused() -> None:
@@ -540,7 +540,7 @@ def test_http11_no_answer_after_the_upload_is_a_first_byte_timeout() -> None:
                 pool.close()
 
         after_upload = run(upload)
-    assert 0.25 < after_upload < 1.0
+    assert 0.25 < after_upload < 1.5
 
 
 @pytest.mark.parametrize("body_kind", ["bytes", "streamed"])
@@ -567,7 +567,7 @@ def test_http11_an_upload_ollama_stops_reading_is_a_write_timeout(body_kind: str
 
         error, elapsed = run(upload)
     assert "read nothing of the request" in error
-    assert elapsed < 2.0
+    assert elapsed < 3.0
 
 
 def test_http11_the_pool_keeps_at_most_max_idle_connections() -> None:
