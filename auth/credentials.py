@@ -1,11 +1,12 @@
 """Reading an email and password from a login request: JSON, or the OAuth2 password form `/docs` sends."""
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import Request
 
 from core.errors import GatewayError
-from upstream.bodies import parse_json_object
 
 MAX_FIELD_LENGTH = 1024
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
@@ -28,6 +29,16 @@ async def read_credentials(request: Request) -> Credentials:
     if not _is_field(email) or not _is_field(password):
         raise GatewayError(422, "send 'email' and 'password' as non-empty strings")
     return Credentials(email=email.strip(), password=password)
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise GatewayError(400, "the request body must be JSON") from None
+    if not isinstance(body, dict):
+        raise GatewayError(400, "the request body must be a JSON object")
+    return body
 
 
 def _is_field(value: object) -> bool:

@@ -11,10 +11,22 @@ from typing import Any
 from auth.users import User
 from core.errors import Forbidden
 
+# What Go's strings.TrimSpace removes (unicode.IsSpace), with which Ollama trims a model name. Python's own
+# str.strip() also removes \x1c-\x1f, which Go keeps: a name Ollama can't resolve must not pass for an
+# allowed one.
+GO_WHITESPACE = (
+    "\t\n\v\f\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
+    "\u2028\u2029\u202f\u205f\u3000"
+)
+
 
 def canonical_model_name(name: str) -> str:
-    """Ollama's own reading of a name: `llama3.2` means `llama3.2:latest`."""
-    name = name.strip()
+    """Ollama's own reading of a name: `llama3.2` means `llama3.2:latest`.
+
+    Comparing canonical names never lets a request through that Ollama would resolve to another model: every
+    other spelling Ollama accepts for a model (`library/llama3.2`, a registry host, other letter case) is
+    compared as written and refused unless the admin listed it that way."""
+    name = name.strip(GO_WHITESPACE)
     last_part = name.rsplit("/", 1)[-1]
     return name if ":" in last_part else f"{name}:latest"
 

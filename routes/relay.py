@@ -9,7 +9,7 @@ import re
 
 from core.errors import GatewayError
 from routes.schemas import ChatRequest
-from upstream.bodies import check_chat_messages
+from upstream.bodies import BodyRules, check_chat_messages
 from upstream.docs import MODEL_BODY
 from upstream.endpoints import OLLAMA_MODEL_LIST, OPENAI_MODEL_LIST, Access, Body, RelayRoute
 
@@ -42,9 +42,28 @@ def _check_digest(digest: str) -> None:
         raise GatewayError(400, "a blob is named sha256:<64 hex digits>")
 
 
-def _model_call(path: str, summary: str, response_doc: dict | None = None, tags=("ollama",)) -> RelayRoute:
+def _check_model_param(model: str) -> None:
+    # `/v1/models/../../api/ps` is a different path once a proxy in front of Ollama resolves its dot segments.
+    if any(segment in (".", "..") for segment in model.split("/")):
+        raise GatewayError(400, "a model name has no '.' or '..' segments")
+
+
+# How Ollama's handlers name the model (server/routes.go): ShowHandler takes `model`, else the deprecated
+# `name`; every other model call, the OpenAI-compatible ones included, only `model`.
+MODEL_ONLY = BodyRules(model_fields=("model",))
+MODEL_OR_NAME = BodyRules(model_fields=("model", "name"))
+CHAT = BodyRules(model_fields=("model",), checked_fields=("messages",), check=check_chat_messages)
+
+
+def _model_call(
+    path: str,
+    summary: str,
+    response_doc: dict | None = None,
+    tags: tuple[str, ...] = ("ollama",),
+    rules: BodyRules = MODEL_ONLY,
+) -> RelayRoute:
     return RelayRoute(
-        "POST", path, summary, body=Body.JSON, names_model=True, response_doc=response_doc or {}, tags=tags
+        "POST", path, summary, body=Body.JSON, body_rules=rules, response_doc=response_doc or {}, tags=tags
     )
 
 
@@ -75,8 +94,7 @@ RELAY_ROUTES = [
         "Chat with a model (Ollama's /api/chat body, streamed back as NDJSON)",
         upstream_path="/api/chat",
         body=Body.JSON,
-        names_model=True,
-        check_body=check_chat_messages,
+        body_rules=CHAT,
         request_model=ChatRequest,
         response_doc=NDJSON_STREAM,
         tags=("chat",),
@@ -101,7 +119,7 @@ RELAY_ROUTES = [
     _model_call("/api/generate", "Generate a completion (NDJSON stream)", NDJSON_STREAM),
     _model_call("/api/embed", "Embeddings for one or more inputs"),
     _model_call("/api/embeddings", "Embedding for one prompt (legacy)"),
-    _model_call("/api/show", "A model's details"),
+    _model_call("/api/show", "A model's details", rules=MODEL_OR_NAME),
     _admin_call("POST", "/api/pull", "Pull a model (admins)", PROGRESS_STREAM),
     _admin_call("POST", "/api/push", "Push a model (admins)", PROGRESS_STREAM),
     _admin_call("POST", "/api/create", "Create a model (admins)", PROGRESS_STREAM),
@@ -142,6 +160,7 @@ RELAY_ROUTES = [
         "One model",
         param="model",
         param_names_model=True,
+        check_param=_check_model_param,
         tags=("openai",),
     ),
 ]

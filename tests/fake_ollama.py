@@ -7,6 +7,10 @@ on the wire: NDJSON streams flushed line by line, nothing sent before the model 
 It runs aiohttp on 127.0.0.1 in a background thread with its own event loop, so synchronous tests can start
 it, point the gateway at `url`, and inspect `requests` and `streams` afterwards.
 
+Bodies are read as Ollama reads them, with Go's `encoding/json` rules (`tests.go_reader`): keys match fields
+case-insensitively, the last duplicate wins, `null` leaves a string alone. Each request records the model the
+fake resolved, so tests can check which model "Ollama" actually ran.
+
 Behaviour is steered per request through the body's `options` object (`fake_tokens`, `fake_interval`,
 `fake_load`, `fake_error_after`, `fake_reset_after`, `fake_hang_after`, `fake_garbage`, `fake_echo`), so
 concurrent tests sharing one server never interfere. OpenAI-style bodies may carry the same `options` object.
@@ -27,6 +31,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
+
+from tests.go_reader import ANY, STRING, GoBindError, bind, trim_space
 
 DEFAULT_VERSION = "0.12.3"
 BUSY_MESSAGE = "server busy, please try again.  maximum pending requests exceeded"
@@ -59,6 +65,10 @@ class RecordedRequest:
     query: str
     headers: dict[str, str]
     body: bytes
+    model: str | None = None  # the model the request named, as Ollama resolved it (None: none was read)
+
+
+RECORDED = web.RequestKey("recorded", RecordedRequest)
 
 
 @dataclass
@@ -470,29 +480,58 @@ def garbage_response() -> web.Response:
     return web.Response(body=b"not json at all\n", headers={"Content-Type": NDJSON})
 
 
-async def read_json(request: web.Request) -> dict[str, Any]:
-    """The body as a JSON object, failing with the messages Go's decoder gives Ollama."""
-    raw = await request.read()
-    if not raw.strip():
-        raise ApiError(400, "missing request body")
+@dataclass(frozen=True)
+class GoStruct:
+    """A request struct Ollama binds a body into: its name, the fields the fake reads (tag -> STRING or ANY),
+    and the fields naming the model, in the order the handler prefers them."""
+
+    name: str
+    fields: dict[str, str]
+    model_fields: tuple[str, ...] = ("model",)
+
+
+# api/types.go and openai/*.go. `options` stands in for the fake's knobs on every surface. ShowRequest,
+# PullRequest, PushRequest, CreateRequest and DeleteRequest still take the deprecated `name`: the handlers
+# use `model` unless it is empty.
+_KNOBS: dict[str, str] = {"options": ANY, "stream": ANY}
+_MODEL_OR_NAME = ("model", "name")
+CHAT_REQUEST = GoStruct("api.ChatRequest", {"model": STRING, "messages": ANY, **_KNOBS})
+GENERATE_REQUEST = GoStruct("api.GenerateRequest", {"model": STRING, "prompt": STRING, **_KNOBS})
+EMBED_REQUEST = GoStruct("api.EmbedRequest", {"model": STRING, "input": ANY, **_KNOBS})
+EMBEDDING_REQUEST = GoStruct("api.EmbeddingRequest", {"model": STRING, "prompt": STRING, **_KNOBS})
+SHOW_REQUEST = GoStruct("api.ShowRequest", {"model": STRING, "name": STRING, **_KNOBS}, _MODEL_OR_NAME)
+PULL_REQUEST = GoStruct("api.PullRequest", {"model": STRING, "name": STRING, **_KNOBS}, _MODEL_OR_NAME)
+PUSH_REQUEST = GoStruct("api.PushRequest", {"model": STRING, "name": STRING, **_KNOBS}, _MODEL_OR_NAME)
+CREATE_REQUEST = GoStruct(
+    "api.CreateRequest", {"model": STRING, "name": STRING, "from": STRING, **_KNOBS}, _MODEL_OR_NAME
+)
+DELETE_REQUEST = GoStruct("api.DeleteRequest", {"model": STRING, "name": STRING}, _MODEL_OR_NAME)
+COPY_REQUEST = GoStruct("api.CopyRequest", {"source": STRING, "destination": STRING}, ())
+OPENAI_CHAT_REQUEST = GoStruct(
+    "openai.ChatCompletionRequest", {"model": STRING, "messages": ANY, "stream_options": ANY, **_KNOBS}
+)
+OPENAI_COMPLETION_REQUEST = GoStruct("openai.CompletionRequest", {"model": STRING, "prompt": ANY, **_KNOBS})
+OPENAI_EMBED_REQUEST = GoStruct("openai.EmbedRequest", {"model": STRING, "input": ANY, **_KNOBS})
+OPENAI_RESPONSES_REQUEST = GoStruct("openai.ResponsesRequest", {"model": STRING, "input": ANY, **_KNOBS})
+
+
+async def read_json(request: web.Request, struct: GoStruct) -> dict[str, Any]:
+    """The body bound into `struct` as Go binds it, failing with gin's 400 as Ollama does."""
     try:
-        body = json.loads(raw)
-    except ValueError as error:
-        doc = error.doc if isinstance(error, json.JSONDecodeError) else ""
-        position = error.pos if isinstance(error, json.JSONDecodeError) else 0
-        if position >= len(doc):
-            raise ApiError(400, "unexpected end of JSON input") from None
-        raise ApiError(400, f"invalid character {doc[position]!r} looking for beginning of value") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, f"json: cannot unmarshal {type(body).__name__} into Go value of type api.Request")
-    return body
+        return bind(await request.read(), struct.fields, struct.name)
+    except GoBindError as error:
+        raise ApiError(400, str(error)) from None
 
 
-def requested_model(body: dict[str, Any]) -> str:
-    """The model a body names: `model`, or the deprecated `name` that ollama-js still sends."""
-    name = body.get("model") or body.get("name")
-    if not isinstance(name, str) or not name:
+def requested_model(request: web.Request, body: dict[str, Any], struct: GoStruct) -> str:
+    """The model the handler uses: the first of its model fields that is not empty, trimmed as Ollama's
+    model reference parser trims it. Recorded on the request, for tests to see what "Ollama" ran."""
+    name = trim_space(next((body[field] for field in struct.model_fields if body.get(field)), ""))
+    if not name:
         raise ApiError(400, "model is required")
+    recorded = request.get(RECORDED)
+    if recorded is not None:
+        recorded.model = name
     return name
 
 
@@ -600,11 +639,13 @@ class FakeOllama:
         self._busy = False
         self.default_options = {}
 
-    async def _model_request(self, request: web.Request) -> tuple[float, dict[str, Any], str, Knobs]:
+    async def _model_request(
+        self, request: web.Request, struct: GoStruct
+    ) -> tuple[float, dict[str, Any], str, Knobs]:
         """What every model call starts with: when it arrived, its body, its (known) model, its knobs."""
         started = time.monotonic()
-        body = await read_json(request)
-        return started, body, self._known_model(request, body), self._knobs(body)
+        body = await read_json(request, struct)
+        return started, body, self._known_model(request, body, struct), self._knobs(body)
 
     def _knobs(self, body: dict[str, Any]) -> Knobs:
         """The request's knobs over `default_options`: lets a client that only sends real Ollama options
@@ -698,7 +739,7 @@ class FakeOllama:
     ) -> web.StreamResponse:
         """Record the request, then apply Ollama's Host check, queue limit and error shapes."""
         body = b"" if is_streamed_upload(request) else await request.read()
-        self._record(request, body)
+        request[RECORDED] = self._record(request, body)
         # Ollama bound to loopback refuses foreign Host headers (DNS-rebinding protection).
         if request.headers.get("Host", "").lower() not in self._allowed_hosts:
             return web.Response(status=403)
@@ -713,7 +754,7 @@ class FakeOllama:
         except web.HTTPMethodNotAllowed:
             return plain_response(405, "405 method not allowed")
 
-    def _record(self, request: web.Request, body: bytes) -> None:
+    def _record(self, request: web.Request, body: bytes) -> RecordedRequest:
         recorded = RecordedRequest(
             method=request.method,
             path=request.path,
@@ -723,6 +764,7 @@ class FakeOllama:
         )
         with self._lock:
             self.requests.append(recorded)
+        return recorded
 
     @staticmethod
     def _is_queued(request: web.Request) -> bool:
@@ -741,8 +783,8 @@ class FakeOllama:
         wanted = {name, f"{name}:latest"} if ":" not in name else {name}
         return next((entry for entry in self.models if entry.get("name") in wanted), None)
 
-    def _known_model(self, request: web.Request, body: dict[str, Any]) -> str:
-        name = requested_model(body)
+    def _known_model(self, request: web.Request, body: dict[str, Any], struct: GoStruct) -> str:
+        name = requested_model(request, body, struct)
         if self._find_model(name) is None:
             raise model_not_found(request, name)
         return name
@@ -869,8 +911,8 @@ class FakeOllama:
         return json_response({"models": running})
 
     async def _show(self, request: web.Request) -> web.Response:
-        body = await read_json(request)
-        name = requested_model(body)
+        body = await read_json(request, SHOW_REQUEST)
+        name = requested_model(request, body, SHOW_REQUEST)
         entry = self._find_model(name)
         if entry is None:
             raise model_not_found(request, name)
@@ -899,7 +941,7 @@ class FakeOllama:
         )
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
-        started, body, model, knobs = await self._model_request(request)
+        started, body, model, knobs = await self._model_request(request, CHAT_REQUEST)
         messages = [message for message in body.get("messages") or [] if isinstance(message, dict)]
         last = text_of(messages[-1].get("content")) if messages else ""
         prompt = " ".join(text_of(message.get("content")) for message in messages)
@@ -907,13 +949,13 @@ class FakeOllama:
         return await self._answer(request, model, knobs, body.get("stream") is not False, reply)
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
-        started, body, model, knobs = await self._model_request(request)
+        started, body, model, knobs = await self._model_request(request, GENERATE_REQUEST)
         prompt = str(body.get("prompt") or "")
         reply = generate_reply(model, knobs.content(prompt), knobs, started, count_prompt_tokens(prompt))
         return await self._answer(request, model, knobs, body.get("stream") is not False, reply)
 
     async def _embed(self, request: web.Request) -> web.Response:
-        started, body, model, knobs = await self._model_request(request)
+        started, body, model, knobs = await self._model_request(request, EMBED_REQUEST)
         await asyncio.sleep(knobs.load)
         inputs = embedding_inputs(body.get("input"))
         counters = timings(started, knobs, sum(count_prompt_tokens(text) for text in inputs), 0)
@@ -928,24 +970,26 @@ class FakeOllama:
         )
 
     async def _embeddings(self, request: web.Request) -> web.Response:
-        body = await read_json(request)
-        self._known_model(request, body)
+        body = await read_json(request, EMBEDDING_REQUEST)
+        self._known_model(request, body, EMBEDDING_REQUEST)
         await asyncio.sleep(self._knobs(body).load)
         prompt = body.get("prompt")
         return json_response({"embedding": fake_embedding(str(prompt)) if prompt else []})
 
     async def _pull(self, request: web.Request) -> web.StreamResponse:
-        body = await read_json(request)
-        name = requested_model(body)
+        body = await read_json(request, PULL_REQUEST)
+        name = requested_model(request, body, PULL_REQUEST)
         return await self._progress(request, body, "pulling", name, lambda: self._add_model(name))
 
     async def _push(self, request: web.Request) -> web.StreamResponse:
-        body = await read_json(request)
-        return await self._progress(request, body, "pushing", self._known_model(request, body), None)
+        body = await read_json(request, PUSH_REQUEST)
+        return await self._progress(
+            request, body, "pushing", self._known_model(request, body, PUSH_REQUEST), None
+        )
 
     async def _create(self, request: web.Request) -> web.StreamResponse:
-        body = await read_json(request)
-        name = requested_model(body)
+        body = await read_json(request, CREATE_REQUEST)
+        name = requested_model(request, body, CREATE_REQUEST)
         base = self._find_model(str(body.get("from") or ""))
         return await self._progress(request, body, "creating", name, lambda: self._add_model(name, base))
 
@@ -962,7 +1006,7 @@ class FakeOllama:
         return await self._answer(request, name, self._knobs(body), streaming, reply)
 
     async def _copy(self, request: web.Request) -> web.Response:
-        body = await read_json(request)
+        body = await read_json(request, COPY_REQUEST)
         source, destination = body.get("source"), body.get("destination")
         if not isinstance(source, str) or not source:
             raise ApiError(400, f'source "{source or ""}" is invalid')
@@ -975,8 +1019,8 @@ class FakeOllama:
         return web.Response()
 
     async def _delete(self, request: web.Request) -> web.Response:
-        body = await read_json(request)
-        name = requested_model(body)
+        body = await read_json(request, DELETE_REQUEST)
+        name = requested_model(request, body, DELETE_REQUEST)
         entry = self._find_model(name)
         if entry is None:
             raise model_not_found(request, name)
@@ -1017,8 +1061,8 @@ class FakeOllama:
     # -- the OpenAI-compatible API -------------------------------------------------------------------------
 
     async def _openai_chat(self, request: web.Request) -> web.StreamResponse:
-        body = await read_json(request)
-        model = self._known_model(request, body)
+        body = await read_json(request, OPENAI_CHAT_REQUEST)
+        model = self._known_model(request, body, OPENAI_CHAT_REQUEST)
         knobs = self._knobs(body)
         messages = [message for message in body.get("messages") or [] if isinstance(message, dict)]
         last = text_of(messages[-1].get("content")) if messages else ""
@@ -1029,16 +1073,16 @@ class FakeOllama:
         return await self._answer(request, model, knobs, body.get("stream") is True, reply)
 
     async def _openai_completions(self, request: web.Request) -> web.StreamResponse:
-        body = await read_json(request)
-        model = self._known_model(request, body)
+        body = await read_json(request, OPENAI_COMPLETION_REQUEST)
+        model = self._known_model(request, body, OPENAI_COMPLETION_REQUEST)
         knobs = self._knobs(body)
         prompt = str(body.get("prompt") or "")
         reply = openai_completion_reply(model, knobs.content(prompt), count_prompt_tokens(prompt))
         return await self._answer(request, model, knobs, body.get("stream") is True, reply)
 
     async def _openai_responses(self, request: web.Request) -> web.StreamResponse:
-        body = await read_json(request)
-        model = self._known_model(request, body)
+        body = await read_json(request, OPENAI_RESPONSES_REQUEST)
+        model = self._known_model(request, body, OPENAI_RESPONSES_REQUEST)
         knobs = self._knobs(body)
         given = body.get("input")
         if isinstance(given, list) and given:
@@ -1049,8 +1093,8 @@ class FakeOllama:
         return await self._answer(request, model, knobs, body.get("stream") is True, reply)
 
     async def _openai_embeddings(self, request: web.Request) -> web.Response:
-        body = await read_json(request)
-        model = self._known_model(request, body)
+        body = await read_json(request, OPENAI_EMBED_REQUEST)
+        model = self._known_model(request, body, OPENAI_EMBED_REQUEST)
         inputs = embedding_inputs(body.get("input"))
         data = [
             {"object": "embedding", "embedding": fake_embedding(text), "index": index}

@@ -36,7 +36,7 @@ _ERRORS = {
     "504": "Ollama sent nothing within the first-byte timeout",
 }
 _SECURITY = [{"bearer": []}, {"login": []}]
-# What the gateway itself requires of a body that names a model (`model_named_in`); the rest is Ollama's.
+# What the gateway itself requires of a body that names a model (`upstream.bodies`); the rest is Ollama's.
 MODEL_BODY = {
     "type": "object",
     "description": "Ollama's own body, forwarded unchanged",
@@ -84,7 +84,9 @@ def _operation(route: RelayRoute, components: dict[str, Any]) -> dict[str, Any]:
         operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
     elif route.body is Body.JSON:
         schema = route.body_schema or (
-            MODEL_BODY if route.names_model else {"type": "object", "description": "Ollama's own body"}
+            MODEL_BODY
+            if route.body_rules is not None and route.body_rules.model_fields
+            else {"type": "object", "description": "Ollama's own body"}
         )
         operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
     elif route.body is Body.STREAM:

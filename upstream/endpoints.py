@@ -22,9 +22,17 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from auth.users import User
 from core.errors import Forbidden, GatewayError, error_response
 from core.services import Services
-from upstream.bodies import model_named_in, parse_json_object
+from upstream.bodies import (
+    BodyRules,
+    model_named_in,
+    read_body_fields,
+    refuse_content_encoding,
+)
 from upstream.headers import upstream_request_headers
 from upstream.relay import relay
+
+# Admin bodies the gateway decides nothing on are still read as one JSON object, like every other.
+NO_RULES = BodyRules()
 
 # RFC 3986 pchar and "/": what may stand unencoded in a request line's path.
 PATH_SAFE = "/:@!$&'()*+,;="
@@ -66,8 +74,7 @@ class RelayRoute:
     check_param: Callable[[str], None] | None = None
     access: Access = Access.USER
     body: Body = Body.NONE
-    names_model: bool = False  # the JSON body names the model (`model`, or the older `name`)
-    check_body: Callable[[dict[str, Any]], None] | None = None
+    body_rules: BodyRules | None = None  # what the gateway reads of a JSON body (the model, mostly)
     model_list: ModelList | None = None  # the answer is a model list, filtered by the policy
     request_model: Any = None  # pydantic model describing the body, for the docs
     body_schema: dict[str, Any] | None = None  # or a JSON schema describing it
@@ -170,12 +177,14 @@ class RelayEndpoints:
             ) if declared and declared.isdigit() else None
         if route.body is Body.NONE:
             return None, None
+        refuse_content_encoding(request.headers.get("content-encoding"))
         raw = await request.body()
-        parsed = parse_json_object(raw)
-        if route.names_model:
-            services.policy.require(user, model_named_in(parsed))
-        if route.check_body is not None:
-            route.check_body(parsed)
+        rules = route.body_rules or NO_RULES
+        fields = await read_body_fields(raw, rules.fields)
+        if rules.model_fields:
+            services.policy.require(user, model_named_in(fields, rules.model_fields))
+        if rules.check is not None:
+            rules.check(fields)
         return raw, None
 
     async def _filtered_list(
