@@ -596,3 +596,23 @@ def test_http11_the_pool_keeps_at_most_max_idle_connections() -> None:
     assert idle == 2
     assert closed == 2  # the two beyond the cap were closed as soon as they were released
     assert peer.connections == 4
+
+
+def test_http11_closing_the_pool_with_idle_connections_raises_nothing_later() -> None:
+    # The gateway closes its pool at shutdown, usually with kept-alive connections in it; their
+    # connection_lost comes a moment later and must find the pool's books already in order.
+    errors: list[dict] = []
+    with ScriptedUpstream(answer_each(OK_2), timeout=PEER_TIMEOUT) as peer:
+
+        async def close_with_an_idle_connection() -> int:
+            asyncio.get_running_loop().set_exception_handler(lambda _, context: errors.append(context))
+            pool = make_pool(peer.url)
+            assert (await exchange(pool)).body == b"ok"
+            idle = pool.idle_connections
+            pool.close()
+            await asyncio.sleep(0.1)  # connection_lost runs
+            return idle
+
+        idle = run(close_with_an_idle_connection)
+    assert idle == 1
+    assert errors == []

@@ -628,7 +628,9 @@ class ConnectionPool:
         return len(self._idle)
 
     def close(self) -> None:
+        for connection in self._idle:
+            connection.idle = False  # its connection_lost, called later, must not look for it in `_idle`
+        self._idle.clear()
         for connection in list(self._open):
             connection.abort()
         self._open.clear()
-        self._idle.clear()
