@@ -11,6 +11,7 @@ from auth.dependencies import CurrentUser
 from core.errors import GatewayError, Unauthorized
 from core.services import AppServices
 from routes.schemas import UploadInfo, UploadResponse, errors
+from uploads.store import safe_media_type
 
 router = APIRouter(tags=["files"])
 
@@ -80,7 +81,8 @@ async def download(filename: str, user: CurrentUser, services: AppServices) -> F
         raise GatewayError(404, "file not found")
     return FileResponse(
         path,
-        media_type=stored.content_type,
+        # Checked again: an older version stored types that can't be sent back as a header.
+        media_type=safe_media_type(stored.content_type),
         filename=stored.filename.split("_", 1)[1],
         content_disposition_type="attachment",
         headers=_DOWNLOAD_HEADERS,

@@ -2,6 +2,7 @@
 
 import os
 import select
+import sqlite3
 
 import httpx
 import pytest
@@ -171,7 +172,19 @@ def test_a_chunked_upload_over_the_cap_is_cut_off_early(make_gateway):
 
 
 @pytest.mark.parametrize(
-    "declared", ["text/plain\nX-Evil: 1", "text/plain\x01", "text/plain\x7f", "", "not a type", "x" * 300]
+    "declared",
+    [
+        "text/plain\nX-Evil: 1",
+        "text/plain\x01",
+        "text/plain\x7f",
+        "",
+        "not a type",
+        "x" * 300,
+        # Whitespace and letters to Python's \s and \w, but not to HTTP: such a type could never be sent back.
+        "text/plain;\x1ccharset=utf-8",
+        "text/plain;\x85charset=utf-8",
+        "text/plain; charset=\u0101",
+    ],
 )
 def test_a_declared_content_type_that_is_not_a_media_type_is_stored_generic(client, declared):
     response = upload(client, "odd.bin", b"data", declared)
@@ -180,3 +193,13 @@ def test_a_declared_content_type_that_is_not_a_media_type_is_stored_generic(clie
     download = client.get(response.json()["download_path"])
     assert download.status_code == 200
     assert download.content == b"data"
+
+
+def test_an_upload_stored_with_an_unsendable_type_by_an_older_version_still_downloads(client, gateway):
+    stored = upload(client, "old.txt", b"old data").json()["filename"]
+    with sqlite3.connect(gateway.settings.database_path) as db:
+        db.execute("UPDATE uploads SET content_type = ? WHERE filename = ?", ("text/plain;\x1cx=y", stored))
+    download = client.get(f"/files/{stored}")
+    assert download.status_code == 200
+    assert download.content == b"old data"
+    assert download.headers["content-type"] == "application/octet-stream"

@@ -17,17 +17,19 @@ from core.settings import MIB
 from uploads.names import is_stored_name, new_stored_name
 
 COPY_CHUNK = MIB
-# type/subtype with optional parameters, nothing else: the value is sent back as a header on download.
-_MEDIA_TYPE = re.compile(
-    r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+(\s*;\s*[A-Za-z0-9!#$&^_.+-]+=[\w.+-]+)*"
-)
+# type/subtype with optional parameters, in printable ASCII only (RFC 9110 tokens, spaces and tabs between
+# them): the value is sent back as a header on download, where a control character or a non-Latin-1 letter
+# (both of which Python's \s and \w accept) would make that download fail for good.
+_TCHARS = r"[A-Za-z0-9!#$&^_.+-]+"
+_MEDIA_TYPE = re.compile(rf"{_TCHARS}/{_TCHARS}(?:[ \t]*;[ \t]*{_TCHARS}={_TCHARS})*", re.ASCII)
 DEFAULT_MEDIA_TYPE = "application/octet-stream"
 
 
 def safe_media_type(declared: str | None) -> str:
     """The client's declared content type if it is a plain media type, else a generic one."""
-    if declared and len(declared) <= 255 and _MEDIA_TYPE.fullmatch(declared.strip()):
-        return declared.strip()
+    declared = (declared or "").strip(" \t")
+    if declared and len(declared) <= 255 and _MEDIA_TYPE.fullmatch(declared):
+        return declared
     return DEFAULT_MEDIA_TYPE
 
 
