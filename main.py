@@ -16,20 +16,27 @@ from pydantic import ValidationError
 
 from auth.bootstrap import ConfigurationError, check_configuration
 from core.body_limit import BodyLimitMiddleware
+from core.body_timeout import BodyTimeoutMiddleware
 from core.errors import install_error_handlers
-from core.server import raise_open_file_limit, require_gateway_protocol, with_header_timeout
+from core.server import gateway_protocol, raise_open_file_limit, require_gateway_protocol
 from core.services import close_services, open_services
 from core.settings import MIB, Settings
 from core.startup_errors import OneLineStartupErrors
 from routes import admin, auth, files, health, keys, me, web
+from routes.guard import CredentialsFirst
 from routes.relay import RELAY_ROUTES
 from upstream.docs import install_relay_docs
-from upstream.endpoints import RelayEndpoints
+from upstream.endpoints import Body, RelayEndpoints
 
 __version__ = "0.1.0"
 
 # Multipart framing around the file: boundaries and part headers. The file itself is capped exactly.
 MULTIPART_ALLOWANCE = 1 * MIB
+# The gateway's own JSON routes take a few fields; their caps keep anyone (credentials are checked first
+# wherever the route allows it, but /login can't) from making it read megabytes. Passwords may be 1024
+# characters, each up to 12 bytes once JSON-escaped.
+SMALL_JSON_LIMIT = 64 * 1024
+SMALL_JSON_LIMITS = {"/login": 16 * 1024, "/me/password": 32 * 1024, "/keys": 4 * 1024}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -55,15 +62,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     install_error_handlers(app)
-    # Middleware added last runs first: CORS, then the body cap, then the relay fast path, then FastAPI.
+    # Middleware added last runs first: CORS, credentials, the body cap, the body timeout, the relay fast
+    # path, then FastAPI.
     app.add_middleware(RelayEndpoints, routes=RELAY_ROUTES)
+    app.add_middleware(BodyTimeoutMiddleware, timeout=settings.request_body_timeout)
     app.add_middleware(
         BodyLimitMiddleware,
-        default_limit=settings.max_request_bytes,
-        limits={"/upload": settings.max_upload_bytes + MULTIPART_ALLOWANCE},
+        default_limit=SMALL_JSON_LIMIT,
+        limits={
+            **dict.fromkeys(
+                (route.path for route in RELAY_ROUTES if route.body is Body.JSON), settings.max_request_bytes
+            ),
+            "/upload": settings.max_upload_bytes + MULTIPART_ALLOWANCE,
+            **SMALL_JSON_LIMITS,
+        },
+        prefix_limits={"/admin/": SMALL_JSON_LIMIT},
         # Blobs are streamed to Ollama as they arrive, never held, so any size may pass.
         unlimited_prefixes=("/api/blobs/",),
     )
+    app.add_middleware(CredentialsFirst)
     if settings.cors_origins:
         # Bearer tokens travel in a header, not a cookie: no credentials mode, so no wildcard risk.
         app.add_middleware(
@@ -94,7 +111,7 @@ def serve() -> None:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http=with_header_timeout(settings.request_header_timeout),
+        http=gateway_protocol(settings.request_header_timeout, settings.request_body_timeout),
         # The gateway reads X-Forwarded-For itself, and only from TRUSTED_PROXIES (core.client_address).
         proxy_headers=False,
         timeout_graceful_shutdown=settings.graceful_shutdown_seconds,

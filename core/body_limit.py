@@ -13,7 +13,8 @@ from core.settings import MIB
 
 class BodyTooLarge(GatewayError):
     def __init__(self, limit: int) -> None:
-        super().__init__(413, f"request body too large: the limit is {limit / MIB:g} MB")
+        size = f"{limit / MIB:g} MB" if limit >= MIB else f"{limit / 1024:g} KB"
+        super().__init__(413, f"request body too large: the limit is {size}")
 
 
 class BodyLimitMiddleware:
@@ -22,13 +23,16 @@ class BodyLimitMiddleware:
         app: ASGIApp,
         default_limit: int,
         limits: dict[str, int],
+        prefix_limits: dict[str, int] | None = None,
         unlimited_prefixes: tuple[str, ...] = (),
     ) -> None:
-        """`limits` maps exact paths to their own caps; paths under `unlimited_prefixes` (streamed straight
-        through, never held) have none; every other path gets `default_limit`."""
+        """`limits` maps exact paths to their own caps, `prefix_limits` path prefixes; paths under
+        `unlimited_prefixes` (streamed straight through, never held) have none; every other path gets
+        `default_limit`."""
         self.app = app
         self.default_limit = default_limit
         self.limits = limits
+        self.prefix_limits = prefix_limits or {}
         self.unlimited_prefixes = unlimited_prefixes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -36,11 +40,11 @@ class BodyLimitMiddleware:
         if scope["type"] != "http" or path.startswith(self.unlimited_prefixes):
             await self.app(scope, receive, send)
             return
-        limit = self.limits.get(path, self.default_limit)
+        limit = self._limit_of(path)
         declared = _declared_length(scope)
         if declared is not None and declared > limit:
             error = BodyTooLarge(limit)
-            await error_response(error.status, error.message, path=path)(scope, receive, send)
+            await error_response(error.status, error.message, error.headers, path=path)(scope, receive, send)
             return
         received = 0
 
@@ -55,6 +59,15 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, capped_receive, send)
+
+    def _limit_of(self, path: str) -> int:
+        limit = self.limits.get(path)
+        if limit is not None:
+            return limit
+        for prefix, prefix_limit in self.prefix_limits.items():
+            if path.startswith(prefix):
+                return prefix_limit
+        return self.default_limit
 
 
 def _declared_length(scope: Scope) -> int | None:

@@ -10,24 +10,32 @@ import sqlite3
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 logger = logging.getLogger("gateway.errors")
 
 BEARER_CHALLENGE = {"WWW-Authenticate": "Bearer"}
 HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+CLIENT_CLOSED_REQUEST = 499  # nginx's name for it; the client never sees it
 
 
-class GatewayError(Exception):
-    """An error answered to the client as `{"error": message}` with `status`."""
+class GatewayError(StarletteHTTPException):
+    """An error answered to the client as `{"error": message}` with `status`.
+
+    An HTTPException, so that FastAPI passes it on unchanged when it is raised while FastAPI reads a request
+    body (a body cap or a body timeout, raised from `receive`): FastAPI turns any other exception there into
+    a generic 400 "There was an error parsing the body"."""
 
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
+        super().__init__(status_code=status, detail=message, headers=headers)
         self.status = status
         self.message = message
-        self.headers = headers
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class Unauthorized(GatewayError):
@@ -111,6 +119,12 @@ async def _database_error(request: Request, exc: sqlite3.OperationalError) -> JS
     return await _unexpected_error(request, exc)
 
 
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    # The client went away while sending its body: nobody is left to read an answer, and nothing went wrong
+    # in the gateway, so nothing is logged (a traceback per cut-off request would flood the log).
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     # The client learns only that it failed; the details go to the log for the operator.
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
@@ -122,4 +136,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_exception)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(sqlite3.OperationalError, _database_error)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _unexpected_error)

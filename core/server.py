@@ -19,11 +19,13 @@ settings itself). The app refuses to start under a server that was not given it
 import asyncio
 import json
 import logging
+from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from core.body_timeout import BYTES_PER_EXTRA_SECOND
 from core.client_address import PEER_EXTENSION
-from core.settings import ConfigurationError
+from core.settings import ConfigurationError, Settings
 
 logger = logging.getLogger("gateway.server")
 
@@ -33,22 +35,27 @@ WANTED_OPEN_FILES = 65536
 
 
 class _GatewayProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, closing connections whose request head takes too long."""
+    """uvicorn's httptools protocol, closing connections whose request head takes too long, and those whose
+    unread request body keeps trickling in after their answer was sent."""
 
-    # None: read REQUEST_HEADER_TIMEOUT from the settings on first use (the `uvicorn --http` case).
+    # None: read from the settings on first use (the `uvicorn --http` case).
     header_timeout: float | None = None
+    body_timeout: float | None = None
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_begun = False
+        self._discard_timer: asyncio.TimerHandle | None = None
+        self._discard_credit = 0.0
 
-    def connection_made(self, transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
         self._arm_head_timer()  # the first request's head is due within the timeout of connecting
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        self._stop_discarding()
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
@@ -65,8 +72,10 @@ class _GatewayProtocol(HttpToolsProtocol):
         self._cancel_head_timer()
         super().on_headers_complete()
 
+    # -- the head -------------------------------------------------------------------------------------------
+
     def _arm_head_timer(self) -> None:
-        self._head_timer = self.loop.call_later(self._timeout(), self._head_timed_out)
+        self._head_timer = self.loop.call_later(self._header_timeout(), self._head_timed_out)
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -83,7 +92,7 @@ class _GatewayProtocol(HttpToolsProtocol):
             self._arm_head_timer()
             return
         if self._head_begun:
-            message = f"the request head was not received within {self._timeout():g} s"
+            message = f"the request head was not received within {self._header_timeout():g} s"
             body = json.dumps({"error": message}).encode()
             self.transport.write(
                 b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
@@ -92,13 +101,61 @@ class _GatewayProtocol(HttpToolsProtocol):
         # A connection that never sent a byte is closed without an answer: nobody asked anything.
         self.transport.close()
 
-    def _timeout(self) -> float:
+    # -- a body left unread ---------------------------------------------------------------------------------
+    # Answered before its body was read (401 from the credentials check, 413, 408), a request's remaining
+    # body is read and dropped by uvicorn, so the client still sees the answer (closing at once would reset
+    # the connection under it). But every byte it sends would keep the connection open: it gets the same
+    # allowance as any body (core.body_timeout), then the connection is closed.
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.more_body and not self.transport.is_closing():
+            self._discard_credit = 0.0
+            self._discard_timer = self.loop.call_later(self._body_timeout(), self._discard_timed_out)
+
+    def on_body(self, body: bytes) -> None:
+        if self._discard_timer is not None:
+            self._discard_credit += len(body) / BYTES_PER_EXTRA_SECOND
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        if self._discard_timer is not None and not self.transport.is_closing():
+            # The dropped body is over: the connection may carry the client's next request. Every byte of the
+            # body cancelled uvicorn's keep-alive timer, which it only arms when an answer completes.
+            self._stop_discarding()
+            self._unset_keepalive_if_required()
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
+
+    def _discard_timed_out(self) -> None:
+        if self._discard_credit > 0:
+            self._discard_timer = self.loop.call_later(self._discard_credit, self._discard_timed_out)
+            self._discard_credit = 0.0
+            return
+        self._discard_timer = None
+        self.transport.close()
+
+    def _stop_discarding(self) -> None:
+        if self._discard_timer is not None:
+            self._discard_timer.cancel()
+            self._discard_timer = None
+
+    # -- settings -------------------------------------------------------------------------------------------
+
+    def _header_timeout(self) -> float:
         cls = type(self)
         if cls.header_timeout is None:
-            from core.settings import Settings
-
             cls.header_timeout = Settings().request_header_timeout
         return cls.header_timeout
+
+    def _body_timeout(self) -> float:
+        cls = type(self)
+        if cls.body_timeout is None:
+            cls.body_timeout = Settings().request_body_timeout
+        return cls.body_timeout
 
 
 _protocol_requested = False
@@ -112,23 +169,23 @@ UNPROTECTED_SERVER = (
 
 
 def require_gateway_protocol() -> None:
-    """Refuse to start unless this process's server was given the gateway's protocol, by
-    `with_header_timeout` or by name. Called from the app's lifespan: uvicorn has resolved its protocol by
-    then."""
+    """Refuse to start unless this process's server was given the gateway's protocol, by `gateway_protocol`
+    or by name. Called from the app's lifespan: uvicorn has resolved its protocol by then."""
     if not _protocol_requested:
         raise ConfigurationError(UNPROTECTED_SERVER)
 
 
-def with_header_timeout(seconds: float) -> type[_GatewayProtocol]:
-    """The protocol class to give uvicorn, with its timeout fixed."""
+def gateway_protocol(header_timeout: float, body_timeout: float) -> type[_GatewayProtocol]:
+    """The protocol class to give uvicorn, with its timeouts fixed."""
     global _protocol_requested
     _protocol_requested = True
-    return type("HeaderTimeoutProtocol", (_GatewayProtocol,), {"header_timeout": seconds})
+    timeouts = {"header_timeout": header_timeout, "body_timeout": body_timeout}
+    return type("HeaderTimeoutProtocol", (_GatewayProtocol,), timeouts)
 
 
 def __getattr__(name: str) -> type[_GatewayProtocol]:
     # `HeaderTimeoutProtocol` is looked up here, not defined at module level, so that a server asking for it
-    # by name (`--http core.server:HeaderTimeoutProtocol`) is noticed; its timeout is read from the settings.
+    # by name (`--http core.server:HeaderTimeoutProtocol`) is noticed; its timeouts come from the settings.
     if name == "HeaderTimeoutProtocol":
         global _protocol_requested
         _protocol_requested = True

@@ -14,7 +14,7 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
-from core.server import with_header_timeout
+from core.server import gateway_protocol
 from core.settings import Settings
 from main import create_app
 
@@ -22,13 +22,14 @@ START_TIMEOUT = 15.0
 
 
 class ServerThread:
-    def __init__(self, app: FastAPI, header_timeout: float = 20.0) -> None:
+    def __init__(self, app: FastAPI, header_timeout: float = 20.0, body_timeout: float = 60.0) -> None:
         config = uvicorn.Config(
             app,
             host="127.0.0.1",
             port=0,
             loop="uvloop",
-            http=with_header_timeout(header_timeout),  # the protocol `python main.py` serves with
+            # The protocol `python main.py` serves with.
+            http=gateway_protocol(header_timeout, body_timeout),
             log_level="warning",
             lifespan="on",
         )
@@ -88,7 +89,7 @@ def gateway_settings(data_dir: Path, ollama_url: str, **overrides) -> Settings:
 
 def start_gateway(settings: Settings) -> tuple[RunningGateway, ServerThread]:
     app = create_app(settings)
-    server = ServerThread(app, settings.request_header_timeout)
+    server = ServerThread(app, settings.request_header_timeout, settings.request_body_timeout)
     url = server.start()
     gateway = RunningGateway(
         url=url,

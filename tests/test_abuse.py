@@ -1,9 +1,11 @@
 """Clients that misbehave: hostile paths, slow readers, silent or trickling connections, crowds of idle
 sockets, oversized and malformed bodies on every route. None of them may hurt the gateway or anyone else."""
 
+import itertools
 import json
 import select
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,6 +46,7 @@ def test_relay_path_with_encoded_crlf_cannot_smuggle_a_request_to_ollama(make_ga
 # Against `python main.py` itself, as `make run` serves: its HTTP protocol, its limits, its memory.
 
 HEADER_TIMEOUT = 1.0
+BODY_TIMEOUT = 1.0
 KEEP_ALIVE_SECONDS = 5  # uvicorn's default `timeout_keep_alive`, which `python main.py` keeps
 ADMIN_PASSWORD = "abuse-test-password"
 
@@ -70,6 +73,7 @@ def main_process(fake_ollama_server, tmp_path_factory) -> Iterator[MainProcess]:
         "OLLAMA_URL": fake_ollama_server.url,
         "ADMIN_PASSWORD": ADMIN_PASSWORD,
         "REQUEST_HEADER_TIMEOUT": str(HEADER_TIMEOUT),
+        "REQUEST_BODY_TIMEOUT": str(BODY_TIMEOUT),
     }
     with running_main(folder, **settings) as (url, _, pid):
         login = {"email": "admin@local", "password": ADMIN_PASSWORD}
@@ -195,6 +199,128 @@ def test_1000_idle_connections_leave_the_gateway_serving_others(tmp_path, ollama
             for sock in idle:
                 sock.close()
     assert stream.lines[-1]["done"] is True
+
+
+# Request bodies: read only once the credentials are known good, and only so fast, so slow.
+
+
+def _post_head(main_process: MainProcess, path: str, length: int, token: str | None = None) -> socket.socket:
+    sock = main_process.connect()
+    auth = b"Authorization: Bearer %s\r\n" % token.encode() if token else b""
+    sock.sendall(
+        b"POST %s HTTP/1.1\r\nHost: gateway\r\n%sContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+        % (path.encode(), auth, length)
+    )
+    return sock
+
+
+def _receive_until(sock: socket.socket, marker: bytes, limit: float = 10) -> bytes:
+    sock.settimeout(limit)
+    received = b""
+    while marker not in received and (chunk := sock.recv(65536)):
+        received += chunk
+    return received
+
+
+def _trickle_until_closed(sock: socket.socket, limit: float) -> tuple[bytes, float]:
+    """Send a byte every 0.1 s, reading what comes back, until the server closes the connection."""
+    started, received = time.monotonic(), b""
+    while time.monotonic() - started < limit:
+        if select.select([sock], [], [], 0.1)[0]:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return received, time.monotonic() - started
+            received += chunk
+        else:
+            try:
+                sock.sendall(b" ")
+            except OSError:  # reset: closed with the byte unread
+                return received, time.monotonic() - started
+    raise AssertionError(f"still open after {limit} s; received {received[:200]!r}")
+
+
+@pytest.mark.parametrize("path", ["/keys", "/me/password", "/admin/users", "/upload", "/api/chat", "/chat"])
+def test_an_anonymous_body_is_answered_401_before_a_byte_of_it_is_read(main_process, path):
+    with _post_head(main_process, path, 10 * MIB) as sock:  # the body is never sent
+        sock.settimeout(2)
+        response = rawhttp.read_response(sock)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_a_body_trickled_a_byte_at_a_time_is_answered_408_and_its_connection_closed(main_process):
+    with _post_head(main_process, "/login", 10_000) as sock:
+        received, elapsed = _trickle_until_closed(sock, BODY_TIMEOUT + 10)
+    assert received.startswith(b"HTTP/1.1 408 ")
+    assert b"did not arrive in time" in received
+    # Answered after the body timeout; closed once the rest of the body had had the same allowance again.
+    assert elapsed < 2 * BODY_TIMEOUT + 2
+
+
+def test_a_body_trickled_after_an_early_answer_does_not_hold_the_connection(main_process):
+    with _post_head(main_process, "/api/chat", 10 * MIB) as sock:
+        received, elapsed = _trickle_until_closed(sock, BODY_TIMEOUT + 10)
+    assert received.startswith(b"HTTP/1.1 401 ")
+    assert elapsed < BODY_TIMEOUT + 2
+
+
+def test_a_large_body_sent_at_a_steady_pace_outlasts_the_body_timeout(main_process, ollama):
+    text = "x" * (256 * 1024)
+    body = json.dumps(chat_body(text=text) | {"stream": False}).encode()
+    piece = 32 * 1024  # every 0.5 s: 64 KB/s, well above the 16 KB/s floor
+    with _post_head(main_process, "/chat", len(body), main_process.token) as sock:
+        started = time.monotonic()
+        for offset in range(0, len(body), piece):
+            sock.sendall(body[offset : offset + piece])
+            time.sleep(0.5)
+        received = _receive_until(sock, b'"done":true')
+    assert time.monotonic() - started > 3 * BODY_TIMEOUT
+    assert received.startswith(b"HTTP/1.1 200 "), received[:300]
+
+
+@pytest.mark.parametrize(
+    ("path", "size", "expected"),
+    [("/login", 20 * 1024, 413), ("/keys", 8 * 1024, 413), ("/admin/users", 100 * 1024, 413)],
+)
+def test_routes_that_take_small_json_refuse_big_bodies_even_when_chunked(gateway, path, size, expected):
+    headers = gateway.admin_headers() | {"Content-Type": "application/json", "Transfer-Encoding": "chunked"}
+    body = b'{"padding": "' + b"x" * size + b'"}'
+    with rawhttp.open_post(gateway.url, path, headers) as sock:
+        sock.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+        response = rawhttp.read_response(sock)
+    assert response.status_code == expected
+    assert "too large" in response.json()["error"]
+
+
+def test_a_login_body_cut_short_is_not_logged_as_a_server_error(gateway, caplog):
+    with rawhttp.open_post(
+        gateway.url, "/login", {"Content-Type": "application/json", "Content-Length": "100"}
+    ) as sock:
+        sock.sendall(b'{"email": "a')
+    with httpx.Client(base_url=gateway.url) as http:  # the gateway is still serving, and said nothing
+        assert http.get("/health").status_code == 200
+    time.sleep(0.2)
+    assert [record for record in caplog.records if record.levelname in ("ERROR", "CRITICAL")] == []
+
+
+def test_a_huge_body_of_tiny_values_does_not_stall_other_streams(gateway, client, ollama):
+    # 40 MB of empty objects: parsing it whole would hold the event loop for about a second (and take GBs).
+    body = b'{"model": "llama3.2:1b", "messages": [' + b"{}," * 13_000_000 + b'{}], "stream": false}'
+    gaps = []
+    with httpx.Client(base_url=gateway.url, headers=gateway.admin_headers(), timeout=60) as streaming:
+
+        def stream() -> None:
+            stream = read_stream(streaming, "/chat", chat_body(tokens=300, interval=0.01))
+            gaps.extend(later - earlier for earlier, later in itertools.pairwise(stream.arrived_at))
+
+        worker = threading.Thread(target=stream)
+        worker.start()
+        time.sleep(0.3)
+        refused = client.post("/chat", content=body, headers={"Content-Type": "application/json"}, timeout=60)
+        worker.join(timeout=60)
+    assert refused.status_code == 400
+    assert "too many JSON values" in refused.json()["error"]
+    assert max(gaps) < 0.5, f"the stream stalled for {max(gaps):.2f} s"
 
 
 # Every route in the OpenAPI description, refusing bodies it cannot use with a 4xx, never a 500.

@@ -58,10 +58,16 @@ def test_docs_page_is_served(anonymous):
     assert "swagger" in response.text.lower()
 
 
-def test_unknown_route_is_404_json(anonymous):
-    response = anonymous.get("/no/such/thing")
+def test_unknown_route_is_404_json(client):
+    response = client.get("/no/such/thing")
     assert response.status_code == 404
     assert response.json() == {"error": "not found"}
+
+
+def test_unknown_route_without_a_token_is_401_like_every_route_that_is_not_public(anonymous):
+    response = anonymous.get("/no/such/thing")
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
 
 
 def test_wrong_method_is_405_json(client):

@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from auth.users import User
 from core.errors import Forbidden, GatewayError, error_response
 from core.services import Services
+from routes.guard import USER_STATE_KEY
 from upstream.bodies import (
     BodyRules,
     model_named_in,
@@ -139,7 +140,9 @@ class RelayEndpoints:
         request = Request(scope, receive)
         path = scope["path"]
         try:
-            user = services.authenticator.authenticate(request.headers.get("authorization"))
+            user = scope.get("state", {}).get(USER_STATE_KEY) or services.authenticator.authenticate(
+                request.headers.get("authorization")
+            )
             if route.access is Access.ADMIN and not user.is_admin:
                 raise Forbidden("only admins may manage models")
             if param is not None:

@@ -1,0 +1,64 @@
+"""A time limit on request bodies, on every route.
+
+uvicorn times nothing once a request's head has arrived: a client that sends its headers and then trickles
+its body a byte at a time holds a connection (and a descriptor) for as long as it likes, and a few hundred
+such clients exhaust the process. Here the gateway allows REQUEST_BODY_TIMEOUT seconds of waiting for a body,
+plus one second for every BYTES_PER_EXTRA_SECOND that arrive: an upload at that rate or faster always
+finishes, however large, while a trickle is cut off with 408.
+
+Only time spent waiting on the client counts: the clock runs while the app awaits `receive()` and the body is
+not complete. When the gateway itself is slow to read (a blob streamed to a busy Ollama), the client is not
+blamed. Pure ASGI, request side only: nothing is added per response chunk.
+"""
+
+import asyncio
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from core.errors import GatewayError
+
+# A floor of 16 KB/s: far below any network people use, far above a deliberate trickle.
+BYTES_PER_EXTRA_SECOND = 16 * 1024
+
+
+class BodyTimedOut(GatewayError):
+    def __init__(self, timeout: float) -> None:
+        super().__init__(
+            408,
+            f"the request body did not arrive in time ({timeout:g} s, plus 1 s per "
+            f"{BYTES_PER_EXTRA_SECOND // 1024} KB received)",
+        )
+
+
+class BodyTimeoutMiddleware:
+    def __init__(self, app: ASGIApp, timeout: float) -> None:
+        self.app = app
+        self.timeout = timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        allowance = self.timeout
+        body_complete = False
+
+        async def timed_receive() -> Message:
+            nonlocal allowance, body_complete
+            if body_complete:
+                return await receive()  # waiting for a disconnect is not waiting for a body
+            started = loop.time()
+            try:
+                async with asyncio.timeout(allowance):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyTimedOut(self.timeout) from None
+            allowance -= loop.time() - started
+            if message["type"] == "http.request":
+                allowance += len(message.get("body", b"")) / BYTES_PER_EXTRA_SECOND
+                body_complete = not message.get("more_body", False)
+            else:
+                body_complete = True
+            return message
+
+        await self.app(scope, timed_receive, send)

@@ -1,0 +1,47 @@
+"""Credentials first: every request outside the public pages is authenticated before anything reads its body.
+
+FastAPI reads and parses a route's JSON body before it resolves the route's dependencies, so with
+authentication as a dependency alone, a stranger could make the gateway read and parse a body (up to the
+route's cap) without any credential. This pure ASGI guard sits in front of both routers: it authenticates from
+the Authorization header, answers 401 at once to anyone without valid credentials, and leaves the user in the
+request's state, where `CurrentUser` and the relay endpoints take it from (one authentication per request).
+
+Public: the web page and its files, `/health`, `/login`, the docs, and CORS preflights (OPTIONS).
+"""
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from core.errors import GatewayError, error_response
+
+PUBLIC_PATHS = frozenset(
+    {"/", "/health", "/login", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+)
+PUBLIC_PREFIXES = ("/static/",)
+USER_STATE_KEY = "user"
+
+
+def is_public(method: str, path: str) -> bool:
+    return method == "OPTIONS" or path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+
+class CredentialsFirst:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or is_public(scope["method"], scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        authorization = next((value for name, value in scope["headers"] if name == b"authorization"), None)
+        try:
+            user = scope["app"].state.services.authenticator.authenticate(
+                authorization.decode("latin-1") if authorization is not None else None
+            )
+        except GatewayError as refused:
+            # Nothing of the body is read: the answer goes out at once (what the client still sends is
+            # dropped, for a limited time: core.server).
+            answer = error_response(refused.status, refused.message, refused.headers, path=scope["path"])
+            await answer(scope, receive, send)
+            return
+        scope.setdefault("state", {})[USER_STATE_KEY] = user
+        await self.app(scope, receive, send)
