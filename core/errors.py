@@ -7,6 +7,7 @@ exceptions) and rendered here, so no route formats errors itself and nothing lea
 
 import logging
 import sqlite3
+from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -64,7 +65,7 @@ def _openai_error(status: int, message: str) -> dict:
 
 
 def error_response(
-    status: int, message: str, headers: dict[str, str] | None = None, *, path: str = ""
+    status: int, message: str, headers: Mapping[str, str] | None = None, *, path: str = ""
 ) -> JSONResponse:
     """The error in the shape the caller's surface expects, decided by the request path."""
     body = _openai_error(status, message) if path.startswith(OPENAI_PREFIX) else {"error": message}
@@ -132,9 +133,11 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(GatewayError, _gateway_error)
-    app.add_exception_handler(StarletteHTTPException, _http_exception)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(sqlite3.OperationalError, _database_error)
+    # Starlette types every handler as taking any Exception, though it calls each only with the class it is
+    # registered for, so a handler for a subclass does not type-check (Kludex/starlette#2417).
+    app.add_exception_handler(GatewayError, _gateway_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_exception)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(sqlite3.OperationalError, _database_error)  # type: ignore[arg-type]
     app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _unexpected_error)
