@@ -114,7 +114,8 @@ def serve() -> None:
         http=gateway_protocol(settings.request_header_timeout, settings.request_body_timeout),
         # The gateway reads X-Forwarded-For itself, and only from TRUSTED_PROXIES (core.client_address).
         proxy_headers=False,
-        timeout_graceful_shutdown=settings.graceful_shutdown_seconds,
+        # Annotated as int, but uvicorn only hands it to asyncio.wait_for, which takes seconds as a float.
+        timeout_graceful_shutdown=settings.graceful_shutdown_seconds,  # type: ignore[arg-type]
     )
 
 

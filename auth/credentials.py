@@ -2,7 +2,7 @@
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from fastapi import Request
 
@@ -41,5 +41,5 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def _is_field(value: object) -> bool:
+def _is_field(value: object) -> TypeGuard[str]:
     return isinstance(value, str) and 0 < len(value) <= MAX_FIELD_LENGTH

@@ -50,6 +50,7 @@ class _GatewayProtocol(HttpToolsProtocol):
         self._discard_credit = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # asyncio hands a stream protocol a Transport, as uvicorn's override says; BaseProtocol says less.
         super().connection_made(transport)  # type: ignore[arg-type]
         self._arm_head_timer()  # the first request's head is due within the timeout of connecting
 
@@ -60,7 +61,7 @@ class _GatewayProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.scope["extensions"] = {PEER_EXTENSION: {"client": self.client}}  # type: ignore[typeddict-unknown-key]
+        self.scope["extensions"] = {PEER_EXTENSION: {"client": self.client}}
         self._head_begun = True
         if self._head_timer is None:
             # A later request on a kept-alive connection: its head is due within the timeout of its first
