@@ -459,11 +459,12 @@ def progress_reply(kind: str, name: str, on_success: Callable[[], None] | None) 
         {"status": f"{kind} {digest[7:19]}", "digest": digest, "total": total, "completed": total * step // 4}
         for step in range(1, 5)
     ]
-    steps = {
+    steps_of: dict[str, list[dict[str, object]]] = {
         "pulling": [{"status": "pulling manifest"}, *transfer, {"status": "verifying sha256 digest"}],
         "pushing": [{"status": "retrieving manifest"}, *transfer, {"status": "pushing manifest"}],
         "creating": [{"status": "gathering model components"}, {"status": f"using existing layer {digest}"}],
-    }[kind]
+    }
+    steps = steps_of[kind]
     items = [*steps, {"status": "writing manifest"}] if kind != "pushing" else steps
     return Reply(
         content_type=NDJSON,
@@ -650,7 +651,9 @@ class FakeOllama:
     def _knobs(self, body: dict[str, Any]) -> Knobs:
         """The request's knobs over `default_options`: lets a client that only sends real Ollama options
         (such as the web page) still get a slow, echoing or failing model."""
-        options = body.get("options") if isinstance(body.get("options"), dict) else {}
+        options = body.get("options")
+        if not isinstance(options, dict):
+            options = {}
         return Knobs.from_body({**body, "options": {**self.default_options, **options}})
 
     def set_busy(self, busy: bool) -> None:

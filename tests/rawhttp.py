@@ -19,6 +19,7 @@ class RawResponse:
 
 def _address(base_url: str) -> tuple[str, int]:
     parts = urlsplit(base_url)
+    assert parts.hostname is not None and parts.port is not None, base_url
     return parts.hostname, parts.port
 
 

@@ -91,6 +91,7 @@ def start_gateway(settings: Settings) -> tuple[RunningGateway, ServerThread]:
     app = create_app(settings)
     server = ServerThread(app, settings.request_header_timeout, settings.request_body_timeout)
     url = server.start()
+    assert settings.admin_password is not None, "the tests sign in as the configured admin"
     gateway = RunningGateway(
         url=url,
         settings=settings,

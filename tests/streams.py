@@ -3,12 +3,13 @@
 import json
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
 
 def chat_body(model: str = "llama3.2:1b", text: str = "Hi", **options) -> dict:
-    body = {"model": model, "messages": [{"role": "user", "content": text}]}
+    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": text}]}
     if options:
         body["options"] = {f"fake_{name}": value for name, value in options.items()}
     return body

@@ -158,8 +158,10 @@ def test_openai_with_a_bad_key_raises_authentication_error(gateway, ollama):
     client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="not-a-token", max_retries=0)
     with client, pytest.raises(openai.AuthenticationError) as raised:
         client.models.list()
-    assert raised.value.body["type"] == "invalid_request_error"
-    assert raised.value.body["code"] == "invalid_api_key"
+    body = raised.value.body
+    assert isinstance(body, dict)
+    assert body["type"] == "invalid_request_error"
+    assert body["code"] == "invalid_api_key"
 
 
 def test_openai_unknown_model_raises_not_found(openai_client, ollama):

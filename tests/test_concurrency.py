@@ -173,6 +173,7 @@ def test_a_failed_commit_leaves_the_database_writable(tmp_path):
     with other_process:
         other_process.execute("INSERT INTO users (email, password_hash, role) VALUES ('d@e.f', 'x', 'user')")
     other_process.close()
-    assert db.fetch_one("SELECT count(*) FROM users")[0] == 2
-    assert db.fetch_one("SELECT count(*) FROM api_keys")[0] == 0
+    users, keys = db.fetch_one("SELECT count(*) FROM users"), db.fetch_one("SELECT count(*) FROM api_keys")
+    assert users is not None and users[0] == 2
+    assert keys is not None and keys[0] == 0
     db.close()

@@ -8,6 +8,7 @@ import socket
 import sqlite3
 import threading
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import httpx
@@ -67,16 +68,17 @@ def _refuses_connections(url: str) -> bool:
     return False
 
 
-def _settings(ollama, graceful: float) -> dict[str, str]:
-    return {
-        "OLLAMA_URL": ollama.url,
-        "ADMIN_PASSWORD": ADMIN_PASSWORD,
-        "GRACEFUL_SHUTDOWN_SECONDS": str(graceful),
-    }
+def _running_main(tmp_path: Path, ollama, graceful: float) -> AbstractContextManager[tuple[str, Path, int]]:
+    return running_main(
+        tmp_path,
+        OLLAMA_URL=ollama.url,
+        ADMIN_PASSWORD=ADMIN_PASSWORD,
+        GRACEFUL_SHUTDOWN_SECONDS=str(graceful),
+    )
 
 
 def test_sigterm_lets_running_streams_finish_and_refuses_new_connections(tmp_path, ollama):
-    with running_main(tmp_path, **_settings(ollama, graceful=10)) as (url, _, pid):
+    with _running_main(tmp_path, ollama, graceful=10) as (url, _, pid):
         token = _login(url)
         streams = [Stream(url, token, chat_body(tokens=15, interval=0.1)) for _ in range(3)]
         for stream in streams:
@@ -97,7 +99,7 @@ def test_sigterm_lets_running_streams_finish_and_refuses_new_connections(tmp_pat
 
 def test_sigterm_ends_streams_still_running_after_the_graceful_timeout_with_an_error_line(tmp_path, ollama):
     graceful = 1.0
-    with running_main(tmp_path, **_settings(ollama, graceful)) as (url, _, pid):
+    with _running_main(tmp_path, ollama, graceful) as (url, _, pid):
         stream = Stream(url, _login(url), chat_body(tokens=1000, interval=0.05))
         stream.start()
         assert stream.flowing.wait(10)
@@ -116,7 +118,7 @@ def test_sigterm_answers_a_request_still_waiting_for_the_model_503_after_the_gra
     tmp_path, ollama
 ):
     graceful = 1.0
-    with running_main(tmp_path, **_settings(ollama, graceful)) as (url, _, pid):
+    with _running_main(tmp_path, ollama, graceful) as (url, _, pid):
         token = _login(url)
         answers: list[httpx.Response] = []
         waiting = threading.Thread(
@@ -170,7 +172,7 @@ def _stored(data_dir: Path) -> tuple[list[str], list[str]]:
 
 def test_sigterm_during_an_upload_lets_it_complete(tmp_path, ollama):
     piece = b"\0" * (256 * 1024)
-    with running_main(tmp_path, **_settings(ollama, graceful=10)) as (url, _, pid):
+    with _running_main(tmp_path, ollama, graceful=10) as (url, _, pid):
         sock = _start_upload(url, _login(url), 8 * len(piece))
         with sock:
             sock.sendall(piece)
@@ -188,7 +190,7 @@ def test_sigterm_during_an_upload_lets_it_complete(tmp_path, ollama):
 
 def test_sigterm_during_an_upload_that_never_finishes_keeps_nothing(tmp_path, ollama):
     graceful = 1.0
-    with running_main(tmp_path, **_settings(ollama, graceful)) as (url, _, pid):
+    with _running_main(tmp_path, ollama, graceful) as (url, _, pid):
         sock = _start_upload(url, _login(url), 10 * 1024 * 1024)
         with sock:
             sock.sendall(b"\0" * (1024 * 1024))  # a tenth of the file, then the client stalls

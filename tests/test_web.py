@@ -2,6 +2,7 @@
 
 import json
 from collections.abc import Iterator
+from typing import Literal
 
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
@@ -29,7 +30,12 @@ def web(make_gateway, ollama):
 
 
 def open_page(
-    browser: Browser, *, theme: str = "light", width: int = 1280, height: int = 800, answer: str | None = None
+    browser: Browser,
+    *,
+    theme: Literal["light", "dark"] = "light",
+    width: int = 1280,
+    height: int = 800,
+    answer: str | None = None,
 ) -> Page:
     """A fresh browser context; every confirm() is accepted and every prompt() answered with `answer`."""
     context = browser.new_context(
