@@ -23,6 +23,7 @@ import contextlib
 import json
 import sys
 import time
+from typing import cast
 
 import uvloop
 
@@ -81,9 +82,10 @@ class Exchange(asyncio.Protocol):
         self._last = 0
         self._tail = b""
 
-    def connection_made(self, transport: asyncio.Transport) -> None:
-        self._transport = transport
-        transport.write(self.request)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # What create_connection hands a protocol is a Transport, though BaseProtocol's signature says less.
+        self._transport = cast(asyncio.Transport, transport)
+        self._transport.write(self.request)
 
     def data_received(self, data: bytes) -> None:
         now = time.monotonic()
@@ -134,9 +136,9 @@ class Exchange(asyncio.Protocol):
                     self._skip = 2  # the CRLF after a chunk's data
                 self._payload(take, now)
             elif self._skip:
-                take = min(self._skip, size - pos)
-                pos += take
-                self._skip -= take
+                skipped = min(self._skip, size - pos)
+                pos += skipped
+                self._skip -= skipped
             else:
                 eol = data.find(b"\n", pos)
                 if eol < 0:
@@ -168,7 +170,8 @@ class Exchange(asyncio.Protocol):
 
     def _end(self, now: float) -> None:
         self.t_end = now
-        self._transport.close()
+        if self._transport is not None:
+            self._transport.close()
         self._settle()
 
     def _settle(self) -> None:
@@ -193,7 +196,8 @@ class Exchange(asyncio.Protocol):
     def close(self) -> None:
         """Hangs up mid-stream, as a user who stops a generation does."""
         self.error = "closed by client"
-        self._transport.close()
+        if self._transport is not None:
+            self._transport.close()
         self._settle()
 
     def final_line_done(self) -> bool:
@@ -299,7 +303,7 @@ async def run_hold(job: dict) -> dict:
 
 
 async def run_disconnect(job: dict) -> dict:
-    cuts = []
+    cuts: list[dict[str, object]] = []
     for number in range(job["count"]):
         bench_id = f"{job['label']}-{number}"
         request = build_request(job["target"], {**job["options"], "bench_id": bench_id})

@@ -61,6 +61,7 @@ class _BenchProcess:
         stop(self.proc)
 
     def receive(self) -> dict:
+        assert self.proc.stdout is not None  # spawn_python_module pipes it
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"{self.module} exited with {self.proc.wait(timeout=5)}")
@@ -105,6 +106,7 @@ class LoadClient(_BenchProcess):
         self.module = module
 
     def send(self, line: str) -> None:
+        assert self.proc.stdin is not None  # spawn_python_module pipes it
         self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
 

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import cast
 
 import psutil
 
@@ -43,7 +44,8 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before listening on {port}")
+            program = cast(list[str], proc.args)[0]  # spawn() takes an argv list
+            raise RuntimeError(f"{program} exited with {proc.returncode} before listening on {port}")
         try:
             socket.create_connection((HOST, port), timeout=1).close()
             return

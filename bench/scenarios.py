@@ -16,7 +16,8 @@ from bench.targets import Target, open_targets
 
 STREAM_INTERVAL = 0.02  # 50 tokens/s, a GPU-like pace
 STREAM_OPTIONS = {"bench_tokens": 100, "bench_interval": STREAM_INTERVAL}
-WARMUP = {"count": 50, "options": {"bench_tokens": 10, "bench_interval": STREAM_INTERVAL}}
+WARMUP_STREAMS = 50
+WARMUP_OPTIONS = {"bench_tokens": 10, "bench_interval": STREAM_INTERVAL}
 TIMEOUT = 120  # seconds any one stream may take before it counts as failed
 TTFB_OPTIONS = {"bench_tokens": 1, "bench_interval": 0}  # the whole stream at once: only the relay waits
 TTFB_WARMUP = 30
@@ -44,7 +45,7 @@ class Bench:
         time.sleep(0.2)
 
     def warm_up(self, target: Target) -> None:
-        self.client.run(concurrent_job(target, **WARMUP))
+        self.client.run(concurrent_job(target, WARMUP_STREAMS, WARMUP_OPTIONS))
 
 
 def log(message: str) -> None:
@@ -95,8 +96,8 @@ def _combine(results: list[dict]) -> dict:
     """The median round's figures; the worst round's counts of good streams and of non-200 answers."""
 
     def middle(key: str, stat: str | None = None) -> float | None:
-        values = [result[key] if stat is None else (result[key] or {}).get(stat) for result in results]
-        values = [value for value in values if value is not None]
+        found = [result[key] if stat is None else (result[key] or {}).get(stat) for result in results]
+        values = [value for value in found if value is not None]
         return round(median(values), 4) if values else None
 
     return {

@@ -88,10 +88,12 @@ def slope_per_minute(samples: list[dict], key: str) -> float | None:
     windows: dict[int, list[dict]] = {}
     for sample in samples:
         windows.setdefault(int(sample["t_s"] // WINDOW_S), []).append(sample)
-    points = [
+    floors = [
         (statistics.fmean(sample["t_s"] for sample in group) / 60, floor(group, key))
         for group in windows.values()
     ]
+    # A window in which the figure was never read has no floor to fit.
+    points = [(t, value) for t, value in floors if value is not None]
     if len(points) < 2:
         return None
     mean_t = statistics.fmean(t for t, _ in points)

@@ -23,6 +23,7 @@ import contextlib
 import functools
 import json
 import time
+from typing import cast
 
 import uvloop
 
@@ -267,16 +268,19 @@ class FakeOllama:
 class Connection(asyncio.Protocol):
     """One HTTP/1.1 connection: requests one after another, kept alive unless the client says otherwise."""
 
+    # Set by connection_made, which asyncio calls before any other method of a protocol.
+    transport: asyncio.Transport
+
     def __init__(self, server: FakeOllama):
         self.server = server
-        self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.stream: Stream | None = None
         self.keep_alive = True
         self.closed = False
 
-    def connection_made(self, transport: asyncio.Transport) -> None:
-        self.transport = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # What create_server hands a protocol is a Transport, though BaseProtocol's signature says less.
+        self.transport = cast(asyncio.Transport, transport)
         self.server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
