@@ -27,6 +27,7 @@ run: $(VENV)/.installed-runtime
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # The web page's end-to-end tests drive Debian's Chromium (Playwright never downloads a browser here).
 browser:
@@ -54,4 +55,4 @@ soak: $(VENV)/.installed-bench
 	bash bench/run.sh soak
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
