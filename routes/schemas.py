@@ -6,7 +6,7 @@ from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from auth.credentials import MAX_FIELD_LENGTH
-from auth.passwords import MIN_PASSWORD_LENGTH, password_problem
+from auth.passwords import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH, password_problem
 
 EMAIL_MAX_LENGTH = 254
 # Row ids are SQLite integers: a larger number in a path is refused (422), never handed to SQLite.
@@ -104,7 +104,7 @@ _MODEL_NAME_SCHEMA = {
 }
 NewUserModels = list[Annotated[str, WithJsonSchema(_MODEL_NAME_SCHEMA)]] | None
 # Checked by `_checked_password` and `_checked_email`; the rules are repeated here only for the schema.
-_PASSWORD_SCHEMA = {"minLength": MIN_PASSWORD_LENGTH}
+_PASSWORD_SCHEMA = {"minLength": MIN_PASSWORD_LENGTH, "maxLength": MAX_PASSWORD_LENGTH}
 # Printable ASCII only: the JSON schema's and Python's ideas of whitespace differ past ASCII, and the schema
 # must never call valid an address the check refuses (it accepts more than the schema says, not less).
 _EMAIL_SCHEMA = {"pattern": "^[!-~]+@[!-?A-~]+$", "maxLength": EMAIL_MAX_LENGTH}
@@ -122,7 +122,7 @@ class UserOut(BaseModel):
 
 class NewUser(BaseModel):
     email: str = Field(examples=["ada@example.com"], json_schema_extra=_EMAIL_SCHEMA)
-    password: str = Field(description="At least 8 characters", json_schema_extra=_PASSWORD_SCHEMA)
+    password: str = Field(description="8 to 1024 characters", json_schema_extra=_PASSWORD_SCHEMA)
     role: Literal["admin", "user"] = "user"
     models: NewUserModels = Field(default=None, description=MODELS_DESCRIPTION, examples=[["llama3.2:1b"]])
 
@@ -146,7 +146,8 @@ class UserPatch(BaseModel):
 
 
 class PasswordChange(BaseModel):
-    current_password: str
+    # No password the rule allows is longer; a longer one is refused (422) before any hashing.
+    current_password: str = Field(max_length=MAX_PASSWORD_LENGTH)
     new_password: str = Field(json_schema_extra=_PASSWORD_SCHEMA)
 
     _new_password = field_validator("new_password")(_checked_password)

@@ -60,7 +60,13 @@ def test_a_configured_admin_password_is_used_and_never_printed(tmp_path, ollama)
 
 @pytest.mark.parametrize(
     ("setting", "value"),
-    [("SECRET_KEY", "your-secret-key-here"), ("ADMIN_PASSWORD", "changeme"), ("PORT", "not-a-port")],
+    [
+        ("SECRET_KEY", "your-secret-key-here"),
+        ("ADMIN_PASSWORD", "changeme"),
+        ("ADMIN_PASSWORD", "x" * 1025),
+        ("PORT", "not-a-port"),
+    ],
+    ids=["weak-key", "well-known-password", "too-long-password", "bad-port"],
 )
 def test_a_weak_or_invalid_setting_stops_start_up_with_one_clear_line(tmp_path, setting, value):
     result = subprocess.run(

@@ -4,6 +4,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from auth import passwords
 
 
@@ -46,3 +48,30 @@ def test_a_real_hash_verifies_and_a_wrong_password_does_not():
     assert stored.startswith("$argon2")
     assert passwords.verify_password("correct horse battery", stored)
     assert not passwords.verify_password("correct horse battery!", stored)
+
+
+@pytest.mark.parametrize(
+    ("password", "problem"),
+    [
+        pytest.param("short", "at least 8", id="short"),
+        pytest.param("changeme", "well-known", id="well-known"),
+        pytest.param("x" * 1025, "at most 1024", id="long"),
+        pytest.param("é" * 1025, "at most 1024", id="long-in-bytes-too"),
+        pytest.param("x" * 5000, "at most 1024", id="over-passlibs-limit"),
+    ],
+)
+def test_the_one_password_rule_refuses(password, problem):
+    assert problem in passwords.password_problem(password)
+
+
+@pytest.mark.parametrize(
+    "password", ["a" * 8, "x" * 1024, "😀" * 1024], ids=["shortest", "longest", "widest"]
+)
+def test_the_one_password_rule_accepts_and_argon2_can_hash_it(password):
+    assert passwords.password_problem(password) is None
+    assert passwords.verify_password(password, passwords.hash_password(password))
+
+
+def test_a_password_no_rule_allows_is_simply_wrong_never_an_error():
+    stored = passwords.hash_password("correct horse battery")
+    assert passwords.verify_password("x" * 5000, stored) is False

@@ -173,6 +173,47 @@ def test_a_password_change_ends_every_earlier_token(team):
     assert login.status_code == 401
 
 
+TOO_LONG = "x" * 5000  # over passlib's 4096: a 500 (PasswordSizeError) before the maximum
+WIDE = "é" * 1025  # over the 1024-character maximum, in 2050 bytes
+
+
+@pytest.mark.parametrize(
+    ("who", "method", "path", "body"),
+    [
+        pytest.param(
+            "admin", "POST", "/admin/users", {"email": "t@example.com", "password": TOO_LONG}, id="create"
+        ),
+        pytest.param(
+            "admin", "POST", "/admin/users", {"email": "t@example.com", "password": WIDE}, id="create-wide"
+        ),
+        pytest.param("admin", "PATCH", "/admin/users/{bob}", {"password": TOO_LONG}, id="patch"),
+        pytest.param(
+            "bob",
+            "POST",
+            "/me/password",
+            {"current_password": BOB_PASSWORD, "new_password": TOO_LONG},
+            id="new",
+        ),
+        pytest.param(
+            "bob",
+            "POST",
+            "/me/password",
+            {"current_password": TOO_LONG, "new_password": "fine-password-1"},
+            id="current",
+        ),
+        pytest.param(None, "POST", "/login", {"email": "bob@example.com", "password": TOO_LONG}, id="login"),
+    ],
+)
+def test_a_too_long_password_is_refused_never_a_500(team, who, method, path, body):
+    token = {"admin": None, "bob": team.bob_token(), None: None}[who]
+    client = team.admin() if who == "admin" else team.http(token)
+    with client as http:
+        response = http.request(method, path.format(bob=team.bob_id), json=body)
+    assert 400 <= response.status_code < 500, response.text
+    assert isinstance(response.json()["error"], str)
+    assert _login(team.gateway, "bob@example.com", BOB_PASSWORD).status_code == 200, "nothing changed"
+
+
 # API keys
 
 
