@@ -1,7 +1,8 @@
 """First-start set-up: the JWT signing key and the first admin.
 
 Neither has a working default. A missing `SECRET_KEY` is generated once and kept in `DATA_DIR` with mode
-0600; a missing `ADMIN_PASSWORD` is generated once and printed to the console, and only its hash is stored.
+0600 (`core.private_files`); a missing `ADMIN_PASSWORD` is generated once and printed to the console, and
+only its hash is stored.
 """
 
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from auth.passwords import password_problem
 from auth.users import UserStore
+from core.private_files import make_private_directory, open_new_private_file
 from core.settings import ConfigurationError, Settings
 
 MIN_SECRET_KEY_LENGTH = 32
@@ -41,10 +43,10 @@ def load_secret_key(settings: Settings) -> str:
 
 
 def _read_or_create_key_file(path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_private_directory(path.parent)
     try:
         # O_EXCL: when several workers start at once, exactly one creates the key and the others read it.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = open_new_private_file(path)
     except FileExistsError:
         key = path.read_text(encoding="utf-8").strip()
         if len(key) < MIN_SECRET_KEY_LENGTH:

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from core.private_files import create_private_file, make_private_directory
+
 # Each entry upgrades the schema by one version; `PRAGMA user_version` records how far a database got.
 # Append new steps, never edit old ones: existing databases have already run them.
 MIGRATIONS: tuple[str, ...] = (
@@ -126,7 +128,10 @@ class Database:
 
     def migrate(self) -> None:
         """Create or upgrade the schema in place; existing rows are kept."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_directory(self.path.parent)
+        # SQLite creates the -wal and -shm files with the database file's mode: a database file created
+        # 0600 here, before SQLite creates it with 0644 under the usual umask, keeps all three private.
+        create_private_file(self.path)
         conn = self.connection()
         conn.execute("PRAGMA journal_mode = WAL")
         with self.transaction():

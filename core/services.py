@@ -13,6 +13,7 @@ from auth.throttle import LoginThrottle
 from auth.tokens import TokenSigner
 from auth.users import UserStore
 from core.database import Database
+from core.private_files import make_tree_private
 from core.settings import Settings
 from uploads.store import UploadStore
 from upstream.client import Upstream, UpstreamTimeouts
@@ -44,8 +45,8 @@ def _open_storage(settings: Settings) -> tuple[Database, UserStore, UploadStore,
     """The blocking part of start-up (files, schema, first admin), run in a worker thread."""
     from auth.bootstrap import ensure_admin, load_secret_key
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    secret_key = load_secret_key(settings)
+    secret_key = load_secret_key(settings)  # checks the configuration before anything is created
+    make_tree_private(settings.data_dir)  # also what older versions left readable by everyone (0644, 0755)
     db = Database(settings.database_path)
     db.migrate()
     users = UserStore(db)

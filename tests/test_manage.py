@@ -1,6 +1,7 @@
 """manage.py, the operator's command line: it works on the database directly, beside a running gateway."""
 
 import re
+import stat
 import subprocess
 import sys
 
@@ -109,3 +110,19 @@ def test_create_and_revoke_a_key(gateway):
     key_id = listing.split("\t", 1)[0]
     assert manage(gateway, "revoke-key", key_id).returncode == 0
     assert httpx.get(f"{gateway.url}/me", headers={"Authorization": f"Bearer {key}"}).status_code == 401
+
+
+def test_a_data_folder_manage_creates_is_private(tmp_path):
+    data_dir = tmp_path / "fresh"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "manage.py"), "create-user", "ivy@example.com"],
+        cwd=tmp_path,
+        env=clean_environment(DATA_DIR=str(data_dir)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+    for path in data_dir.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path

@@ -13,6 +13,7 @@ from typing import BinaryIO
 
 from core.database import Database
 from core.errors import GatewayError
+from core.private_files import make_private_directory, open_new_private_file
 from core.settings import MIB
 from uploads.names import is_stored_name, new_stored_name
 
@@ -75,7 +76,7 @@ class UploadStore:
         self._db = db
 
     def prepare(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        make_private_directory(self.directory)
         # Partial files from a crash mid-upload are never referenced by the database: clear them.
         for leftover in self.directory.glob(".partial-*"):
             leftover.unlink(missing_ok=True)
@@ -114,7 +115,8 @@ class UploadStore:
 
     def _copy_capped(self, source: BinaryIO, target: Path) -> int:
         size = 0
-        with open(target, "xb") as out:
+        # Created 0600, never left to the umask: people's files are theirs (core.private_files).
+        with os.fdopen(open_new_private_file(target), "wb") as out:
             while chunk := source.read(COPY_CHUNK):
                 size += len(chunk)
                 if size > self.max_bytes:
