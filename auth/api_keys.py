@@ -80,6 +80,8 @@ _COLUMNS = "id, user_id, name, prefix, created_at, last_used_at, expires_at"
 class ApiKeyStore:
     def __init__(self, db: Database) -> None:
         self._db = db
+        # By key id, which is never given to another key (AUTOINCREMENT, core.database): a revoked key's entry
+        # can't hold back the recording of a newer key's use.
         self._touched: dict[int, float] = {}
 
     def create(self, user_id: int, name: str, expires_in_days: int | None = None) -> tuple[ApiKey, str]:

@@ -3,7 +3,8 @@
 Used by the `CurrentUser` dependency and by the relay fast path alike. A credential is a JWT from `/login` or
 an API key, sent as `Authorization: Bearer <credential>` (what the OpenAI SDKs send as their api_key), or as
 the password of HTTP Basic (for clients that can only put credentials in a URL). A disabled or deleted user's
-credentials stop working at once: the user is read on every request.
+credentials stop working at once: the user is read on every request, a token's by the random identity it
+names (never a row id, which could have been given to someone else: issue 9, item 2).
 """
 
 import asyncio
@@ -61,7 +62,7 @@ class Authenticator:
             claims = self._signer.verify(token)
         except InvalidToken:
             return None
-        user = self._users.get(claims.user_id)
+        user = self._users.get_by_identity(claims.subject)
         if user is not None and user.token_version != claims.version:
             raise Unauthorized("this token was issued before a password change: sign in again")
         return user

@@ -3,6 +3,9 @@
 The only module that imports python-jose: if the library has to be swapped, it is swapped here.
 Decoding pins the algorithm (no "none", no key confusion) and requires `exp`, `iat` and `sub`
 (python-jose accepts tokens without `exp` unless told otherwise).
+
+`sub` is the user's random identity, never their row id: a row id could be handed to the next account
+created, and with it a removed person's unexpired token (issue 9, item 2).
 """
 
 import time
@@ -25,7 +28,7 @@ class IssuedToken:
 
 @dataclass(frozen=True)
 class TokenClaims:
-    user_id: int
+    subject: str  # the user's identity (`auth.users.User.identity`)
     issued_at: int
     # The user's token version when issued; changing the password bumps it, which ends older tokens.
     version: int
@@ -42,9 +45,9 @@ class TokenSigner:
         self._lifetime = lifetime_seconds
         self._verified: dict[str, tuple[TokenClaims, int]] = {}
 
-    def issue(self, user_id: int, version: int) -> IssuedToken:
+    def issue(self, subject: str, version: int) -> IssuedToken:
         now = int(time.time())
-        claims = {"sub": str(user_id), "iat": now, "exp": now + self._lifetime, "ver": version}
+        claims = {"sub": subject, "iat": now, "exp": now + self._lifetime, "ver": version}
         return IssuedToken(jwt.encode(claims, self._key, algorithm=ALGORITHM), self._lifetime)
 
     def verify(self, token: str) -> TokenClaims:
@@ -69,9 +72,11 @@ class TokenSigner:
                 algorithms=[ALGORITHM],
                 options={"require_exp": True, "require_iat": True, "require_sub": True},
             )
-            version = claims.get("ver")
+            version, subject = claims.get("ver"), claims["sub"]
             if not isinstance(version, int):
                 raise InvalidToken("no token version")
-            return TokenClaims(int(claims["sub"]), int(claims["iat"]), version), int(claims["exp"])
+            if not isinstance(subject, str):
+                raise InvalidToken("the subject is not a string")
+            return TokenClaims(subject, int(claims["iat"]), version), int(claims["exp"])
         except (JWTError, ValueError, TypeError) as exc:
             raise InvalidToken(str(exc)) from exc

@@ -1,4 +1,9 @@
-"""The user records in the database: who may sign in, with which role, and which models they may use."""
+"""The user records in the database: who may sign in, with which role, and which models they may use.
+
+A user has two handles. `id`, the row id, names them in the admin API and in the tables that belong to them
+(keys, uploads); `identity`, 128 random bits given by the database, is what tokens name. Neither is ever
+given to anyone else (issue 9, item 2): ids come from AUTOINCREMENT, and identities are random.
+"""
 
 import json
 import sqlite3
@@ -14,6 +19,7 @@ ROLES = ("admin", "user")
 @dataclass(frozen=True)
 class User:
     id: int
+    identity: str
     email: str
     role: str
     disabled: bool = False
@@ -42,13 +48,14 @@ class StoredUser:
     password_hash: str
 
 
-_COLUMNS = "id, email, role, disabled, models, token_version, created_at"
+_COLUMNS = "id, identity, email, role, disabled, models, token_version, created_at"
 
 
 def _user_from(row: sqlite3.Row) -> User:
     models = json.loads(row["models"]) if row["models"] is not None else None
     return User(
         id=row["id"],
+        identity=row["identity"],
         email=row["email"],
         role=row["role"],
         disabled=bool(row["disabled"]),
@@ -68,6 +75,11 @@ class UserStore:
 
     def get(self, user_id: int) -> User | None:
         row = self._db.fetch_one(f"SELECT {_COLUMNS} FROM users WHERE id = ?", (user_id,))
+        return _user_from(row) if row else None
+
+    def get_by_identity(self, identity: str) -> User | None:
+        """The user a token names (an indexed, unique column)."""
+        row = self._db.fetch_one(f"SELECT {_COLUMNS} FROM users WHERE identity = ?", (identity,))
         return _user_from(row) if row else None
 
     def find_by_email(self, email: str) -> StoredUser | None:

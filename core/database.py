@@ -62,6 +62,45 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX login_failures_by_email ON login_failures (email, failed_at);
     CREATE INDEX login_failures_by_address ON login_failures (address, failed_at);
     """,
+    # Identities are never reused (issue 9, item 2). Without AUTOINCREMENT SQLite hands a removed row's id to
+    # the next row, and a removed person's unexpired token, which named that id, signed in as whoever came
+    # next. Both tables are rebuilt with AUTOINCREMENT (SQLite can't add it in place: the table-rebuild
+    # procedure of https://sqlite.org/lang_altertable.html#otheralter, with foreign keys off, see `migrate`),
+    # and every user gets a random 128-bit identity, what tokens name from now on: ids freed before this
+    # upgrade can't be known, so AUTOINCREMENT alone can't protect tokens issued before it. The identity
+    # is random in SQLite itself, so that every way of adding a user gets one.
+    """
+    CREATE TABLE users_v3 (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        identity TEXT NOT NULL UNIQUE DEFAULT (lower(hex(randomblob(16)))),
+        email TEXT NOT NULL UNIQUE COLLATE NOCASE,
+        password_hash TEXT NOT NULL,
+        role TEXT NOT NULL CHECK (role IN ('admin', 'user')),
+        created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
+        disabled INTEGER NOT NULL DEFAULT 0,
+        models TEXT,
+        token_version INTEGER NOT NULL DEFAULT 0
+    );
+    INSERT INTO users_v3 (id, email, password_hash, role, created_at, disabled, models, token_version)
+        SELECT id, email, password_hash, role, created_at, disabled, models, token_version FROM users;
+    DROP TABLE users;
+    ALTER TABLE users_v3 RENAME TO users;
+    CREATE TABLE api_keys_v3 (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        user_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        prefix TEXT NOT NULL,
+        key_hash TEXT NOT NULL UNIQUE,
+        created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
+        last_used_at TEXT,
+        expires_at TEXT
+    );
+    INSERT INTO api_keys_v3 (id, user_id, name, prefix, key_hash, created_at, last_used_at, expires_at)
+        SELECT id, user_id, name, prefix, key_hash, created_at, last_used_at, expires_at FROM api_keys;
+    DROP TABLE api_keys;
+    ALTER TABLE api_keys_v3 RENAME TO api_keys;
+    CREATE INDEX api_keys_by_user ON api_keys (user_id);
+    """,
 )
 
 
@@ -134,13 +173,25 @@ class Database:
         create_private_file(self.path)
         conn = self.connection()
         conn.execute("PRAGMA journal_mode = WAL")
-        with self.transaction():
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            for step, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                for statement in script.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {step}")
+        # Rebuilding a table that others reference (users) needs foreign keys off, or dropping the old table
+        # would delete every row that references it (ON DELETE CASCADE). The pragma is a no-op inside a
+        # transaction, so it is switched around the migration's one, and the references are checked before
+        # it commits.
+        conn.execute("PRAGMA foreign_keys = OFF")
+        try:
+            with self.transaction():
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                for step, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                    for statement in script.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version = {step}")
+                upgraded = version < len(MIGRATIONS)
+                broken = conn.execute("PRAGMA foreign_key_check").fetchall() if upgraded else []
+                if broken:
+                    raise sqlite3.IntegrityError(f"the schema upgrade left broken references: {broken[:5]}")
+        finally:
+            conn.execute("PRAGMA foreign_keys = ON")
 
     def close(self) -> None:
         with self._lock:

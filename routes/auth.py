@@ -42,5 +42,5 @@ async def login(request: Request, services: AppServices) -> TokenResponse:
     user = await run_in_threadpool(
         sign_in, services.users, services.throttle, credentials.email, credentials.password, address
     )
-    issued = services.signer.issue(user.id, user.token_version)
+    issued = services.signer.issue(user.identity, user.token_version)
     return TokenResponse(access_token=issued.access_token, expires_in=issued.expires_in)

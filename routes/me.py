@@ -25,5 +25,5 @@ async def me(user: CurrentUser) -> dict:
 )
 def change_my_password(body: PasswordChange, user: CurrentUser, services: AppServices) -> TokenResponse:
     changed = change_password(services.users, user, body.current_password, body.new_password)
-    issued = services.signer.issue(changed.id, changed.token_version)
+    issued = services.signer.issue(changed.identity, changed.token_version)
     return TokenResponse(access_token=issued.access_token, expires_in=issued.expires_in)

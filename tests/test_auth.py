@@ -88,11 +88,17 @@ def test_login_takes_as_long_for_an_unknown_email_as_for_a_wrong_password(gatewa
     assert 0.6 < unknown / known < 1.6, (known, unknown)
 
 
+def admin_claims(gateway: RunningGateway, **changes) -> dict:
+    """Claims as the gateway issues them for its admin: its subject is the identity, never a row id."""
+    stored = gateway.services.users.find_by_email(gateway.admin_email)
+    return tokens.claims(**changes) | {"sub": stored.user.identity}
+
+
 def _attack_headers(gateway: RunningGateway) -> dict[str, dict[str, str]]:
     key = secret_key_of(gateway)
-    valid = tokens.signed(tokens.claims(1), key)
+    valid = tokens.signed(admin_claims(gateway), key)
     admin_token = gateway.login(gateway.admin_email, gateway.admin_password)
-    tampered = tokens.with_payload_swapped(admin_token, tokens.claims(1, lifetime=10**6))
+    tampered = tokens.with_payload_swapped(admin_token, admin_claims(gateway, lifetime=10**6))
     return {
         "missing": {},
         "scheme-only": {"Authorization": "Bearer"},
@@ -101,18 +107,31 @@ def _attack_headers(gateway: RunningGateway) -> dict[str, dict[str, str]]:
         "wrong-scheme-basic": {"Authorization": f"Basic {valid}"},
         "wrong-scheme-token": {"Authorization": f"Token {valid}"},
         "no-scheme": {"Authorization": valid},
-        "alg-none": {"Authorization": f"Bearer {tokens.unsigned(tokens.claims(1))}"},
-        "expired": {"Authorization": f"Bearer {tokens.signed(tokens.claims(1, lifetime=-60), key)}"},
-        "other-key": {"Authorization": f"Bearer {tokens.signed(tokens.claims(1), 'k' * 48)}"},
-        "other-algorithm": {"Authorization": f"Bearer {tokens.signed(tokens.claims(1), key, 'HS512')}"},
+        "alg-none": {"Authorization": f"Bearer {tokens.unsigned(admin_claims(gateway))}"},
+        "expired": {"Authorization": f"Bearer {tokens.signed(admin_claims(gateway, lifetime=-60), key)}"},
+        "other-key": {"Authorization": f"Bearer {tokens.signed(admin_claims(gateway), 'k' * 48)}"},
+        "other-algorithm": {"Authorization": f"Bearer {tokens.signed(admin_claims(gateway), key, 'HS512')}"},
         "tampered": {"Authorization": f"Bearer {tampered}"},
-        "no-exp": {"Authorization": f"Bearer {tokens.signed({'sub': '1', 'iat': int(time.time())}, key)}"},
-        "unknown-user": {"Authorization": f"Bearer {tokens.signed(tokens.claims(999_999), key)}"},
-        "no-version": {"Authorization": f"Bearer {tokens.signed(tokens.claims(1) | {'ver': None}, key)}"},
-        "old-version": {"Authorization": f"Bearer {tokens.signed(tokens.claims(1, version=-1), key)}"},
+        "no-exp": {"Authorization": f"Bearer {tokens.signed(_no_exp(admin_claims(gateway)), key)}"},
+        "unknown-user": {
+            "Authorization": f"Bearer {tokens.signed(tokens.claims() | {'sub': 'f' * 32}, key)}"
+        },
+        # Before issue 9 the subject was the row id, which SQLite gave to the next account after a removal.
+        "row-id-subject": {"Authorization": f"Bearer {tokens.signed(tokens.claims(1), key)}"},
+        "numeric-subject": {
+            "Authorization": f"Bearer {tokens.signed(admin_claims(gateway) | {'sub': 1}, key)}"
+        },
+        "no-version": {
+            "Authorization": f"Bearer {tokens.signed(admin_claims(gateway) | {'ver': None}, key)}"
+        },
+        "old-version": {"Authorization": f"Bearer {tokens.signed(admin_claims(gateway, version=-1), key)}"},
         "fake-api-key": {"Authorization": "Bearer ogw_notreal_" + "x" * 43},
         "cookie-instead-of-header": {"Cookie": f"access_token={admin_token}"},
     }
+
+
+def _no_exp(claims: dict) -> dict:
+    return {name: value for name, value in claims.items() if name != "exp"}
 
 
 ATTACKS = [
@@ -130,6 +149,8 @@ ATTACKS = [
     "tampered",
     "no-exp",
     "unknown-user",
+    "row-id-subject",
+    "numeric-subject",
     "no-version",
     "old-version",
     "fake-api-key",
@@ -148,7 +169,7 @@ def test_jwt_attack_is_refused_with_401(gateway, attack):
 
 def test_a_correctly_signed_token_is_accepted(gateway):
     """The control for the attack matrix: the same construction, done right, gets in."""
-    token = tokens.signed(tokens.claims(1), secret_key_of(gateway))
+    token = tokens.signed(admin_claims(gateway), secret_key_of(gateway))
     response = httpx.get(f"{gateway.url}/models", headers={"Authorization": f"Bearer {token}"})
     assert response.status_code == 200
 

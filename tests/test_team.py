@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from core.database import MIGRATIONS
+from tests import tokens
 from tests.servers import RunningGateway, gateway_settings, start_gateway
 from tests.surfaces import MODEL_LISTS, error_message, model_calls
 
@@ -331,6 +332,38 @@ def test_a_deleted_users_credentials_and_uploads_are_gone(team):
     assert not (team.gateway.settings.uploads_dir / stored).exists()
 
 
+def test_a_removed_persons_token_and_key_never_work_again_whatever_is_created_after(team):
+    """Issue 9, item 2: SQLite handed a removed person's row id to the next account, an admin here, and
+    their unexpired token signed in as that admin."""
+    token = team.bob_token()
+    with team.http(token) as bob:
+        key = bob.post("/keys", json={"name": "k"}).json()["key"]
+    with team.admin() as admin:
+        assert admin.delete(f"/admin/users/{team.bob_id}").status_code == 204
+        for number in range(3):
+            created = admin.post(
+                "/admin/users",
+                json={"email": f"new{number}@example.com", "password": "new-admin-pass", "role": "admin"},
+            )
+            assert created.status_code == 201
+            assert created.json()["id"] != team.bob_id
+    for credential in (token, key):
+        with team.http(credential) as old:
+            assert old.get("/me").status_code == 401
+            assert old.post("/keys", json={"name": "forever"}).status_code == 401
+            assert old.get("/admin/users").status_code == 401
+
+
+def test_a_revoked_keys_id_is_never_given_to_another_key(team):
+    with team.http(team.bob_token()) as bob:
+        first = bob.post("/keys", json={"name": "first"}).json()
+        assert bob.delete(f"/keys/{first['id']}").status_code == 204
+        second = bob.post("/keys", json={"name": "second"}).json()
+        assert second["id"] != first["id"]
+        assert bob.delete(f"/keys/{first['id']}").status_code == 404, "a stale id revokes nothing"
+        assert bob.get("/keys").json()[0]["name"] == "second"
+
+
 # Model access
 
 
@@ -478,3 +511,42 @@ def test_an_older_database_is_upgraded_in_place_without_losing_data(tmp_path, fa
         server.stop()
     with sqlite3.connect(data_dir / "gateway.sqlite3") as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+
+
+def test_after_upgrading_a_second_release_database_old_tokens_end_and_keys_keep_working(
+    tmp_path, fake_ollama_server
+):
+    """Ids freed before the upgrade can't be known, so tokens issued before it (which named a row id) stop
+    working: everyone signs in again once. API keys are looked up by their hash and keep working."""
+    from auth.passwords import hash_password
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    secret_key = "s" * 48
+    key = "ogw_abcdefgh_" + "k" * 43
+    with sqlite3.connect(data_dir / "gateway.sqlite3") as db:  # the second release's schema
+        for script in MIGRATIONS[:2]:
+            db.executescript(script)
+        db.execute("PRAGMA user_version = 2")
+        db.execute(
+            "INSERT INTO users (email, password_hash, role) VALUES ('old@example.com', ?, 'admin')",
+            (hash_password("old-admin-password"),),
+        )
+        db.execute(
+            "INSERT INTO api_keys (user_id, name, prefix, key_hash) VALUES (1, 'job', ?, ?)",
+            (key[:12], hashlib.sha256(key.encode()).hexdigest()),
+        )
+    issued_before = tokens.signed(tokens.claims(1), secret_key)
+
+    gateway, server = start_gateway(gateway_settings(data_dir, fake_ollama_server.url, secret_key=secret_key))
+    try:
+        assert (
+            httpx.get(f"{gateway.url}/me", headers={"Authorization": f"Bearer {issued_before}"}).status_code
+            == 401
+        )
+        token = gateway.login("old@example.com", "old-admin-password")
+        me = httpx.get(f"{gateway.url}/me", headers={"Authorization": f"Bearer {token}"})
+        assert (me.status_code, me.json()["id"]) == (200, 1)
+        assert httpx.get(f"{gateway.url}/me", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    finally:
+        server.stop()
