@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 
 from auth.api_keys import ApiKeyStore
-from auth.passwords import password_problem
-from auth.throttle import LoginThrottle
+from auth.passwords import hash_password, password_problem
+from auth.throttle import SignInLimits, SignInThrottle
 from auth.users import ROLES, User, UserStore
 from core.database import Database
 from core.errors import GatewayError
@@ -38,7 +38,7 @@ class CommandError(Exception):
 class Stores:
     users: UserStore
     keys: ApiKeyStore
-    throttle: LoginThrottle
+    throttle: SignInThrottle
 
 
 def _password(args: argparse.Namespace) -> tuple[str, bool]:
@@ -73,7 +73,8 @@ def create_user(stores: Stores, args: argparse.Namespace) -> None:
         new = NewUser(email=args.email, password=password, role=args.role, models=models)
     except ValidationError as exc:
         raise CommandError("; ".join(error["msg"] for error in exc.errors())) from None
-    user = stores.users.create(new.email, new.password, new.role, new.models)
+    # Hashed directly: a command line hashes once, and there is no event loop to wait on.
+    user = stores.users.create_with_hash(new.email, hash_password(new.password), new.role, new.models)
     print(f"created {user.role} {user.email} (id {user.id})")
     if generated:
         print(f"password: {password}")
@@ -82,9 +83,9 @@ def create_user(stores: Stores, args: argparse.Namespace) -> None:
 def reset_password(stores: Stores, args: argparse.Namespace) -> None:
     user = _user(stores.users, args.email)
     password, generated = _password(args)
-    # A reset also lifts a disable and any login throttle: it is how a locked-out admin gets back in.
-    stores.users.update(user.id, password=password, disabled=False)
-    stores.throttle.forget_failures(user.email)
+    # A reset also lifts a disable and the email's sign-in limits: it is how a locked-out admin gets back in.
+    stores.users.update(user.id, password_hash=hash_password(password), disabled=False)
+    stores.throttle.lift_limits_for(user.email)
     print(f"reset the password of {user.email}; every token issued before no longer works")
     if generated:
         print(f"password: {password}")
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     db = Database(settings.database_path)
     try:
         db.migrate()
-        throttle = LoginThrottle(db, settings.login_max_failures, settings.login_window_minutes * 60)
+        throttle = SignInThrottle(db, SignInLimits.from_settings(settings))
         args.run(Stores(UserStore(db), ApiKeyStore(db), throttle), args)
     except (CommandError, GatewayError) as exc:
         print(f"manage.py: {exc}", file=sys.stderr)

@@ -10,7 +10,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from auth.passwords import password_problem
+from auth.passwords import hash_password, password_problem
 from auth.users import UserStore
 from core.private_files import make_private_directory, open_new_private_file
 from core.settings import ConfigurationError, Settings
@@ -20,7 +20,8 @@ SECRET_KEY_FILE = "secret_key"  # noqa: S105 -- a file name, not a secret
 
 
 def check_configuration(settings: Settings) -> None:
-    """Refuse weak secrets before anything starts, with a message that says what to change."""
+    """Refuse weak secrets and self-defeating limits before anything starts, with a message that says what
+    to change."""
     unset_hint = "; leave it unset to have one generated"
     if (
         settings.secret_key is not None
@@ -33,6 +34,13 @@ def check_configuration(settings: Settings) -> None:
         problem = password_problem(settings.admin_password.get_secret_value())
         if problem:
             raise ConfigurationError(f"ADMIN_PASSWORD {problem}{unset_hint}")
+    if settings.login_max_failures_per_email <= settings.login_max_failures:
+        # One address adds at most its pair limit to an email's count: only a larger email limit keeps a
+        # stranger at one address from locking a person out everywhere (auth.throttle).
+        raise ConfigurationError(
+            f"LOGIN_MAX_FAILURES_PER_EMAIL ({settings.login_max_failures_per_email}) must be larger than "
+            f"LOGIN_MAX_FAILURES ({settings.login_max_failures})"
+        )
 
 
 def load_secret_key(settings: Settings) -> str:
@@ -65,11 +73,13 @@ def ensure_admin(settings: Settings, users: UserStore) -> None:
     if users.has_admin():
         return
     check_configuration(settings)
+    # Hashed here, in the start-up's worker thread: once, before anyone can sign in.
     if settings.admin_password is not None:
-        users.create(settings.admin_email, settings.admin_password.get_secret_value(), "admin")
+        password_hash = hash_password(settings.admin_password.get_secret_value())
+        users.create_with_hash(settings.admin_email, password_hash, "admin")
         return
     password = secrets.token_urlsafe(15)
-    users.create(settings.admin_email, password, "admin")
+    users.create_with_hash(settings.admin_email, hash_password(password), "admin")
     # Printed, not logged: it must reach the person starting the gateway once, and no log file.
     print(
         "\n"

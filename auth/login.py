@@ -1,37 +1,53 @@
-"""Signing in with an email and password (blocking: run it in a worker thread).
+"""Checking a person's password: signing in, and the check of the current password before a change.
 
-Throttled first, then checked with the same work, and so the same time, whether or not the email exists.
+Both are attempts under the sign-in limits (`auth.throttle`), reserved before the password is checked, so a
+throttled guesser learns nothing more. Signing in takes the same work, and so the same time, whether or not
+the email exists.
 """
 
-from auth.passwords import spend_verification_time, verify_password
-from auth.throttle import LoginThrottle
+from starlette.concurrency import run_in_threadpool
+
+from auth.passwords import PasswordHasher
+from auth.throttle import SignInThrottle
 from auth.users import User, UserStore
 from core.errors import GatewayError, Unauthorized
 
 
-def sign_in(users: UserStore, throttle: LoginThrottle, email: str, password: str, address: str) -> User:
-    wait = throttle.retry_after(email, address)
-    if wait is not None:
-        raise GatewayError(429, "too many failed logins: try again later", {"Retry-After": str(wait)})
-    stored = users.find_by_email(email)
-    if stored is None:
-        spend_verification_time(password)
-    elif verify_password(password, stored.password_hash):
+class PasswordCheck:
+    def __init__(self, users: UserStore, hasher: PasswordHasher, throttle: SignInThrottle) -> None:
+        self._users = users
+        self._hasher = hasher
+        self._throttle = throttle
+
+    async def sign_in(self, email: str, password: str, address: str) -> User:
+        async with self._throttle.attempt(email, address) as attempt:
+            stored = self._users.find_by_email(email)
+            if stored is None:
+                await self._hasher.spend_verification_time(password)
+                raise Unauthorized("wrong email or password")
+            if not await self._hasher.verify(password, stored.password_hash):
+                raise Unauthorized("wrong email or password")
+            attempt.succeeded(stored.user.id)
         if stored.user.disabled:
             # Only someone who knows the password learns this, so it may be said plainly.
             raise Unauthorized("this account is disabled: ask an admin")
-        throttle.forget_failures(email)
         return stored.user
-    throttle.record_failure(email, address)
-    raise Unauthorized("wrong email or password")
 
-
-def change_password(users: UserStore, user: User, current_password: str, new_password: str) -> User:
-    """The user's own password change; every token issued before it stops working."""
-    stored = users.find_by_email(user.email)
-    if stored is None or not verify_password(current_password, stored.password_hash):
-        raise GatewayError(403, "the current password is wrong")
-    changed = users.update(user.id, password=new_password)
-    if changed is None:
-        raise Unauthorized("invalid or expired token")
-    return changed
+    async def change_password(
+        self, user: User, current_password: str, new_password: str, address: str
+    ) -> User:
+        """The user's own password change; every token issued before it stops working. The current password
+        is checked like a login (same limits, same email): whoever holds a leaked API key must not be able to
+        guess it, then change it."""
+        async with self._throttle.attempt(user.email, address, kind="password change") as attempt:
+            stored = self._users.stored(user.id)
+            if stored is None:
+                raise Unauthorized("invalid or expired token")
+            if not await self._hasher.verify(current_password, stored.password_hash):
+                raise GatewayError(403, "the current password is wrong")
+            attempt.succeeded(user.id)
+            new_hash = await self._hasher.hash(new_password)
+        changed = await run_in_threadpool(self._users.update, user.id, password_hash=new_hash)
+        if changed is None:
+            raise Unauthorized("invalid or expired token")
+        return changed

@@ -3,6 +3,10 @@
 A user has two handles. `id`, the row id, names them in the admin API and in the tables that belong to them
 (keys, uploads); `identity`, 128 random bits given by the database, is what tokens name. Neither is ever
 given to anyone else (issue 9, item 2): ids come from AUTOINCREMENT, and identities are random.
+
+Passwords reach the store already hashed: the routes hash through `auth.passwords.PasswordHasher`, which
+waits for a hashing slot on the event loop rather than in a worker thread. Only `create` hashes by itself, for
+synchronous callers that add someone once (tests).
 """
 
 import json
@@ -86,6 +90,12 @@ class UserStore:
         row = self._db.fetch_one(f"SELECT {_COLUMNS}, password_hash FROM users WHERE email = ?", (email,))
         return StoredUser(_user_from(row), row["password_hash"]) if row else None
 
+    def stored(self, user_id: int) -> StoredUser | None:
+        """The user with their password hash, by id: the same person, even if their email was given to
+        someone else meanwhile."""
+        row = self._db.fetch_one(f"SELECT {_COLUMNS}, password_hash FROM users WHERE id = ?", (user_id,))
+        return StoredUser(_user_from(row), row["password_hash"]) if row else None
+
     def all(self) -> list[User]:
         return [_user_from(row) for row in self._db.fetch_all(f"SELECT {_COLUMNS} FROM users ORDER BY id")]
 
@@ -95,8 +105,14 @@ class UserStore:
     def create(
         self, email: str, password: str, role: str, models: list[str] | tuple[str, ...] | None = None
     ) -> User:
-        """Add a user (blocking: hashes the password). Raises 409 if the email is taken."""
-        password_hash = hash_password(password)
+        """Add a user with a password hashed here (blocking, about 0.1 s): for synchronous callers that
+        hash once, such as tests. From async code, hash with `PasswordHasher` and call `create_with_hash`."""
+        return self.create_with_hash(email, hash_password(password), role, models)
+
+    def create_with_hash(
+        self, email: str, password_hash: str, role: str, models: list[str] | tuple[str, ...] | None = None
+    ) -> User:
+        """Add a user (blocking). Raises 409 if the email is taken."""
         try:
             with self._db.transaction() as conn:
                 cursor = conn.execute(
@@ -117,11 +133,10 @@ class UserStore:
         models: list[str] | None = None,
         clear_models: bool = False,
         disabled: bool | None = None,
-        password: str | None = None,
+        password_hash: str | None = None,
     ) -> User | None:
-        """Change what is given, in one transaction; a new password also ends every token issued before.
-        Refuses (409) to leave the gateway without an enabled admin."""
-        password_hash = hash_password(password) if password is not None else None
+        """Change what is given, in one transaction (blocking); a new password hash also ends every token
+        issued before. Refuses (409) to leave the gateway without an enabled admin."""
         with self._db.transaction() as conn:
             if conn.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone() is None:
                 return None

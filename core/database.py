@@ -1,4 +1,4 @@
-"""The SQLite database in `DATA_DIR`: users and uploads (never conversations).
+"""The SQLite database in `DATA_DIR`: users, their keys, uploads and sign-in attempts (never conversations).
 
 Each thread gets its own connection (SQLite connections are not meant to be shared across threads).
 Point reads by primary key run directly on the event loop: on a local WAL-mode database they take
@@ -100,6 +100,29 @@ MIGRATIONS: tuple[str, ...] = (
     DROP TABLE api_keys;
     ALTER TABLE api_keys_v3 RENAME TO api_keys;
     CREATE INDEX api_keys_by_user ON api_keys (user_id);
+    """,
+    # Sign-in limits (issue 9, item 4; see auth.throttle): every attempt is recorded, pending until its
+    # password check is done, and the addresses each person signed in from are remembered. AUTOINCREMENT:
+    # an attempt is resolved by its id after the check, and that id must still be the same attempt's.
+    """
+    DROP TABLE login_failures;
+    CREATE TABLE login_attempts (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        email TEXT NOT NULL COLLATE NOCASE,
+        address TEXT NOT NULL,
+        at REAL NOT NULL,
+        outcome TEXT NOT NULL CHECK (outcome IN ('pending', 'failed', 'succeeded', 'forgiven'))
+    );
+    CREATE INDEX login_attempts_by_email ON login_attempts (email, at);
+    CREATE INDEX login_attempts_by_address ON login_attempts (address, at);
+    CREATE INDEX login_attempts_by_time ON login_attempts (at);
+    CREATE TABLE known_addresses (
+        user_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+        address TEXT NOT NULL,
+        last_success REAL NOT NULL,
+        PRIMARY KEY (user_id, address)
+    );
+    CREATE INDEX known_addresses_by_time ON known_addresses (last_success);
     """,
 )
 

@@ -8,8 +8,10 @@ from fastapi import Depends, Request
 
 from auth.api_keys import ApiKeyStore
 from auth.authenticate import Authenticator
+from auth.login import PasswordCheck
+from auth.passwords import PasswordHasher
 from auth.policy import ModelPolicy
-from auth.throttle import LoginThrottle
+from auth.throttle import SignInLimits, SignInThrottle
 from auth.tokens import TokenSigner
 from auth.users import UserStore
 from core.database import Database
@@ -27,7 +29,9 @@ class Services:
     keys: ApiKeyStore
     signer: TokenSigner
     authenticator: Authenticator
-    throttle: LoginThrottle
+    hasher: PasswordHasher
+    throttle: SignInThrottle
+    passwords: PasswordCheck
     uploads: UploadStore
     upstream: Upstream
     policy: ModelPolicy
@@ -69,6 +73,8 @@ async def open_services(settings: Settings) -> Services:
 
     signer = TokenSigner(secret_key, settings.access_token_expire_minutes * 60)
     keys = ApiKeyStore(db)
+    hasher = PasswordHasher()
+    throttle = SignInThrottle(db, SignInLimits.from_settings(settings))
     return Services(
         settings=settings,
         db=db,
@@ -76,7 +82,9 @@ async def open_services(settings: Settings) -> Services:
         keys=keys,
         signer=signer,
         authenticator=Authenticator(signer, users, keys),
-        throttle=LoginThrottle(db, settings.login_max_failures, settings.login_window_minutes * 60),
+        hasher=hasher,
+        throttle=throttle,
+        passwords=PasswordCheck(users, hasher, throttle),
         uploads=uploads,
         upstream=upstream,
         policy=ModelPolicy(),

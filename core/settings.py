@@ -39,9 +39,16 @@ class Settings(BaseSettings):
     # client can send the header (see core.client_address).
     trusted_proxies: Annotated[tuple[IPNetwork, ...], NoDecode] = ()
 
-    # Failed logins allowed per email and per client address within the window, before 429.
-    login_max_failures: int = Field(default=10, gt=0)
-    login_window_minutes: float = Field(default=5, gt=0)
+    # Sign-in limits (auth.throttle): failed password checks allowed within the window per (email, address)
+    # pair, per address, and per email across all addresses (larger than the pair's: auth.bootstrap refuses
+    # less); an address the email signed in from before is held to its pair's limit only. Every attempt,
+    # successes too, per address per minute; and password checks running at once per address.
+    login_window_minutes: float = Field(default=15, gt=0)
+    login_max_failures: int = Field(default=5, gt=0)
+    login_max_failures_per_address: int = Field(default=20, gt=0)
+    login_max_failures_per_email: int = Field(default=50, gt=0)
+    login_max_attempts_per_address: int = Field(default=30, gt=0)
+    login_max_concurrent_per_address: int = Field(default=2, gt=0)
 
     # Ollama sends no byte until the model is loaded and the prompt evaluated, which can take minutes
     # on a cold start: the first-byte timeout must allow for that, the idle timeout only for gaps between

@@ -1,5 +1,7 @@
 """The admin API: people and their keys. Every route here is for admins only (403 for others)."""
 
+from functools import partial
+
 from fastapi import APIRouter, Depends, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -20,7 +22,10 @@ NO_SUCH_USER = "no such user"
     "/users", status_code=201, response_model=UserOut, responses=errors(400, 409, 422), summary="Add a person"
 )
 async def create_user(body: NewUser, services: AppServices) -> dict:
-    user = await run_in_threadpool(services.users.create, body.email, body.password, body.role, body.models)
+    password_hash = await services.hasher.hash(body.password)
+    user = await run_in_threadpool(
+        services.users.create_with_hash, body.email, password_hash, body.role, body.models
+    )
     return user.public()
 
 
@@ -43,15 +48,19 @@ def get_user(user_id: UserId, services: AppServices) -> dict:
     responses=errors(400, 404, 409, 422),
     summary="Change role, model allow-list, disabled or password",
 )
-def update_user(user_id: UserId, body: UserPatch, services: AppServices) -> dict:
+async def update_user(user_id: UserId, body: UserPatch, services: AppServices) -> dict:
     sent = body.model_fields_set
-    user = services.users.update(
-        user_id,
-        role=body.role,
-        models=body.models,
-        clear_models="models" in sent and body.models is None,
-        disabled=body.disabled,
-        password=body.password,
+    password_hash = await services.hasher.hash(body.password) if body.password is not None else None
+    user = await run_in_threadpool(
+        partial(
+            services.users.update,
+            user_id,
+            role=body.role,
+            models=body.models,
+            clear_models="models" in sent and body.models is None,
+            disabled=body.disabled,
+            password_hash=password_hash,
+        )
     )
     if user is None:
         raise GatewayError(404, NO_SUCH_USER)

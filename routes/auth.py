@@ -1,10 +1,9 @@
 """POST /login: email and password in, bearer JWT out."""
 
 from fastapi import APIRouter, Request
-from starlette.concurrency import run_in_threadpool
 
 from auth.credentials import MAX_FIELD_LENGTH, read_credentials
-from auth.login import sign_in
+from core.client_address import client_address
 from core.services import AppServices
 from routes.schemas import LoginRequest, TokenResponse, errors
 
@@ -37,10 +36,7 @@ _LOGIN_BODY = {
 )
 async def login(request: Request, services: AppServices) -> TokenResponse:
     credentials = await read_credentials(request)
-    address = request.client.host if request.client else "unknown"
-    # Argon2 takes a tenth of a second of CPU: keep it off the event loop.
-    user = await run_in_threadpool(
-        sign_in, services.users, services.throttle, credentials.email, credentials.password, address
-    )
+    address = client_address(request.scope, services.settings.trusted_proxies)
+    user = await services.passwords.sign_in(credentials.email, credentials.password, address)
     issued = services.signer.issue(user.identity, user.token_version)
     return TokenResponse(access_token=issued.access_token, expires_in=issued.expires_in)

@@ -1,9 +1,9 @@
 """GET /me and POST /me/password: the signed-in user's own account."""
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from auth.dependencies import CurrentUser
-from auth.login import change_password
+from core.client_address import client_address
 from core.services import AppServices
 from routes.schemas import PasswordChange, TokenResponse, UserOut, errors
 
@@ -20,10 +20,15 @@ async def me(user: CurrentUser) -> dict:
 @router.post(
     "/me/password",
     response_model=TokenResponse,
-    responses=errors(400, 401, 403, 422),
+    responses=errors(400, 401, 403, 422, 429),
     summary="Change your password: every token issued before stops working; a new one is returned",
 )
-def change_my_password(body: PasswordChange, user: CurrentUser, services: AppServices) -> TokenResponse:
-    changed = change_password(services.users, user, body.current_password, body.new_password)
+async def change_my_password(
+    body: PasswordChange, user: CurrentUser, services: AppServices, request: Request
+) -> TokenResponse:
+    address = client_address(request.scope, services.settings.trusted_proxies)
+    changed = await services.passwords.change_password(
+        user, body.current_password, body.new_password, address
+    )
     issued = services.signer.issue(changed.identity, changed.token_version)
     return TokenResponse(access_token=issued.access_token, expires_in=issued.expires_in)

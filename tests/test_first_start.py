@@ -65,8 +65,10 @@ def test_a_configured_admin_password_is_used_and_never_printed(tmp_path, ollama)
         ("ADMIN_PASSWORD", "changeme"),
         ("ADMIN_PASSWORD", "x" * 1025),
         ("PORT", "not-a-port"),
+        # A stranger at one address could lock a person out by failing their email's limit alone.
+        ("LOGIN_MAX_FAILURES", "60"),
     ],
-    ids=["weak-key", "well-known-password", "too-long-password", "bad-port"],
+    ids=["weak-key", "well-known-password", "too-long-password", "bad-port", "email-limit-not-above-pair"],
 )
 def test_a_weak_or_invalid_setting_stops_start_up_with_one_clear_line(tmp_path, setting, value):
     result = subprocess.run(

@@ -1,8 +1,9 @@
-"""Password hashing: Argon2 holds 64 MiB per hash, so a burst of logins must not run them all at once."""
+"""Password hashing: Argon2 holds 64 MiB per hash, so a burst of logins must not run them all at once, and
+those waiting their turn must not hold a worker thread each."""
 
+import asyncio
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -10,17 +11,20 @@ from auth import passwords
 
 
 class _CountingContext:
-    """Stands in for the Argon2 context: takes a while, and records how many run at the same time."""
+    """Stands in for the Argon2 context: takes a while, and records how many run at the same time and in
+    how many threads."""
 
     def __init__(self) -> None:
         self.running = 0
         self.most = 0
+        self.threads: set[int] = set()
         self._lock = threading.Lock()
 
     def _work(self) -> None:
         with self._lock:
             self.running += 1
             self.most = max(self.most, self.running)
+            self.threads.add(threading.get_ident())
         time.sleep(0.05)
         with self._lock:
             self.running -= 1
@@ -34,13 +38,21 @@ class _CountingContext:
         return False
 
 
-def test_a_burst_of_logins_runs_at_most_a_few_hashes_at_once(monkeypatch):
+def test_a_burst_of_logins_runs_at_most_a_few_hashes_at_once_in_a_few_threads(monkeypatch):
     counting = _CountingContext()
     monkeypatch.setattr(passwords, "_context", counting)
-    with ThreadPoolExecutor(max_workers=40) as pool:  # as many as the worker pool that runs logins
-        list(pool.map(lambda n: passwords.verify_password(f"guess-{n}", "x"), range(40)))
-        list(pool.map(lambda n: passwords.hash_password(f"new-{n}"), range(20)))
+
+    async def burst() -> None:
+        hasher = passwords.PasswordHasher()
+        await asyncio.gather(
+            *(hasher.verify(f"guess-{n}", "x") for n in range(40)),
+            *(hasher.hash(f"new-password-{n}") for n in range(20)),
+        )
+
+    asyncio.run(burst())
     assert 1 < counting.most <= passwords.MAX_CONCURRENT_HASHES
+    # Sixty callers waited their turn on the event loop; a thread each would have been sixty threads.
+    assert len(counting.threads) <= 2 * passwords.MAX_CONCURRENT_HASHES
 
 
 def test_a_real_hash_verifies_and_a_wrong_password_does_not():
@@ -75,3 +87,4 @@ def test_the_one_password_rule_accepts_and_argon2_can_hash_it(password):
 def test_a_password_no_rule_allows_is_simply_wrong_never_an_error():
     stored = passwords.hash_password("correct horse battery")
     assert passwords.verify_password("x" * 5000, stored) is False
+    assert asyncio.run(passwords.PasswordHasher().verify("x" * 5000, stored)) is False
