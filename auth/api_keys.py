@@ -103,6 +103,7 @@ class ApiKeyStore:
             # The account was removed after its request was authenticated (the key can't name a missing user).
             raise Unauthorized("this account no longer exists") from None
         row = self._db.fetch_one(f"SELECT {_COLUMNS} FROM api_keys WHERE id = ?", (cursor.lastrowid,))
+        assert row is not None  # just written, in this process
         return _key_from(row), key
 
     def find(self, key: str) -> ApiKey | None:

@@ -121,6 +121,7 @@ class UserStore:
                 )
         except sqlite3.IntegrityError:
             raise GatewayError(409, f"a user with the email {email} already exists") from None
+        assert cursor.lastrowid is not None  # an INSERT sets it
         created = self.get(cursor.lastrowid)
         assert created is not None
         return created

@@ -4,6 +4,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic.json_schema import JsonDict
 
 from auth.credentials import MAX_FIELD_LENGTH
 from auth.passwords import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH, password_problem
@@ -104,7 +105,7 @@ _MODEL_NAME_SCHEMA = {
 }
 NewUserModels = list[Annotated[str, WithJsonSchema(_MODEL_NAME_SCHEMA)]] | None
 # Checked by `_checked_password` and `_checked_email`; the rules are repeated here only for the schema.
-_PASSWORD_SCHEMA = {"minLength": MIN_PASSWORD_LENGTH, "maxLength": MAX_PASSWORD_LENGTH}
+_PASSWORD_SCHEMA: JsonDict = {"minLength": MIN_PASSWORD_LENGTH, "maxLength": MAX_PASSWORD_LENGTH}
 # Printable ASCII only: the JSON schema's and Python's ideas of whitespace differ past ASCII, and the schema
 # must never call valid an address the check refuses (it accepts more than the schema says, not less).
 _EMAIL_SCHEMA = {"pattern": "^[!-~]+@[!-?A-~]+$", "maxLength": EMAIL_MAX_LENGTH}

@@ -116,8 +116,9 @@ def test_after_the_upgrade_ids_are_never_reused_and_removals_still_cascade(tmp_p
     db = Database(path)
     db.migrate()
     for table in ("users", "api_keys"):
-        (schema,) = db.fetch_one("SELECT sql FROM sqlite_master WHERE name = ?", (table,))
-        assert "AUTOINCREMENT" in schema
+        row = db.fetch_one("SELECT sql FROM sqlite_master WHERE name = ?", (table,))
+        assert row is not None
+        assert "AUTOINCREMENT" in row["sql"]
     with db.transaction() as conn:
         conn.execute("INSERT INTO users (email, password_hash, role) VALUES ('dee@example.com', 'h', 'user')")
         newest = conn.execute("SELECT max(id) FROM users").fetchone()[0]
