@@ -24,8 +24,15 @@ from bench.sampler import ResourceSampler, regular_files, sockets
 from bench.scenarios import STREAM_OPTIONS, log
 from bench.stats import percentile
 
-# The throttle counts failures only, and the soak makes none, but a miscount must not turn into 429s.
-GATEWAY_SETTINGS = {"LOGIN_MAX_FAILURES": "1000000"}
+# Every worker signs in from 127.0.0.1, a few times a minute each: the sign-in limits (per address, and
+# checks at once per address) are for strangers, and must not turn the soak's logins into 429s.
+GATEWAY_SETTINGS = {
+    "LOGIN_MAX_FAILURES": "1000000",
+    "LOGIN_MAX_FAILURES_PER_ADDRESS": "1000000",
+    "LOGIN_MAX_FAILURES_PER_EMAIL": "2000000",
+    "LOGIN_MAX_ATTEMPTS_PER_ADDRESS": "1000000",
+    "LOGIN_MAX_CONCURRENT_PER_ADDRESS": "1000",
+}
 SOAK_EMAIL = "soak@local"
 # Relative weights of the kinds of request each worker picks from (see bench/traffic.py).
 WEIGHTS = {

@@ -108,7 +108,7 @@ NewUserModels = list[Annotated[str, WithJsonSchema(_MODEL_NAME_SCHEMA)]] | None
 _PASSWORD_SCHEMA: JsonDict = {"minLength": MIN_PASSWORD_LENGTH, "maxLength": MAX_PASSWORD_LENGTH}
 # Printable ASCII only: the JSON schema's and Python's ideas of whitespace differ past ASCII, and the schema
 # must never call valid an address the check refuses (it accepts more than the schema says, not less).
-_EMAIL_SCHEMA = {"pattern": "^[!-~]+@[!-?A-~]+$", "maxLength": EMAIL_MAX_LENGTH}
+_EMAIL_SCHEMA: JsonDict = {"pattern": "^[!-~]+@[!-?A-~]+$", "maxLength": EMAIL_MAX_LENGTH}
 MODELS_DESCRIPTION = "The models this user may use; null: every model"
 
 

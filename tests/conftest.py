@@ -8,7 +8,7 @@ import pytest
 
 from tests.fake_ollama import FakeOllama
 from tests.processes import free_port
-from tests.servers import RunningGateway, ServerThread, gateway_settings, start_gateway
+from tests.servers import NO_SIGN_IN_LIMITS, RunningGateway, ServerThread, gateway_settings, start_gateway
 
 
 @pytest.fixture(scope="session")
@@ -29,9 +29,8 @@ def ollama(fake_ollama_server: FakeOllama) -> FakeOllama:
 def shared_gateway(
     fake_ollama_server: FakeOllama, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningGateway]:
-    # Many tests fail logins on purpose from 127.0.0.1; throttling is tested on gateways of its own.
     settings = gateway_settings(
-        tmp_path_factory.mktemp("gateway"), fake_ollama_server.url, login_max_failures=1_000_000
+        tmp_path_factory.mktemp("gateway"), fake_ollama_server.url, **NO_SIGN_IN_LIMITS
     )
     gateway, server = start_gateway(settings)
     yield gateway

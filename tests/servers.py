@@ -19,6 +19,15 @@ from core.settings import Settings
 from main import create_app
 
 START_TIMEOUT = 15.0
+# Sign-in limits no test reaches: for gateways whose tests sign in (and fail to, on purpose) many times from
+# 127.0.0.1. The limits themselves are tested on gateways of their own (tests/test_sign_in_limits.py).
+NO_SIGN_IN_LIMITS = {
+    "login_max_failures": 1_000_000,
+    "login_max_failures_per_address": 1_000_000,
+    "login_max_failures_per_email": 2_000_000,
+    "login_max_attempts_per_address": 1_000_000,
+    "login_max_concurrent_per_address": 1_000,
+}
 
 
 class ServerThread:

@@ -12,7 +12,7 @@ import pytest
 from core.database import Database
 from core.errors import GatewayError
 from tests import rawhttp
-from tests.servers import add_user
+from tests.servers import NO_SIGN_IN_LIMITS, add_user
 from tests.streams import chat_body
 
 STREAMS = 300
@@ -80,7 +80,7 @@ async def _write_concurrently(url: str, headers: dict) -> dict[str, list[httpx.R
 
 
 def test_concurrent_writes_leave_a_consistent_database(make_gateway, ollama):
-    gateway = make_gateway(login_max_failures=1000)
+    gateway = make_gateway(**NO_SIGN_IN_LIMITS)
     answers = asyncio.run(_write_concurrently(gateway.url, gateway.admin_headers()))
     for kind, responses in answers.items():
         assert all(response.status_code < 500 for response in responses), [
@@ -97,7 +97,8 @@ def test_concurrent_writes_leave_a_consistent_database(make_gateway, ollama):
         assert db.execute("PRAGMA foreign_key_check").fetchall() == []
         assert db.execute("SELECT count(*) FROM users").fetchone()[0] == 1 + NEW_USERS + 1
         assert db.execute("SELECT count(*) FROM api_keys").fetchone()[0] == KEYS
-        assert db.execute("SELECT count(*) FROM login_failures").fetchone()[0] == FAILED_LOGINS
+        failed = db.execute("SELECT count(*) FROM login_attempts WHERE outcome = 'failed'").fetchone()[0]
+        assert failed == FAILED_LOGINS
         recorded = {row[0]: row[1] for row in db.execute("SELECT filename, size FROM uploads")}
     stored = {path.name: path.stat().st_size for path in gateway.settings.uploads_dir.iterdir()}
     assert recorded == stored

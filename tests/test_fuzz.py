@@ -20,7 +20,7 @@ from schemathesis.specs.openapi.checks import (
 
 from core.settings import Settings
 from main import create_app
-from tests.servers import gateway_settings, start_gateway
+from tests.servers import NO_SIGN_IN_LIMITS, gateway_settings, start_gateway
 
 # The description as the gateway serves it at /openapi.json, read from an app that is never started, so that
 # each operation is its own sub-test (the gateway under fuzz is started by the fixture below).
@@ -58,7 +58,7 @@ def filter_path_parameters(context, path_parameters) -> bool:
 def fuzzed(fake_ollama_server, tmp_path_factory):
     """A gateway of its own for the whole run, and the fuzzer's credentials: an admin's API key."""
     settings = gateway_settings(
-        tmp_path_factory.mktemp("fuzzed"), fake_ollama_server.url, login_max_failures=1_000_000
+        tmp_path_factory.mktemp("fuzzed"), fake_ollama_server.url, **NO_SIGN_IN_LIMITS
     )
     gateway, server = start_gateway(settings)
     with httpx.Client(base_url=gateway.url, headers=gateway.admin_headers()) as admin:
