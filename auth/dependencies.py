@@ -12,7 +12,7 @@ from fastapi.security import HTTPBearer, OAuth2PasswordBearer
 from auth.users import User
 from core.errors import Forbidden
 from core.services import AppServices
-from routes.guard import USER_STATE_KEY
+from routes.guard import take_user
 
 password_flow = OAuth2PasswordBearer(tokenUrl="login", auto_error=False, scheme_name="login")
 bearer_scheme = HTTPBearer(
@@ -27,10 +27,9 @@ async def current_user(
     _documented_bearer: Annotated[object, Depends(bearer_scheme)],
 ) -> User:
     # Authenticated already, before the body was read (routes.guard); the fallback serves apps without it.
-    user = request.scope.get("state", {}).get(USER_STATE_KEY)
-    if isinstance(user, User):
-        return user
-    return services.authenticator.authenticate(request.headers.get("authorization"))
+    return take_user(request.scope) or services.authenticator.authenticate(
+        request.headers.get("authorization")
+    )
 
 
 CurrentUser = Annotated[User, Depends(current_user)]

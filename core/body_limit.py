@@ -5,6 +5,8 @@ the cap is refused before a byte of the body is read; a chunked body is cut off 
 so an oversized upload is never held in memory or on disk.
 """
 
+from collections.abc import Awaitable
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.errors import GatewayError, error_response
@@ -46,19 +48,11 @@ class BodyLimitMiddleware:
             error = BodyTooLarge(limit)
             await error_response(error.status, error.message, error.headers, path=path)(scope, receive, send)
             return
-        received = 0
-
-        async def capped_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    # Raised inside the route while it reads its body, so the usual handler answers it.
-                    raise BodyTooLarge(limit)
-            return message
-
-        await self.app(scope, capped_receive, send)
+        if declared is not None:
+            # uvicorn delivers exactly the declared length, and it is within the cap: nothing to count.
+            await self.app(scope, receive, send)
+            return
+        await self.app(scope, _CappedReceive(receive, limit), send)
 
     def _limit_of(self, path: str) -> int:
         limit = self.limits.get(path)
@@ -68,6 +62,35 @@ class BodyLimitMiddleware:
             if path.startswith(prefix):
                 return prefix_limit
         return self.default_limit
+
+
+class _CappedReceive:
+    """`receive` for a body of unknown length (chunked), raising BodyTooLarge once it passes the cap.
+
+    Raised inside the route while it reads its body, so the usual handler answers it. Once the body is
+    complete it hands out `receive()` itself: a stream held open for minutes keeps no frame of this."""
+
+    __slots__ = ("_done", "_limit", "_receive", "_received")
+
+    def __init__(self, receive: Receive, limit: int) -> None:
+        self._receive = receive
+        self._limit = limit
+        self._received = 0
+        self._done = False
+
+    def __call__(self) -> Awaitable[Message]:
+        return self._receive() if self._done else self._counted()
+
+    async def _counted(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self._received += len(message.get("body", b""))
+            if self._received > self._limit:
+                raise BodyTooLarge(self._limit)
+            self._done = not message.get("more_body", False)
+        else:
+            self._done = True
+        return message
 
 
 def _declared_length(scope: Scope) -> int | None:

@@ -12,6 +12,7 @@ blamed. Pure ASGI, request side only: nothing is added per response chunk.
 """
 
 import asyncio
+from collections.abc import Awaitable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -39,26 +40,37 @@ class BodyTimeoutMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        await self.app(scope, _TimedReceive(receive, self.timeout), send)
+
+
+class _TimedReceive:
+    """`receive`, timed while it waits for the body. Once the body is complete it hands out `receive()`
+    itself: waiting for a disconnect is not waiting for a body, and a stream held open for minutes keeps no
+    frame of this."""
+
+    __slots__ = ("_allowance", "_done", "_receive", "_timeout")
+
+    def __init__(self, receive: Receive, timeout: float) -> None:
+        self._receive = receive
+        self._timeout = timeout
+        self._allowance = timeout
+        self._done = False
+
+    def __call__(self) -> Awaitable[Message]:
+        return self._receive() if self._done else self._timed()
+
+    async def _timed(self) -> Message:
         loop = asyncio.get_running_loop()
-        allowance = self.timeout
-        body_complete = False
-
-        async def timed_receive() -> Message:
-            nonlocal allowance, body_complete
-            if body_complete:
-                return await receive()  # waiting for a disconnect is not waiting for a body
-            started = loop.time()
-            try:
-                async with asyncio.timeout(allowance):
-                    message = await receive()
-            except TimeoutError:
-                raise BodyTimedOut(self.timeout) from None
-            allowance -= loop.time() - started
-            if message["type"] == "http.request":
-                allowance += len(message.get("body", b"")) / BYTES_PER_EXTRA_SECOND
-                body_complete = not message.get("more_body", False)
-            else:
-                body_complete = True
-            return message
-
-        await self.app(scope, timed_receive, send)
+        started = loop.time()
+        try:
+            async with asyncio.timeout(self._allowance):
+                message = await self._receive()
+        except TimeoutError:
+            raise BodyTimedOut(self._timeout) from None
+        self._allowance -= loop.time() - started
+        if message["type"] == "http.request":
+            self._allowance += len(message.get("body", b"")) / BYTES_PER_EXTRA_SECOND
+            self._done = not message.get("more_body", False)
+        else:
+            self._done = True
+        return message

@@ -8,7 +8,7 @@ ignored entirely: anyone can send them.
 
 uvicorn rewrites `scope["client"]` from `X-Forwarded-For` itself when the peer is in its own
 `forwarded_allow_ips` (127.0.0.1 unless told otherwise), so the gateway's protocol (`core.server`) keeps the
-real peer in the scope under `PEER_EXTENSION`, and that is what is read here.
+real peer in the scope under `PEER_KEY`, and that is what is read here.
 """
 
 import ipaddress
@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 from starlette.types import Scope
 
-PEER_EXTENSION = "gateway.peer"
+PEER_KEY = "gateway.peer"
 UNKNOWN = "unknown"
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -47,8 +47,7 @@ def _address(text: str) -> IPAddress | None:
 
 def peer_of(scope: Scope) -> str | None:
     """The host of the TCP peer, as the connection saw it (never taken from a header)."""
-    stashed = scope.get("extensions", {}).get(PEER_EXTENSION)
-    client = stashed.get("client") if isinstance(stashed, dict) else scope.get("client")
+    client = scope.get(PEER_KEY) or scope.get("client")
     return client[0] if client else None
 
 

@@ -4,13 +4,15 @@ FastAPI reads and parses a route's JSON body before it resolves the route's depe
 authentication as a dependency alone, a stranger could make the gateway read and parse a body (up to the
 route's cap) without any credential. This pure ASGI guard sits in front of both routers: it authenticates from
 the Authorization header, answers 401 at once to anyone without valid credentials, and leaves the user in the
-request's state, where `CurrentUser` and the relay endpoints take it from (one authentication per request).
+request's state, where `CurrentUser` or the relay endpoint takes it from (one authentication per request;
+taken, not read, so that a stream held open for minutes does not keep it).
 
 Public: the web page and its files, `/health`, `/login`, the docs, and CORS preflights (OPTIONS).
 """
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from auth.users import User
 from core.errors import GatewayError, error_response
 
 PUBLIC_PATHS = frozenset(
@@ -18,6 +20,12 @@ PUBLIC_PATHS = frozenset(
 )
 PUBLIC_PREFIXES = ("/static/",)
 USER_STATE_KEY = "user"
+
+
+def take_user(scope: Scope) -> User | None:
+    """The user the guard authenticated for this request, if any; removed from the scope."""
+    user = scope.get("state", {}).pop(USER_STATE_KEY, None)
+    return user if isinstance(user, User) else None
 
 
 def is_public(method: str, path: str) -> bool:

@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from auth.users import User
 from core.errors import Forbidden, GatewayError, error_response
 from core.services import Services
-from routes.guard import USER_STATE_KEY
+from routes.guard import take_user
 from upstream.bodies import (
     BodyRules,
     model_named_in,
@@ -140,7 +140,7 @@ class RelayEndpoints:
         request = Request(scope, receive)
         path = scope["path"]
         try:
-            user = scope.get("state", {}).get(USER_STATE_KEY) or services.authenticator.authenticate(
+            user = take_user(scope) or services.authenticator.authenticate(
                 request.headers.get("authorization")
             )
             if route.access is Access.ADMIN and not user.is_admin:
