@@ -23,7 +23,9 @@ A stranger must not be able to stop a person from signing in, and nobody may mon
 - Refused attempts are not recorded: they cost no hashing, and counting them would let a stranger keep a
   limit closed for ever by retrying.
 
-IPv6 addresses count by their /64, which is what one subscriber (and so one attacker) is given. Attempts
+IPv6 addresses count by their /48: ISPs give one subscriber a /64, a /56 (256 /64s) or a /48 (RFC 6177),
+and counted by anything smaller, one stranger would be many addresses, enough to reach an email's limit alone
+and lock its person out of every new address. Attempts
 are kept in the database, so a restart or `manage.py` sees the same counts; the concurrency count is this
 process's own.
 """
@@ -49,7 +51,7 @@ logger = logging.getLogger("gateway.auth")
 
 KNOWN_ADDRESS_DAYS = 90
 ATTEMPTS_WINDOW_SECONDS = 60.0  # LOGIN_MAX_ATTEMPTS_PER_ADDRESS is per minute
-IPV6_SUBSCRIBER_PREFIX = 64
+IPV6_SUBSCRIBER_PREFIX = 48  # the most one end site is usually given
 # Outcomes that count as failures: a pending attempt may yet fail, and must not let others past meanwhile.
 _FAILURES = "outcome IN ('pending', 'failed')"
 
@@ -86,7 +88,7 @@ class TooManyAttempts(GatewayError):
 
 
 def counting_address(address: str) -> str:
-    """What limits count by: an IPv4 address itself, an IPv6 address's /64 (an attacker has the whole /64),
+    """What limits count by: an IPv4 address itself, an IPv6 address's /48 (one subscriber may hold it all),
     anything else (a Unix socket, "unknown") as it is."""
     try:
         parsed = ipaddress.ip_address(address)

@@ -146,25 +146,36 @@ def test_a_botnet_cannot_lock_a_person_out_of_their_usual_address(make_gateway, 
     assert login(gateway, BOB, BOB_PASSWORD, "10.0.0.1").status_code == 200, "the usual one is not"
 
 
-def test_ipv6_addresses_count_by_their_64(make_gateway, ollama):
+def test_ipv6_addresses_count_by_their_48(make_gateway, ollama):
     gateway = make_gateway(trusted_proxies=PROXY, login_max_failures_per_address=3)
     statuses = [
-        login(gateway, f"g{n}@example.com", WRONG, f"2001:db8:0:1::{n + 1:x}").status_code for n in range(4)
+        login(gateway, f"g{n}@example.com", WRONG, f"2001:db8:0:{n + 1:x}::1").status_code for n in range(4)
     ]
-    assert statuses == [401, 401, 401, 429]
-    assert login(gateway, "g@example.com", WRONG, "2001:db8:0:2::1").status_code == 401, "another /64"
+    assert statuses == [401, 401, 401, 429], "four /64s of one /48 are one address"
+    assert login(gateway, "g@example.com", WRONG, "2001:db8:1::1").status_code == 401, "another /48"
+
+
+def test_one_ipv6_subscriber_cannot_lock_a_person_out_of_a_new_address(make_gateway, ollama):
+    # Ten /64s of one /56, as one home connection holds: not ten strangers, one.
+    gateway = make_gateway(trusted_proxies=PROXY)
+    add_bob(gateway)
+    for subnet in range(10):
+        for _ in range(5):
+            login(gateway, BOB, WRONG, f"2001:db8:bbbb:ff{subnet:02x}::1")
+    assert login(gateway, BOB, BOB_PASSWORD, "2001:db8:cccc:1::10").status_code == 200
+    assert login(gateway, BOB, BOB_PASSWORD, "198.51.100.7").status_code == 200
 
 
 @pytest.mark.parametrize(
     ("address", "counted_as"),
     [
         ("203.0.113.9", "203.0.113.9"),
-        ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
-        ("2001:db8:1:2::", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:3:4:5:6", "2001:db8:1::/48"),
+        ("2001:db8:1::", "2001:db8:1::/48"),
         ("unknown", "unknown"),
     ],
 )
-def test_limits_count_an_ipv6_address_by_its_64(address, counted_as):
+def test_limits_count_an_ipv6_address_by_its_48(address, counted_as):
     assert counting_address(address) == counted_as
 
 
