@@ -7,6 +7,7 @@ from typing import Any, TypeGuard
 from fastapi import Request
 
 from core.errors import GatewayError
+from core.text import is_valid_text
 
 MAX_FIELD_LENGTH = 1024
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
@@ -42,4 +43,4 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
 
 
 def _is_field(value: object) -> TypeGuard[str]:
-    return isinstance(value, str) and 0 < len(value) <= MAX_FIELD_LENGTH
+    return isinstance(value, str) and 0 < len(value) <= MAX_FIELD_LENGTH and is_valid_text(value)

@@ -17,6 +17,8 @@ import asyncio
 from anyio import to_thread
 from passlib.context import CryptContext
 
+from core.text import is_valid_text
+
 MIN_PASSWORD_LENGTH = 8
 # In characters: 1024 of them take at most 4096 bytes in UTF-8, within passlib's own limit (4096), past which
 # it raises PasswordSizeError, which was a 500 on /admin/users and /me/password (issue 9, item 7).
@@ -44,6 +46,8 @@ MAX_CONCURRENT_HASHES = 4
 def password_problem(password: str) -> str | None:
     """Why a password may not be used, or None if it may. The one rule: the admin API, `/me/password`,
     `manage.py` and ADMIN_PASSWORD all ask it."""
+    if not is_valid_text(password):
+        return "must be valid text (it holds a lone surrogate, such as \\ud800)"
     if len(password) < MIN_PASSWORD_LENGTH:
         return f"must be at least {MIN_PASSWORD_LENGTH} characters"
     if len(password) > MAX_PASSWORD_LENGTH:

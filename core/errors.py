@@ -16,6 +16,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
+from core.text import holds_a_lone_surrogate
+
 logger = logging.getLogger("gateway.errors")
 
 BEARER_CHALLENGE = {"WWW-Authenticate": "Bearer"}
@@ -120,6 +122,15 @@ async def _database_error(request: Request, exc: sqlite3.OperationalError) -> JS
     return await _unexpected_error(request, exc)
 
 
+async def _unstorable_text(request: Request, exc: Exception) -> JSONResponse:
+    # Text a client sent that nothing can store or hash (a lone surrogate in its JSON) is the client's error;
+    # every field that takes text refuses it (core.text), and this answers for any place that could not.
+    if isinstance(exc, UnicodeEncodeError) and holds_a_lone_surrogate(exc):
+        logger.warning("refused text with a lone surrogate on %s %s", request.method, request.url.path)
+        return error_response(400, "the request holds text that is not valid Unicode", path=request.url.path)
+    return await _unexpected_error(request, exc)
+
+
 async def _client_gone(request: Request, exc: Exception) -> Response:
     # The client went away while sending its body: nobody is left to read an answer, and nothing went wrong
     # in the gateway, so nothing is logged (a traceback per cut-off request would flood the log).
@@ -140,4 +151,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(sqlite3.OperationalError, _database_error)  # type: ignore[arg-type]
     app.add_exception_handler(ClientDisconnect, _client_gone)
+    app.add_exception_handler(UnicodeEncodeError, _unstorable_text)
     app.add_exception_handler(Exception, _unexpected_error)

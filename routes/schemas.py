@@ -8,6 +8,7 @@ from pydantic.json_schema import JsonDict
 
 from auth.credentials import MAX_FIELD_LENGTH
 from auth.passwords import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH, password_problem
+from core.text import is_valid_text
 
 EMAIL_MAX_LENGTH = 254
 # Row ids are SQLite integers: a larger number in a path is refused (422), never handed to SQLite.
@@ -76,6 +77,8 @@ def _checked_email(value: str) -> str:
     local, at, domain = value.rpartition("@")
     if not at or not local or not domain or any(c.isspace() for c in value) or len(value) > EMAIL_MAX_LENGTH:
         raise ValueError("not an email address")
+    if not is_valid_text(value):
+        raise ValueError("not valid text (it holds a lone surrogate)")
     return value
 
 
@@ -90,8 +93,8 @@ def _checked_models(value: list[str] | None) -> list[str] | None:
     if value is None:
         return None
     names = [name.strip() for name in value]
-    if any(not name or len(name) > MODEL_NAME_MAX_LENGTH for name in names):
-        raise ValueError("model names must be non-empty and at most 200 characters")
+    if any(not name or len(name) > MODEL_NAME_MAX_LENGTH or not is_valid_text(name) for name in names):
+        raise ValueError("model names must be valid text, non-empty and at most 200 characters")
     return list(dict.fromkeys(names))
 
 
@@ -157,6 +160,13 @@ class PasswordChange(BaseModel):
 class NewKey(BaseModel):
     name: str = Field(min_length=1, max_length=100, examples=["nightly summariser"])
     expires_in_days: int | None = Field(default=None, ge=1, le=3650, description="null: never expires")
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        if not is_valid_text(value):
+            raise ValueError("not valid text (it holds a lone surrogate)")
+        return value
 
 
 class KeyInfo(BaseModel):

@@ -278,6 +278,15 @@ def test_a_large_body_sent_at_a_steady_pace_outlasts_the_body_timeout(main_proce
     assert received.startswith(b"HTTP/1.1 200 "), received[:300]
 
 
+def test_a_body_sent_fast_cannot_bank_time_to_stall_before_its_end(main_process):
+    with _post_head(main_process, "/chat", 3 * MIB, main_process.token) as sock:
+        sock.sendall(b" " * (2 * MIB))  # earns two minutes at the 16 KB/s floor, if credit could pile up
+        started = time.monotonic()
+        received = _receive_until(sock, b"\r\n\r\n", limit=BODY_TIMEOUT + 10)
+    assert received.startswith(b"HTTP/1.1 408 "), received[:200]
+    assert time.monotonic() - started < BODY_TIMEOUT + 2
+
+
 @pytest.mark.parametrize(
     ("path", "size", "expected"),
     [("/login", 20 * 1024, 413), ("/keys", 8 * 1024, 413), ("/admin/users", 100 * 1024, 413)],
@@ -370,3 +379,42 @@ def test_every_route_refuses_a_declared_oversized_body_with_413(gateway, method,
     with rawhttp.open_request(gateway.url, method, path, headers) as sock:  # not a byte of the body is sent
         status = rawhttp.read_status(sock)
     assert status == 413
+
+
+# Text that JSON allows and nothing can store: a lone surrogate escape.
+
+LONE = "\\ud800"  # as written in JSON text
+
+
+@pytest.mark.parametrize(
+    ("path", "raw"),
+    [
+        pytest.param(
+            "/login", f'{{"email": "x@example.com{LONE}", "password": "abcdefgh"}}', id="login-email"
+        ),
+        pytest.param(
+            "/login", f'{{"email": "a@example.com", "password": "{LONE}abcdefgh"}}', id="login-password"
+        ),
+        pytest.param(
+            "/me/password", f'{{"current_password": "x{LONE}", "new_password": "abcdefgh"}}', id="current"
+        ),
+        pytest.param(
+            "/me/password", f'{{"current_password": "abcdefgh", "new_password": "{LONE}abcdefgh"}}', id="new"
+        ),
+        pytest.param("/admin/users", f'{{"email": "n{LONE}@x.com", "password": "abcdefgh-9"}}', id="email"),
+        pytest.param(
+            "/admin/users", f'{{"email": "n@x.com", "password": "{LONE}abcdefgh-9"}}', id="password"
+        ),
+        pytest.param(
+            "/admin/users",
+            f'{{"email": "m@x.com", "password": "abcdefgh-9", "models": ["{LONE}"]}}',
+            id="models",
+        ),
+        pytest.param("/keys", f'{{"name": "{LONE}"}}', id="key-name"),
+    ],
+)
+def test_a_lone_surrogate_is_refused_as_the_clients_error_never_a_500(client, caplog, path, raw):
+    response = client.post(path, content=raw.encode(), headers={"Content-Type": "application/json"})
+    assert 400 <= response.status_code < 500, response.text
+    assert "error" in response.json()
+    assert [record for record in caplog.records if record.levelname in ("ERROR", "CRITICAL")] == []
