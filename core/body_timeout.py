@@ -3,8 +3,9 @@
 uvicorn times nothing once a request's head has arrived: a client that sends its headers and then trickles
 its body a byte at a time holds a connection (and a descriptor) for as long as it likes, and a few hundred
 such clients exhaust the process. Here the gateway allows REQUEST_BODY_TIMEOUT seconds of waiting for a body,
-plus one second for every BYTES_PER_EXTRA_SECOND that arrive: an upload at that rate or faster always
-finishes, however large, while a trickle is cut off with 408.
+plus one second for every BYTES_PER_EXTRA_SECOND that arrive, but never more than REQUEST_BODY_TIMEOUT in
+hand: an upload at that rate or faster always finishes, however large, a trickle is cut off with 408, and
+no client can stall longer than the timeout at a time.
 
 Only time spent waiting on the client counts: the clock runs while the app awaits `receive()` and the body is
 not complete. When the gateway itself is slow to read (a blob streamed to a busy Ollama), the client is not
@@ -69,7 +70,10 @@ class _TimedReceive:
             raise BodyTimedOut(self._timeout) from None
         self._allowance -= loop.time() - started
         if message["type"] == "http.request":
-            self._allowance += len(message.get("body", b"")) / BYTES_PER_EXTRA_SECOND
+            # Earned by what arrives, but never more than the timeout at a time: a client that sent fast
+            # can't bank the time to stall for an hour before its last byte.
+            earned = len(message.get("body", b"")) / BYTES_PER_EXTRA_SECOND
+            self._allowance = min(self._timeout, self._allowance + earned)
             self._done = not message.get("more_body", False)
         else:
             self._done = True

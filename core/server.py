@@ -135,7 +135,8 @@ class _GatewayProtocol(HttpToolsProtocol):
 
     def _discard_timed_out(self) -> None:
         if self._discard_credit > 0:
-            self._discard_timer = self.loop.call_later(self._discard_credit, self._discard_timed_out)
+            credit = min(self._discard_credit, self._body_timeout())  # never more than the timeout in hand
+            self._discard_timer = self.loop.call_later(credit, self._discard_timed_out)
             self._discard_credit = 0.0
             return
         self._discard_timer = None
