@@ -16,7 +16,6 @@ from pydantic import ValidationError
 
 from auth.bootstrap import ConfigurationError, check_configuration
 from core.body_limit import BodyLimitMiddleware
-from core.body_timeout import BodyTimeoutMiddleware
 from core.errors import install_error_handlers
 from core.server import gateway_protocol, raise_open_file_limit, require_gateway_protocol
 from core.services import close_services, open_services
@@ -62,10 +61,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     install_error_handlers(app)
-    # Middleware added last runs first: CORS, credentials, the body cap, the body timeout, the relay fast
-    # path, then FastAPI.
+    # Middleware added last runs first: CORS, credentials, the body cap, the relay fast path, then FastAPI.
+    # (Request heads and bodies are timed by the gateway's protocol, core.server.)
     app.add_middleware(RelayEndpoints, routes=RELAY_ROUTES)
-    app.add_middleware(BodyTimeoutMiddleware, timeout=settings.request_body_timeout)
     app.add_middleware(
         BodyLimitMiddleware,
         default_limit=SMALL_JSON_LIMIT,

@@ -1,19 +1,21 @@
-"""How the gateway's process serves HTTP: uvicorn's httptools protocol with a request-head timeout, and an
-open-file limit fit for many connections.
+"""How the gateway's process serves HTTP: uvicorn's httptools protocol with request-head and request-body
+timeouts, and an open-file limit fit for many connections.
 
 uvicorn times out idle kept-alive connections (`timeout_keep_alive`), but not a client that connects and
-sends nothing, or sends its request head a byte at a time: each such connection holds a socket and a file
-descriptor for as long as the client likes, and a few thousand of them exhaust the process. The protocol
-below closes a connection whose request head is not complete within REQUEST_HEADER_TIMEOUT seconds.
+sends nothing, or sends its request head or its body a byte at a time: each such connection holds a socket
+and a file descriptor for as long as the client likes, and a few hundred of them exhaust the process. The
+protocol below closes a connection whose request head is not complete within REQUEST_HEADER_TIMEOUT
+seconds, and one whose body falls behind REQUEST_BODY_TIMEOUT (at the transport, where it costs a timer per
+request and nothing per request of the app).
 
 The protocol also keeps the TCP peer's address in the request scope (`core.client_address`): uvicorn's own
 proxy-header handling, on by default for 127.0.0.1, would otherwise replace it with whatever a client wrote
 in `X-Forwarded-For`.
 
 `python main.py` uses it. With uvicorn's own command line, pass it as
-`uvicorn main:app --http core.server:HeaderTimeoutProtocol` (it then reads REQUEST_HEADER_TIMEOUT from the
-settings itself). The app refuses to start under a server that was not given it
-(`require_gateway_protocol`): nothing else would time out a client that never finishes its request head.
+`uvicorn main:app --http core.server:HeaderTimeoutProtocol` (it then reads its timeouts from the settings
+itself). The app refuses to start under a server that was not given it (`require_gateway_protocol`):
+nothing else would time out a client that never finishes its request.
 """
 
 import asyncio
@@ -23,11 +25,14 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from core.body_timeout import BYTES_PER_EXTRA_SECOND
 from core.client_address import PEER_KEY
 from core.settings import ConfigurationError, Settings
 
 logger = logging.getLogger("gateway.server")
+
+# The floor under which a request body is cut off: far below any network people use, far above a deliberate
+# trickle (see the body timer below).
+BYTES_PER_EXTRA_SECOND = 16 * 1024
 
 # Enough descriptors for this many connections is worth asking the kernel for, even if the hard limit is
 # unlimited (where the soft limit cannot be raised to "unlimited" itself).
@@ -35,16 +40,15 @@ WANTED_OPEN_FILES = 65536
 
 
 class _GatewayProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, closing connections whose request head takes too long, and those whose
-    unread request body keeps trickling in after their answer was sent."""
+    """uvicorn's httptools protocol, with a time limit on every request's head and on its body."""
 
     # None: read from the settings on first use (the `uvicorn --http` case).
     header_timeout: float | None = None
     body_timeout: float | None = None
-    # Set on the instance only while a body is being dropped: a class default keeps every connection's
-    # attribute dict as small as uvicorn's own (measured: a kilobyte per open stream).
-    _discard_timer: asyncio.TimerHandle | None = None
-    _discard_credit = 0.0
+    # Set on the instance only while a body is due: class defaults keep every connection's attribute dict as
+    # small as uvicorn's own (measured: a kilobyte per open stream).
+    _body_timer: asyncio.TimerHandle | None = None
+    _body_deadline = 0.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -58,7 +62,7 @@ class _GatewayProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
-        self._stop_discarding()
+        self._stop_body_timer()
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
@@ -74,6 +78,7 @@ class _GatewayProtocol(HttpToolsProtocol):
         self._head_begun = False
         self._cancel_head_timer()
         super().on_headers_complete()
+        self._arm_body_timer()
 
     # -- the head -------------------------------------------------------------------------------------------
 
@@ -95,57 +100,72 @@ class _GatewayProtocol(HttpToolsProtocol):
             self._arm_head_timer()
             return
         if self._head_begun:
-            message = f"the request head was not received within {self._header_timeout():g} s"
-            body = json.dumps({"error": message}).encode()
-            self.transport.write(
-                b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
-            )
+            self._answer_408(f"the request head was not received within {self._header_timeout():g} s")
         # A connection that never sent a byte is closed without an answer: nobody asked anything.
         self.transport.close()
 
-    # -- a body left unread ---------------------------------------------------------------------------------
-    # Answered before its body was read (401 from the credentials check, 413, 408), a request's remaining
-    # body is read and dropped by uvicorn, so the client still sees the answer (closing at once would reset
-    # the connection under it). But every byte it sends would keep the connection open: it gets the same
-    # allowance as any body (core.body_timeout), then the connection is closed.
+    # -- the body -------------------------------------------------------------------------------------------
+    # A request's body is due within REQUEST_BODY_TIMEOUT of its head, plus a second per
+    # BYTES_PER_EXTRA_SECOND received, never more than the timeout in hand: an upload at that rate or faster
+    # always finishes, however large; a trickle, or a stall, is cut off. Only the client's slowness counts:
+    # while uvicorn has stopped reading because the app is slow to take the body (a blob streamed to a busy
+    # Ollama), the clock waits. Past the limit: 408 if nothing was answered yet, and the connection is closed
+    # (the app sees its client gone). A body answered before it was read (401, 413) is read and dropped by
+    # uvicorn under the same clock, so the client still sees the answer but can't keep the connection by
+    # trickling.
 
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        cycle = self.cycle
-        if cycle is not None and cycle.more_body and not self.transport.is_closing():
-            self._discard_credit = 0.0
-            self._discard_timer = self.loop.call_later(self._body_timeout(), self._discard_timed_out)
+    def _arm_body_timer(self) -> None:
+        self._stop_body_timer()
+        self._body_deadline = self.loop.time() + self._body_timeout()
+        self._body_timer = self.loop.call_at(self._body_deadline, self._body_timed_out)
 
     def on_body(self, body: bytes) -> None:
-        if self._discard_timer is not None:
-            self._discard_credit += len(body) / BYTES_PER_EXTRA_SECOND
+        if self._body_timer is not None:
+            earned = self._body_deadline + len(body) / BYTES_PER_EXTRA_SECOND
+            self._body_deadline = min(earned, self.loop.time() + self._body_timeout())
         super().on_body(body)
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
-        if self._discard_timer is not None and not self.transport.is_closing():
-            # The dropped body is over: the connection may carry the client's next request. Every byte of the
-            # body cancelled uvicorn's keep-alive timer, which it only arms when an answer completes.
-            self._stop_discarding()
+        self._stop_body_timer()
+        cycle = self.cycle
+        if cycle is not None and cycle.response_complete and not self.transport.is_closing():
+            # A body dropped after its answer is over: the connection may carry the client's next request.
+            # Each of its bytes cancelled uvicorn's keep-alive timer, armed only when an answer completes.
             self._unset_keepalive_if_required()
             self.timeout_keep_alive_task = self.loop.call_later(
                 self.timeout_keep_alive, self.timeout_keep_alive_handler
             )
 
-    def _discard_timed_out(self) -> None:
-        if self._discard_credit > 0:
-            credit = min(self._discard_credit, self._body_timeout())  # never more than the timeout in hand
-            self._discard_timer = self.loop.call_later(credit, self._discard_timed_out)
-            self._discard_credit = 0.0
+    def _body_timed_out(self) -> None:
+        self._body_timer = None
+        if self.transport.is_closing():
             return
-        self._discard_timer = None
+        now = self.loop.time()
+        if self.flow.read_paused:
+            self._body_deadline = now + self._body_timeout()  # the gateway is the slow one: a new period
+        if self._body_deadline > now:
+            self._body_timer = self.loop.call_at(self._body_deadline, self._body_timed_out)
+            return
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_started:
+            self._answer_408(
+                f"the request body did not arrive in time ({self._body_timeout():g} s, plus 1 s per "
+                f"{BYTES_PER_EXTRA_SECOND // 1024} KB received)"
+            )
         self.transport.close()
 
-    def _stop_discarding(self) -> None:
-        if self._discard_timer is not None:
-            self._discard_timer.cancel()
-            self._discard_timer = None
+    def _stop_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _answer_408(self, message: str) -> None:
+        body = json.dumps({"error": message}).encode()
+        self.transport.write(
+            b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+        )
 
     # -- settings -------------------------------------------------------------------------------------------
 

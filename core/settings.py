@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     request_header_timeout: float = Field(default=20, gt=0)
     # The same for a request body: seconds the gateway waits for one, plus a second per 16 KB received, so
     # an upload at a reasonable speed always finishes and a client trickling bytes is cut off
-    # (core.body_timeout).
+    # (core.server).
     request_body_timeout: float = Field(default=60, gt=0)
     # On SIGTERM, requests already running (streams included) get this long to finish; then they are cut.
     graceful_shutdown_seconds: float = Field(default=30, ge=0)
