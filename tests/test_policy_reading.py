@@ -21,7 +21,7 @@ from tests.go_reader import STRING, GoBindError, bind, fold_name, trim_space
 from tests.servers import RunningGateway, gateway_settings, start_gateway
 from tests.surfaces import error_message, model_calls
 from upstream.bodies import model_named_in
-from upstream.go_json import BodyRefused, go_fold, read_fields
+from upstream.go_json import PARSE_WHOLE_LIMIT, BodyRefused, go_fold, read_fields
 
 ALLOWED = "llama3.2:1b"
 SECRET = "llava:7b"
@@ -210,19 +210,42 @@ def _go_model(raw: bytes, model_fields: tuple[str, ...]) -> str | None:
     return model if trim_space(model) else None
 
 
-@pytest.mark.parametrize("model_fields", [("model",), ("model", "name")], ids=["model", "model-or-name"])
-def test_the_gateways_reader_never_disagrees_with_go(model_fields):
+def _padded(raw: bytes) -> bytes:
+    """The same body, past PARSE_WHOLE_LIMIT: read the other way (walked, not parsed whole)."""
+    return b'{"padding": "' + b"x" * PARSE_WHOLE_LIMIT + b'", ' + raw.lstrip()[1:]
+
+
+def _gateway_model(raw: bytes, model_fields: tuple[str, ...]) -> str | None:
+    """The model the gateway decides on, or None if it refuses the body (400)."""
+    try:
+        return model_named_in(read_fields(raw, model_fields), model_fields)
+    except (BodyRefused, GatewayError):
+        return None
+
+
+MODEL_FIELDS = [("model",), ("model", "name")]
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+@pytest.mark.parametrize("model_fields", MODEL_FIELDS, ids=["model", "model-or-name"])
+def test_the_gateways_reader_never_disagrees_with_go(model_fields, size):
     agreed = refused = 0
     for raw in _generated_bodies():
-        try:
-            gateway_model = model_named_in(read_fields(raw, model_fields), model_fields)
-        except (BodyRefused, GatewayError):  # a refusal (400) is always safe
+        body = raw if size == "small" else _padded(raw)
+        gateway_model = _gateway_model(body, model_fields)
+        if gateway_model is None:  # a refusal (400) is always safe
             refused += 1
             continue
         # Whatever the gateway lets through, Go reads the same model (or refuses the body itself).
-        assert _go_model(raw, model_fields) in (gateway_model, None), raw
+        assert _go_model(body, model_fields) in (gateway_model, None), body
         agreed += 1
     assert agreed > 50 and refused > 1000  # the corpus exercises both sides
+
+
+@pytest.mark.parametrize("model_fields", MODEL_FIELDS, ids=["model", "model-or-name"])
+def test_small_and_large_bodies_are_decided_alike(model_fields):
+    for raw in _generated_bodies():
+        assert _gateway_model(raw, model_fields) == _gateway_model(_padded(raw), model_fields), raw
 
 
 def test_go_fold_catches_every_key_go_folds_onto_an_ascii_letter():
@@ -254,10 +277,12 @@ def test_go_fold_catches_every_key_go_folds_onto_an_ascii_letter():
         (b'{"a": "\\\\", "model": "b"}', None),
     ],
 )
-def test_read_fields_refuses_what_go_could_read_another_way(raw, error):
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_read_fields_refuses_what_go_could_read_another_way(raw, error, size):
     try:
-        read_fields(raw, ("model", "messages"))
+        read_fields(raw if size == "small" else _padded(raw), ("model", "messages"))
     except BodyRefused as refused:
-        assert error is not None and error in str(refused)
+        assert error is not None
+        assert error in str(refused) or (size == "small" and "not valid JSON" in str(refused))
     else:
         assert error is None

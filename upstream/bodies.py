@@ -10,11 +10,11 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from core.errors import GatewayError
-from upstream.go_json import BodyRefused, GoFields, read_fields
+from upstream.go_json import PARSE_WHOLE_LIMIT, BodyRefused, GoFields, read_fields
 
-# Bodies up to this size are read on the event loop (microseconds); larger ones, base64 images mostly, in a
-# worker thread, so that a body of millions of tiny values never holds up every other stream.
-READ_INLINE_LIMIT = 64 * 1024
+# Bodies up to this size are parsed whole on the event loop (microseconds); larger ones, base64 images mostly,
+# are walked in a worker thread, so that a body of millions of tiny values never holds up every other stream.
+READ_INLINE_LIMIT = PARSE_WHOLE_LIMIT
 
 
 @dataclass(frozen=True)

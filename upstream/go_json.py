@@ -20,17 +20,20 @@ with Go's rules alone would decide correctly for today's Ollama build; refusing 
 means the decision holds for every reader the body may meet (Ollama's two, a JSON library gin is built with,
 a proxy that inspects the body), and costs nothing: no client sends a field twice or as `MODEL`.
 
-It works on the raw bytes, top level only: nested values the gateway does not decide on are skipped (strings
-precisely, containers by bracket depth) without building them, so a large body costs no memory, and a body of
-millions of tiny values is refused once it has cost `MAX_VALUES` steps (Ollama would still parse it in full).
-Nested values are not validated: Go validates the whole body before binding any of it, and answers invalid
-JSON with its own 400.
+Both ways of reading a body yield its top-level members to the same decision: a body up to 64 KiB is parsed
+whole by Python's C parser (microseconds, and bounded by the size); a larger one is walked on its raw bytes,
+top level only: nested values are skipped (strings precisely, containers by bracket depth) without being
+built, so it costs no memory, and a body of millions of tiny values is refused once it has cost `MAX_VALUES`
+steps (Ollama would still parse it in full). Its nested values are not validated: Go validates the whole
+body before binding any of it, and answers invalid JSON with its own 400.
 """
 
 import functools
 import json
 import re
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
+from enum import Enum
+from typing import Any
 
 # Code points Go's `foldName` turns into an ASCII letter (unicode.SimpleFold orbits of `k` and `s`); the
 # dotless i is listed too, though current Go keeps it apart from `i`: refusing one key too many is harmless.
@@ -42,8 +45,12 @@ _SCALAR = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?|tru
 _STRUCTURAL = re.compile(rb'["\[\]{}]')
 _OPENING, _CLOSING, _QUOTE, _BACKSLASH = frozenset(b"[{"), frozenset(b"]}"), ord('"'), ord("\\")
 
-# Skipping steps (strings, brackets, escapes) allowed in one body. A chat with long conversations, tools and
-# images takes a few thousand; an embedding batch of a million short inputs about two million.
+# Bodies up to this size are parsed whole by Python's C parser: fast, and bounded by the size. Larger ones
+# (base64 images, mostly) are walked at the top level without being built.
+PARSE_WHOLE_LIMIT = 64 * 1024
+
+# Skipping steps (strings, brackets, escapes) allowed in one large body. A chat with long conversations,
+# tools and images takes a few thousand; an embedding batch of a million short inputs about a million.
 MAX_VALUES = 2_000_000
 
 
@@ -64,47 +71,57 @@ def go_fold(key: str) -> str:
 
 def go_string(value: str) -> str:
     """A decoded JSON string as Go has it: lone surrogates are U+FFFD (Python keeps them)."""
-    return _SURROGATE.sub("\ufffd", value)
+    return value if value.isascii() else _SURROGATE.sub("\ufffd", value)
+
+
+class Kind(Enum):
+    """What else than a string a field the gateway decides on may hold (null counts as absent)."""
+
+    ARRAY = "array"
+    OBJECT = "object"
+    OTHER = "other"  # a number, true or false
+
+
+FieldValue = str | Kind
 
 
 class GoFields:
-    """The fields of one body the gateway decides on: each one's raw JSON value, if given and not null.
+    """The fields of one body the gateway decides on: each one's value, if given and not null (a string as
+    Go holds it, anything else by its kind).
 
     Given once and spelt exactly (anything else was refused), a null is the same as absent for every Go type:
     it leaves a string as it was (empty) and sets a slice, map or pointer to nil."""
 
-    def __init__(self, raw_values: dict[str, bytes]) -> None:
-        self._raw = raw_values
+    def __init__(self, values: dict[str, FieldValue]) -> None:
+        self._values = values
 
     def __contains__(self, name: str) -> bool:
-        return name in self._raw
+        return name in self._values
 
     def string(self, name: str) -> str:
         """The field as Go's `string` holds it; "" when absent or null (Go's zero value)."""
-        raw = self._raw.get(name)
-        if raw is None:
-            return ""
-        if not raw.startswith(b'"'):
+        value = self._values.get(name, "")
+        if not isinstance(value, str):
             raise BodyRefused(f"'{name}' must be a string")
-        try:
-            value = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise BodyRefused(f"'{name}' is not a valid JSON string") from None
-        return go_string(value)
+        return value
 
     def is_array(self, name: str) -> bool:
-        raw = self._raw.get(name)
-        return raw is not None and raw.startswith(b"[")
+        return self._values.get(name) is Kind.ARRAY
 
 
 def read_fields(body: bytes, names: Collection[str]) -> GoFields:
     """The top-level fields `names` of a JSON object body, as Go would bind them. Raises BodyRefused when the
     body is not one JSON object, or names one of these fields twice or in another spelling."""
     wanted = _folded(tuple(names))
-    reader = _TopLevelReader(body)
-    found: dict[str, bytes] = {}
+    members: Iterable[tuple[str, Any]]
+    value_of: Callable[[Any], FieldValue | None]
+    if len(body) <= PARSE_WHOLE_LIMIT:
+        members, value_of = _parsed_members(body), _value_of_parsed
+    else:
+        members, value_of = _TopLevelReader(body).members(), _value_of_raw
+    found: dict[str, FieldValue] = {}
     seen: set[str] = set()
-    for key, start, end in reader.members():
+    for key, payload in members:
         name = wanted.get(go_fold(key))
         if name is None:
             continue
@@ -113,9 +130,59 @@ def read_fields(body: bytes, names: Collection[str]) -> GoFields:
         if name in seen:
             raise BodyRefused(f"the field '{name}' is given more than once")
         seen.add(name)
-        if body[start:end] != b"null":
-            found[name] = body[start:end]
+        value = value_of(payload)
+        if value is not None:
+            found[name] = value
     return GoFields(found)
+
+
+# -- small bodies: parsed whole by Python's C parser ------------------------------------------------------
+
+
+class _Object(list[tuple[str, Any]]):
+    """A JSON object as its members, in order, duplicates kept (what Go's decoder walks)."""
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")  # Python's parser takes NaN and Infinity; Go's does not
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_Object, parse_constant=_refuse_constant)
+
+
+def _parsed_members(body: bytes) -> list[tuple[str, Any]]:
+    try:
+        # Strictly UTF-8 (no byte-order mark, no UTF-16), one value with only whitespace around it.
+        parsed = _DECODER.decode(body.decode("utf-8"))
+    except (ValueError, RecursionError):
+        raise BodyRefused("the request body is not valid JSON") from None
+    if not isinstance(parsed, _Object):
+        raise BodyRefused("the request body must be a JSON object")
+    return [(go_string(key), item) for key, item in parsed]
+
+
+def _value_of_parsed(item: Any) -> FieldValue | None:
+    if item is None:
+        return None
+    if isinstance(item, str):
+        return go_string(item)
+    if isinstance(item, _Object):
+        return Kind.OBJECT
+    return Kind.ARRAY if isinstance(item, list) else Kind.OTHER
+
+
+# -- large bodies: walked at the top level, nothing built -------------------------------------------------
+
+
+def _value_of_raw(raw: bytes) -> FieldValue | None:
+    if raw == b"null":
+        return None
+    if raw.startswith(b'"'):
+        try:
+            return go_string(json.loads(raw))
+        except (ValueError, UnicodeDecodeError):
+            raise BodyRefused("a field the gateway reads is not a valid JSON string") from None
+    return {b"[": Kind.ARRAY, b"{": Kind.OBJECT}.get(raw[:1], Kind.OTHER)
 
 
 @functools.cache
@@ -132,7 +199,7 @@ class _TopLevelReader:
         self.pos = 0
         self.steps = 0
 
-    def members(self) -> Iterator[tuple[str, int, int]]:
+    def members(self) -> Iterator[tuple[str, bytes]]:
         body = self.body
         self._skip_whitespace()
         if not body.startswith(b"{", self.pos):
@@ -155,7 +222,7 @@ class _TopLevelReader:
                 self._skip_whitespace()
                 start = self.pos
                 self._skip_value()
-                yield key, start, self.pos
+                yield key, body[start : self.pos]
                 self._skip_whitespace()
                 if body.startswith(b",", self.pos):
                     self.pos += 1
