@@ -12,10 +12,6 @@ from dataclasses import dataclass
 from core.errors import GatewayError
 from upstream.go_json import PARSE_WHOLE_LIMIT, BodyRefused, GoFields, read_fields
 
-# Bodies up to this size are parsed whole on the event loop (microseconds); larger ones, base64 images mostly,
-# are walked in a worker thread, so that a body of millions of tiny values never holds up every other stream.
-READ_INLINE_LIMIT = PARSE_WHOLE_LIMIT
-
 
 @dataclass(frozen=True)
 class BodyRules:
@@ -35,7 +31,9 @@ class BodyRules:
 
 async def read_body_fields(raw: bytes, names: Collection[str]) -> GoFields:
     try:
-        if len(raw) <= READ_INLINE_LIMIT:
+        # Parsed whole on the event loop (microseconds); larger bodies, base64 images mostly, are walked in a
+        # worker thread, so that one of millions of tiny values never holds up every other stream.
+        if len(raw) <= PARSE_WHOLE_LIMIT:
             return read_fields(raw, names)
         return await asyncio.to_thread(read_fields, raw, names)
     except BodyRefused as refused:

@@ -85,7 +85,7 @@ def _operation(route: RelayRoute, components: dict[str, Any]) -> dict[str, Any]:
     elif route.body is Body.JSON:
         schema = route.body_schema or (
             MODEL_BODY
-            if route.body_rules is not None and route.body_rules.model_fields
+            if route.body_rules.model_fields
             else {"type": "object", "description": "Ollama's own body"}
         )
         operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}

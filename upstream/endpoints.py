@@ -32,9 +32,6 @@ from upstream.bodies import (
 from upstream.headers import upstream_request_headers
 from upstream.relay import relay
 
-# Admin bodies the gateway decides nothing on are still read as one JSON object, like every other.
-NO_RULES = BodyRules()
-
 # RFC 3986 pchar and "/": what may stand unencoded in a request line's path.
 PATH_SAFE = "/:@!$&'()*+,;="
 
@@ -75,7 +72,9 @@ class RelayRoute:
     check_param: Callable[[str], None] | None = None
     access: Access = Access.USER
     body: Body = Body.NONE
-    body_rules: BodyRules | None = None  # what the gateway reads of a JSON body (the model, mostly)
+    # What the gateway reads of a JSON body (the model, mostly). With no rules (admin calls), the body is
+    # still read as one JSON object, like every other.
+    body_rules: BodyRules = field(default_factory=BodyRules)
     model_list: ModelList | None = None  # the answer is a model list, filtered by the policy
     request_model: Any = None  # pydantic model describing the body, for the docs
     body_schema: dict[str, Any] | None = None  # or a JSON schema describing it
@@ -182,7 +181,7 @@ class RelayEndpoints:
             return None, None
         refuse_content_encoding(request.headers.get("content-encoding"))
         raw = await request.body()
-        rules = route.body_rules or NO_RULES
+        rules = route.body_rules
         fields = await read_body_fields(raw, rules.fields)
         if rules.model_fields:
             services.policy.require(user, model_named_in(fields, rules.model_fields))

@@ -43,7 +43,7 @@ _WHITESPACE = re.compile(rb"[ \t\n\r]*")
 _WHITESPACE_BYTES = frozenset((b" ", b"\t", b"\n", b"\r"))
 _SCALAR = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?|true|false|null")
 _STRUCTURAL = re.compile(rb'["\[\]{}]')
-_OPENING, _CLOSING, _QUOTE, _BACKSLASH = frozenset(b"[{"), frozenset(b"]}"), ord('"'), ord("\\")
+_OPENING, _QUOTE, _BACKSLASH = frozenset(b"[{"), ord('"'), ord("\\")
 
 # Bodies up to this size are parsed whole by Python's C parser: fast, and bounded by the size. Larger ones
 # (base64 images, mostly) are walked at the top level without being built.
@@ -94,9 +94,6 @@ class GoFields:
 
     def __init__(self, values: dict[str, FieldValue]) -> None:
         self._values = values
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._values
 
     def string(self, name: str) -> str:
         """The field as Go's `string` holds it; "" when absent or null (Go's zero value)."""
@@ -178,11 +175,16 @@ def _value_of_raw(raw: bytes) -> FieldValue | None:
     if raw == b"null":
         return None
     if raw.startswith(b'"'):
-        try:
-            return go_string(json.loads(raw))
-        except (ValueError, UnicodeDecodeError):
-            raise BodyRefused("a field the gateway reads is not a valid JSON string") from None
+        return _decoded_string(raw, "a field the gateway reads")
     return {b"[": Kind.ARRAY, b"{": Kind.OBJECT}.get(raw[:1], Kind.OTHER)
+
+
+def _decoded_string(raw: bytes, what: str) -> str:
+    """A JSON string's raw bytes, quotes included, decoded as Go has it."""
+    try:
+        return go_string(json.loads(raw))
+    except (ValueError, UnicodeDecodeError):
+        raise BodyRefused(f"the request body is not valid JSON ({what} is not a valid string)") from None
 
 
 @functools.cache
@@ -192,7 +194,7 @@ def _folded(names: tuple[str, ...]) -> dict[str, str]:
 
 
 class _TopLevelReader:
-    """Walks the members of a JSON object body, returning each key with the extent of its value."""
+    """Walks the members of a JSON object body, returning each key with its value's raw bytes."""
 
     def __init__(self, body: bytes) -> None:
         self.body = body
@@ -241,10 +243,7 @@ class _TopLevelReader:
     def _key(raw: bytes) -> str:
         if b"\\" not in raw and raw.isascii():
             return raw[1:-1].decode("ascii")  # the common case, without a JSON parse
-        try:
-            return go_string(json.loads(raw))
-        except (ValueError, UnicodeDecodeError):
-            raise BodyRefused("the request body is not valid JSON (a key is not a valid string)") from None
+        return _decoded_string(raw, "a key")
 
     def _skip_whitespace(self) -> None:
         if self.body[self.pos : self.pos + 1] in _WHITESPACE_BYTES:
