@@ -29,8 +29,8 @@ class GatewayError(StarletteHTTPException):
     """An error answered to the client as `{"error": message}` with `status`.
 
     An HTTPException, so that FastAPI passes it on unchanged when it is raised while FastAPI reads a request
-    body (a body cap or a body timeout, raised from `receive`): FastAPI turns any other exception there into
-    a generic 400 "There was an error parsing the body"."""
+    body (the body cap, raised from `receive`): FastAPI turns any other exception there into a generic 400
+    "There was an error parsing the body"."""
 
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(status_code=status, detail=message, headers=headers)

@@ -188,7 +188,7 @@ _protocol_requested = False
 UNPROTECTED_SERVER = (
     "start the gateway with `python main.py`, or give uvicorn the gateway's protocol: "
     "`uvicorn main:app --http core.server:HeaderTimeoutProtocol` (without it nothing times out a client "
-    "that never finishes its request head)"
+    "that never finishes its request head or body)"
 )
 
 
