@@ -77,6 +77,10 @@ def _checked_email(value: str) -> str:
     local, at, domain = value.rpartition("@")
     if not at or not local or not domain or any(c.isspace() for c in value) or len(value) > EMAIL_MAX_LENGTH:
         raise ValueError("not an email address")
+    return _checked_text(value)
+
+
+def _checked_text(value: str) -> str:
     if not is_valid_text(value):
         raise ValueError("not valid text (it holds a lone surrogate)")
     return value
@@ -161,12 +165,7 @@ class NewKey(BaseModel):
     name: str = Field(min_length=1, max_length=100, examples=["nightly summariser"])
     expires_in_days: int | None = Field(default=None, ge=1, le=3650, description="null: never expires")
 
-    @field_validator("name")
-    @classmethod
-    def _valid_name(cls, value: str) -> str:
-        if not is_valid_text(value):
-            raise ValueError("not valid text (it holds a lone surrogate)")
-        return value
+    _name = field_validator("name")(_checked_text)
 
 
 class KeyInfo(BaseModel):
