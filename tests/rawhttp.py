@@ -23,7 +23,7 @@ def _address(base_url: str) -> tuple[str, int]:
     return parts.hostname, parts.port
 
 
-def _receive_until(sock: socket.socket, marker: bytes) -> bytes:
+def receive_until(sock: socket.socket, marker: bytes) -> bytes:
     """What the socket sends until `marker` has arrived (or the peer closes)."""
     data = b""
     while marker not in data:
@@ -35,7 +35,7 @@ def _receive_until(sock: socket.socket, marker: bytes) -> bytes:
 
 
 def read_response(sock: socket.socket) -> RawResponse:
-    data = _receive_until(sock, b"\r\n\r\n")
+    data = receive_until(sock, b"\r\n\r\n")
     head, _, body = data.partition(b"\r\n\r\n")
     status_line, *header_lines = head.decode("latin-1").split("\r\n")
     headers = {}
@@ -78,4 +78,4 @@ def open_post(base_url: str, path: str, headers: dict[str, str]) -> socket.socke
 def read_status(sock: socket.socket) -> int:
     """The status of the answer, read from its status line alone (a HEAD answer's promised body never
     comes)."""
-    return int(_receive_until(sock, b"\r\n").split(b" ", 2)[1])
+    return int(receive_until(sock, b"\r\n").split(b" ", 2)[1])

@@ -10,22 +10,29 @@ from collections.abc import Callable
 Script = Callable[[socket.socket, "ScriptedUpstream"], None]
 
 
+def _receive_while(sock: socket.socket, data: bytes, wanting: Callable[[bytes], bool]) -> bytes | None:
+    """`data` with what the peer sends for as long as `wanting(data)`; None if the peer closed first."""
+    while wanting(data):
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
 def _read_chunked(sock: socket.socket, data: bytes) -> bytes | None:
     """A chunked body, given what has arrived of it so far; None if the peer closed first."""
     body = b""
     while True:
-        while b"\r\n" not in data:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return None
-            data += chunk
-        size_line, _, data = data.partition(b"\r\n")
+        received = _receive_while(sock, data, lambda data: b"\r\n" not in data)
+        if received is None:
+            return None
+        size_line, _, data = received.partition(b"\r\n")
         size = int(size_line.split(b";")[0], 16)
-        while len(data) < size + 2:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return None
-            data += chunk
+        received = _receive_while(sock, data, lambda data: len(data) < size + 2)  # noqa: B023 -- called now
+        if received is None:
+            return None
+        data = received
         if size == 0:
             return body  # no trailers: the gateway sends none
         body, data = body + data[:size], data[size + 2 :]
@@ -33,22 +40,19 @@ def _read_chunked(sock: socket.socket, data: bytes) -> bytes | None:
 
 def read_request(sock: socket.socket) -> tuple[bytes, bytes] | None:
     """The request's head and body (Content-Length or chunked), or None if the peer closed first."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return None
-        data += chunk
+    data = _receive_while(sock, b"", lambda data: b"\r\n\r\n" not in data)
+    if data is None:
+        return None
     head, _, body = data.partition(b"\r\n\r\n")
     for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
         name, value = name.strip().lower(), value.strip().lower()
         if name == b"content-length":
-            while len(body) < int(value):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    return None
-                body += chunk
+            length = int(value)
+            received = _receive_while(sock, body, lambda body: len(body) < length)  # noqa: B023 -- called now
+            if received is None:
+                return None
+            body = received
         elif name == b"transfer-encoding" and value == b"chunked":
             chunked = _read_chunked(sock, body)
             if chunked is None:
@@ -66,13 +70,8 @@ def read_request_head(sock: socket.socket) -> bytes | None:
 def read_head_only(sock: socket.socket) -> bytes:
     """The request's head, leaving its body unread (some bytes of it may have come with the head); b"" if
     the peer closed first."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return b""
-        data += chunk
-    return data.partition(b"\r\n\r\n")[0]
+    data = _receive_while(sock, b"", lambda data: b"\r\n\r\n" not in data)
+    return b"" if data is None else data.partition(b"\r\n\r\n")[0]
 
 
 def linger_then_close(sock: socket.socket) -> None:

@@ -214,14 +214,6 @@ def _post_head(main_process: MainProcess, path: str, length: int, token: str | N
     return sock
 
 
-def _receive_until(sock: socket.socket, marker: bytes, limit: float = 10) -> bytes:
-    sock.settimeout(limit)
-    received = b""
-    while marker not in received and (chunk := sock.recv(65536)):
-        received += chunk
-    return received
-
-
 def _trickle_until_closed(sock: socket.socket, limit: float) -> tuple[bytes, float]:
     """Send a byte every 0.1 s, reading what comes back, until the server closes the connection."""
     started, received = time.monotonic(), b""
@@ -273,7 +265,8 @@ def test_a_large_body_sent_at_a_steady_pace_outlasts_the_body_timeout(main_proce
         for offset in range(0, len(body), piece):
             sock.sendall(body[offset : offset + piece])
             time.sleep(0.5)
-        received = _receive_until(sock, b'"done":true')
+        sock.settimeout(10)
+        received = rawhttp.receive_until(sock, b'"done":true')
     assert time.monotonic() - started > 3 * BODY_TIMEOUT
     assert received.startswith(b"HTTP/1.1 200 "), received[:300]
 
@@ -282,7 +275,8 @@ def test_a_body_sent_fast_cannot_bank_time_to_stall_before_its_end(main_process)
     with _post_head(main_process, "/chat", 3 * MIB, main_process.token) as sock:
         sock.sendall(b" " * (2 * MIB))  # earns two minutes at the 16 KB/s floor, if credit could pile up
         started = time.monotonic()
-        received = _receive_until(sock, b"\r\n\r\n", limit=BODY_TIMEOUT + 10)
+        sock.settimeout(BODY_TIMEOUT + 10)
+        received = rawhttp.receive_until(sock, b"\r\n\r\n")
     assert received.startswith(b"HTTP/1.1 408 "), received[:200]
     assert time.monotonic() - started < BODY_TIMEOUT + 2
 
