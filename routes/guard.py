@@ -7,7 +7,8 @@ the Authorization header, answers 401 at once to anyone without valid credential
 request's state, where `CurrentUser` or the relay endpoint takes it from (one authentication per request;
 taken, not read, so that a stream held open for minutes does not keep it).
 
-Public: the web page and its files, `/health`, `/login`, the docs, and CORS preflights (OPTIONS).
+Public: the web page and its files, `/health`, `/login`, the docs, Ollama's `/api/version`, and CORS
+preflights (OPTIONS).
 """
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -15,8 +16,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from auth.users import User
 from core.errors import GatewayError, error_response
 
+# `/api/version` as in Ollama, which serves it (and `HEAD /`) to anyone: clients use it to test a connection.
 PUBLIC_PATHS = frozenset(
-    {"/", "/health", "/login", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+    {"/", "/health", "/login", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/api/version"}
 )
 PUBLIC_PREFIXES = ("/static/",)
 USER_STATE_KEY = "user"

@@ -9,7 +9,14 @@ import pytest
 from tests import tokens
 from tests.servers import RunningGateway
 
-PUBLIC_ROUTES = {("GET", "/"), ("HEAD", "/"), ("GET", "/health"), ("POST", "/login")}
+PUBLIC_ROUTES = {
+    ("GET", "/"),
+    ("HEAD", "/"),
+    ("GET", "/health"),
+    ("POST", "/login"),
+    ("GET", "/api/version"),
+    ("HEAD", "/api/version"),
+}
 
 
 def secret_key_of(gateway: RunningGateway) -> str:
@@ -190,6 +197,22 @@ def test_every_route_but_the_public_ones_needs_a_token(gateway):
     assert checked >= 4
 
 
-@pytest.mark.parametrize("path", ["/health", "/docs", "/openapi.json"])
+@pytest.mark.parametrize("path", ["/health", "/docs", "/openapi.json", "/api/version"])
 def test_public_routes_answer_without_a_token(anonymous, path):
     assert anonymous.get(path).status_code == 200
+
+
+def test_ollamas_version_is_served_to_anyone_as_ollama_serves_it(anonymous, ollama):
+    """Clients test a connection with it (Open WebUI's "verify connection" failed with a 401 here)."""
+    response = anonymous.get("/api/version")
+    assert response.json() == {"version": ollama.version}
+    assert anonymous.head("/api/version").status_code == 200
+    # Only the version: the routes beside it still need a token.
+    assert anonymous.get("/api/tags").status_code == 401
+    assert anonymous.post("/api/version").status_code == 405
+
+
+def test_a_token_sent_to_the_public_version_is_not_forwarded(anonymous, ollama):
+    response = anonymous.get("/api/version", headers={"Authorization": "Bearer not-checked-here"})
+    assert response.status_code == 200
+    assert "authorization" not in ollama.requests[-1].headers

@@ -148,7 +148,7 @@ def test_upstream_refusing_the_gateways_credentials_is_502(
 
 def test_the_clients_own_bad_token_is_still_401(upstream_answering: Answering) -> None:
     gateway, upstream = upstream_answering(reply("200 OK", body=b"{}"))
-    response = httpx.get(gateway.url + "/api/version", headers={"Authorization": "Bearer nonsense"})
+    response = httpx.get(gateway.url + "/api/tags", headers={"Authorization": "Bearer nonsense"})
     assert response.status_code == 401
     assert upstream.heads == []
 
