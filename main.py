@@ -15,7 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 
 from auth.bootstrap import ConfigurationError, check_configuration
-from core.body_limit import BodyLimitMiddleware
+from core.body_limit import BodyLimitMiddleware, Cap
 from core.errors import install_error_handlers
 from core.server import gateway_protocol, raise_open_file_limit, require_gateway_protocol
 from core.services import close_services, open_services
@@ -69,9 +69,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         default_limit=SMALL_JSON_LIMIT,
         limits={
             **dict.fromkeys(
-                (route.path for route in RELAY_ROUTES if route.body is Body.JSON), settings.max_request_bytes
+                (route.path for route in RELAY_ROUTES if route.body is Body.JSON),
+                Cap(settings.max_request_bytes, in_mib=True),
             ),
-            "/upload": settings.max_upload_bytes + MULTIPART_ALLOWANCE,
+            "/upload": Cap(
+                settings.max_upload_bytes + MULTIPART_ALLOWANCE,
+                "file",
+                shown_limit=settings.max_upload_bytes,
+                in_mib=True,
+            ),
             **SMALL_JSON_LIMITS,
         },
         prefix_limits={"/admin/": SMALL_JSON_LIMIT},

@@ -6,6 +6,7 @@ so an oversized upload is never held in memory or on disk.
 """
 
 from collections.abc import Awaitable
+from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -13,10 +14,33 @@ from core.errors import GatewayError, error_response
 from core.settings import MIB
 
 
+def size_in_words(size: int, in_mib: bool = False) -> str:
+    """A byte count as people configure it: MAX_UPLOAD_MB=25 is 25 MiB and MAX_REQUEST_MB=0.5 is 0.5 MiB,
+    and said so; the gateway's own fixed caps are in KiB."""
+    return f"{size / MIB:g} MiB" if in_mib or size >= MIB else f"{size / 1024:g} KiB"
+
+
 class BodyTooLarge(GatewayError):
-    def __init__(self, limit: int) -> None:
-        size = f"{limit / MIB:g} MB" if limit >= MIB else f"{limit / 1024:g} KB"
-        super().__init__(413, f"request body too large: the limit is {size}")
+    def __init__(
+        self, limit: int, what: str = "request body", shown_limit: int | None = None, in_mib: bool = False
+    ) -> None:
+        """`shown_limit`: the limit as configured, when the cap itself allows for framing around it (an
+        upload's multipart boundaries): the allowance is the gateway's business, not the person's."""
+        size = size_in_words(limit if shown_limit is None else shown_limit, in_mib)
+        super().__init__(413, f"{what} too large: the limit is {size}")
+
+
+@dataclass(frozen=True)
+class Cap:
+    """A path's cap in bytes, and how a refusal names what was too large."""
+
+    limit: int
+    what: str = "request body"
+    shown_limit: int | None = None
+    in_mib: bool = False  # configured in MiB (MAX_*_MB): said in MiB, whatever its size
+
+    def refusal(self) -> BodyTooLarge:
+        return BodyTooLarge(self.limit, self.what, self.shown_limit, self.in_mib)
 
 
 class BodyLimitMiddleware:
@@ -24,7 +48,7 @@ class BodyLimitMiddleware:
         self,
         app: ASGIApp,
         default_limit: int,
-        limits: dict[str, int],
+        limits: dict[str, int | Cap],
         prefix_limits: dict[str, int] | None = None,
         unlimited_prefixes: tuple[str, ...] = (),
     ) -> None:
@@ -32,9 +56,9 @@ class BodyLimitMiddleware:
         `unlimited_prefixes` (streamed straight through, never held) have none; every other path gets
         `default_limit`."""
         self.app = app
-        self.default_limit = default_limit
-        self.limits = limits
-        self.prefix_limits = prefix_limits or {}
+        self.limits = {path: cap if isinstance(cap, Cap) else Cap(cap) for path, cap in limits.items()}
+        self.prefix_limits = {prefix: Cap(limit) for prefix, limit in (prefix_limits or {}).items()}
+        self.default_cap = Cap(default_limit)
         self.unlimited_prefixes = unlimited_prefixes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -42,26 +66,26 @@ class BodyLimitMiddleware:
         if scope["type"] != "http" or path.startswith(self.unlimited_prefixes):
             await self.app(scope, receive, send)
             return
-        limit = self._limit_of(path)
+        cap = self._cap_of(path)
         declared = _declared_length(scope)
-        if declared is not None and declared > limit:
-            error = BodyTooLarge(limit)
+        if declared is not None and declared > cap.limit:
+            error = cap.refusal()
             await error_response(error.status, error.message, error.headers, path=path)(scope, receive, send)
             return
         if declared is not None:
             # uvicorn delivers exactly the declared length, and it is within the cap: nothing to count.
             await self.app(scope, receive, send)
             return
-        await self.app(scope, _CappedReceive(receive, limit), send)
+        await self.app(scope, _CappedReceive(receive, cap), send)
 
-    def _limit_of(self, path: str) -> int:
-        limit = self.limits.get(path)
-        if limit is not None:
-            return limit
-        for prefix, prefix_limit in self.prefix_limits.items():
+    def _cap_of(self, path: str) -> Cap:
+        cap = self.limits.get(path)
+        if cap is not None:
+            return cap
+        for prefix, prefix_cap in self.prefix_limits.items():
             if path.startswith(prefix):
-                return prefix_limit
-        return self.default_limit
+                return prefix_cap
+        return self.default_cap
 
 
 class _CappedReceive:
@@ -70,11 +94,11 @@ class _CappedReceive:
     Raised inside the route while it reads its body, so the usual handler answers it. Once the body is
     complete it hands out `receive()` itself: a stream held open for minutes keeps no frame of this."""
 
-    __slots__ = ("_done", "_limit", "_receive", "_received")
+    __slots__ = ("_cap", "_done", "_receive", "_received")
 
-    def __init__(self, receive: Receive, limit: int) -> None:
+    def __init__(self, receive: Receive, cap: Cap) -> None:
         self._receive = receive
-        self._limit = limit
+        self._cap = cap
         self._received = 0
         self._done = False
 
@@ -85,8 +109,8 @@ class _CappedReceive:
         message = await self._receive()
         if message["type"] == "http.request":
             self._received += len(message.get("body", b""))
-            if self._received > self._limit:
-                raise BodyTooLarge(self._limit)
+            if self._received > self._cap.limit:
+                raise self._cap.refusal()
             self._done = not message.get("more_body", False)
         else:
             self._done = True

@@ -136,6 +136,26 @@ def test_a_file_just_over_the_cap_is_413_and_not_kept(make_gateway):
     assert list(gateway.settings.uploads_dir.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "size", [int(1.5 * MIB), 3 * MIB, 40 * MIB], ids=["within-the-framing-allowance", "3-mib", "40-mib"]
+)
+def test_an_upload_over_the_cap_is_told_the_configured_limit_in_mib(make_gateway, size):
+    """One message whatever the size: the cap's allowance for multipart framing is not the person's limit."""
+    gateway = make_gateway(max_upload_mb=1)
+    with httpx.Client(base_url=gateway.url, headers=gateway.admin_headers(), timeout=60) as http:
+        response = upload(http, "big.bin", b"\0" * size, "application/octet-stream")
+    assert response.status_code == 413
+    assert response.json() == {"error": "file too large: the limit is 1 MiB"}
+
+
+def test_a_request_body_over_its_cap_is_told_the_limit_in_mib(make_gateway):
+    gateway = make_gateway(max_request_mb=0.5)
+    with httpx.Client(base_url=gateway.url, headers=gateway.admin_headers(), timeout=60) as http:
+        response = http.post("/api/chat", content=b" " * MIB, headers={"Content-Type": "application/json"})
+    assert response.status_code == 413
+    assert response.json() == {"error": "request body too large: the limit is 0.5 MiB"}
+
+
 def test_an_upload_declared_over_the_cap_is_refused_before_its_body_is_sent(make_gateway):
     gateway = make_gateway(max_upload_mb=1)
     headers = gateway.admin_headers() | {

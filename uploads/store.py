@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from core.body_limit import BodyTooLarge
 from core.database import Database
-from core.errors import GatewayError
 from core.private_files import make_private_directory, open_new_private_file
 from core.settings import MIB
 from uploads.names import is_stored_name, new_stored_name
@@ -120,7 +120,7 @@ class UploadStore:
             while chunk := source.read(COPY_CHUNK):
                 size += len(chunk)
                 if size > self.max_bytes:
-                    raise GatewayError(413, f"file too large: the limit is {self.max_bytes / MIB:g} MB")
+                    raise BodyTooLarge(self.max_bytes, "file", in_mib=True)
                 out.write(chunk)
         return size
 
