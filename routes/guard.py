@@ -7,7 +7,7 @@ the Authorization header, answers 401 at once to anyone without valid credential
 request's state, where `CurrentUser` or the relay endpoint takes it from (one authentication per request;
 taken, not read, so that a stream held open for minutes does not keep it).
 
-Public: the web page and its files, `/health`, `/login`, the docs, Ollama's `/api/version`, and CORS
+Public: the web page, its icon and files, `/health`, `/login`, the docs, Ollama's `/api/version`, and CORS
 preflights (OPTIONS).
 """
 
@@ -18,7 +18,17 @@ from core.errors import GatewayError, error_response
 
 # `/api/version` as in Ollama, which serves it (and `HEAD /`) to anyone: clients use it to test a connection.
 PUBLIC_PATHS = frozenset(
-    {"/", "/health", "/login", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/api/version"}
+    {
+        "/",
+        "/favicon.ico",
+        "/health",
+        "/login",
+        "/docs",
+        "/docs/oauth2-redirect",
+        "/redoc",
+        "/openapi.json",
+        "/api/version",
+    }
 )
 PUBLIC_PREFIXES = ("/static/",)
 USER_STATE_KEY = "user"

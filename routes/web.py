@@ -35,6 +35,14 @@ async def page() -> FileResponse:
     return FileResponse(WEB_DIR / "index.html", media_type=PAGE_TYPE, headers=PAGE_HEADERS)
 
 
+@router.get("/favicon.ico", response_class=FileResponse, summary="The gateway's icon (no token needed)")
+async def favicon() -> FileResponse:
+    # Browsers ask for it on every origin they visit; a 401 or 404 there is noise in every log.
+    return FileResponse(
+        STATIC_DIR / "favicon.ico", media_type="image/x-icon", headers={"Cache-Control": "max-age=86400"}
+    )
+
+
 @router.head("/", response_class=FileResponse, summary="Heartbeat of Ollama's clients (no token needed)")
 async def heartbeat() -> Response:
     return Response(status_code=200, media_type=PAGE_TYPE, headers=PAGE_HEADERS)

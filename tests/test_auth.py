@@ -12,6 +12,7 @@ from tests.servers import RunningGateway
 PUBLIC_ROUTES = {
     ("GET", "/"),
     ("HEAD", "/"),
+    ("GET", "/favicon.ico"),
     ("GET", "/health"),
     ("POST", "/login"),
     ("GET", "/api/version"),

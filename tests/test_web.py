@@ -242,6 +242,38 @@ def test_ollama_down_is_said_plainly(page, make_gateway, unused_port):
     expect(page.locator("#chat-error")).to_contain_text("Ollama is not reachable")
 
 
+def test_ollama_down_is_still_said_when_send_is_pressed(page, make_gateway, unused_port):
+    gateway = make_gateway(ollama_url=f"http://127.0.0.1:{unused_port}")
+    sign_in(page, gateway.url, gateway.admin_email, gateway.admin_password)
+    expect(page.locator("#chat-error")).to_contain_text("Ollama is not reachable")
+    send_message(page, "Hello?")
+    expect(page.locator("#chat-error")).to_contain_text("Ollama is not reachable")
+    expect(page.locator("#chat-error")).not_to_contain_text("Pick a model")
+
+
+def test_no_model_allowed_is_said_on_send_and_a_model_allowed_later_is_picked_up(page, web, ollama):
+    person = web.services.users.create("nobody@example.com", USER_PASSWORD, "user", [])
+    sign_in(page, web.url, "nobody@example.com", USER_PASSWORD)
+    expect(page.locator("#chat-error")).to_contain_text("No model is available to you yet")
+    send_message(page, "Hello?")
+    expect(page.locator("#chat-error")).to_contain_text("No model is available to you yet")
+    # The admin allows one meanwhile: the press looked again, and the next one is answered.
+    web.services.users.update(person.id, models=["llama3.2:1b"])
+    send_message(page, "Hello?")
+    expect(page.get_by_label("Model", exact=True)).to_have_value("llama3.2:1b")
+    expect(page.locator("#chat-error")).to_be_hidden()
+    send_message(page, "Hello?")
+    expect(last_reply(page)).not_to_be_empty()
+    assert ollama.requests[-1].model == "llama3.2:1b"
+
+
+def test_the_browser_finds_the_gateways_icon(page, web):
+    response = page.request.get(web.url + "/favicon.ico")
+    assert response.status == 200
+    assert response.headers["content-type"] == "image/x-icon"
+    assert response.body()[:4] == b"\0\0\1\0"  # an icon file, as browsers expect at this path
+
+
 def test_a_missing_model_is_said_plainly(page, web, ollama):
     admin_sign_in(page, web)
     ollama.models = [model for model in ollama.models if model["name"] != "llava:7b"]

@@ -17,6 +17,7 @@ const state = {
   streaming: null, // the AbortController of the reply being streamed
   attachments: [],
   expiryTimer: null,
+  modelsProblem: null, // why there is no model to pick (Ollama down, none allowed), while that holds
 };
 
 // ---- signing in and out
@@ -214,9 +215,11 @@ function renderAll() {
   showChatError(null);
 }
 
+// A standing problem with the models stays said until it is solved: clearing a passing error brings it back.
 function showChatError(message) {
-  $("#chat-error").textContent = message || "";
-  $("#chat-error").hidden = !message;
+  const shown = message || state.modelsProblem;
+  $("#chat-error").textContent = shown || "";
+  $("#chat-error").hidden = !shown;
 }
 
 $("#new-conversation").addEventListener("click", newConversation);
@@ -316,7 +319,10 @@ async function send() {
   if ((!text && !state.attachments.length) || state.streaming) return;
   const conversation = state.current;
   if (!conversation.model) {
-    showChatError("Pick a model first.");
+    // Say why there is none, not just that there is none; and look again, since Ollama may have come up
+    // or an admin may have allowed a model since the page loaded.
+    showChatError(state.modelsProblem || "Pick a model first.");
+    refreshModels();
     return;
   }
   const { content, images, names } = withAttachments(text, state.attachments);
@@ -407,6 +413,16 @@ async function loadModels() {
   }
 }
 
+async function refreshModels() {
+  state.modelsProblem = await loadModels();
+  if (!state.current.model && state.models.length) {
+    state.current.model = state.models[0].name;
+    save();
+    renderSettings();
+  }
+  showChatError(null);
+}
+
 async function start() {
   const stored = token();
   if (!stored || (tokenExpiry(stored) !== null && tokenExpiry(stored) <= Date.now())) {
@@ -425,14 +441,14 @@ async function start() {
   $("#nav-users").hidden = state.me.role !== "admin";
   $("#signin-view").hidden = true;
   $("#app-view").hidden = false;
-  const modelsProblem = await loadModels();
+  state.modelsProblem = await loadModels();
   state.conversations = store.loadAll();
   const remembered = state.conversations.find((conversation) => conversation.id === store.currentId());
   showView("chat");
   if (remembered) select(remembered);
   else if (state.conversations.length) select(state.conversations[0]);
   else newConversation();
-  showChatError(modelsProblem);
+  showChatError(null);
 }
 
 start();
