@@ -4,6 +4,7 @@
 `python main.py` starts it on HOST:PORT (127.0.0.1:8000 by default).
 """
 
+import asyncio
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,7 +18,12 @@ from pydantic import ValidationError
 from auth.bootstrap import ConfigurationError, check_configuration
 from core.body_limit import BodyLimitMiddleware, Cap
 from core.errors import install_error_handlers
-from core.server import gateway_protocol, raise_open_file_limit, require_gateway_protocol
+from core.server import (
+    exit_cleanly_on_sigterm,
+    gateway_protocol,
+    raise_open_file_limit,
+    require_gateway_protocol,
+)
 from core.services import close_services, open_services
 from core.settings import MIB, Settings
 from core.startup_errors import OneLineStartupErrors
@@ -26,6 +32,7 @@ from routes.guard import CredentialsFirst
 from routes.relay import RELAY_ROUTES
 from upstream.docs import install_relay_docs
 from upstream.endpoints import Body, RelayEndpoints
+from upstream.probe import say_whether_ollama_answers
 
 __version__ = "0.1.0"
 
@@ -46,9 +53,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         require_gateway_protocol()
         raise_open_file_limit()  # before uvicorn starts accepting: one descriptor per connection
         app.state.services = await open_services(settings)
+        probe = asyncio.create_task(say_whether_ollama_answers(app.state.services.upstream))
         try:
             yield
         finally:
+            probe.cancel()
             await close_services(app.state.services)
 
     app = FastAPI(
@@ -110,6 +119,7 @@ def serve() -> None:
         check_configuration(settings)
     except (ValidationError, ConfigurationError) as exc:
         sys.exit(f"ollama-gateway: configuration error: {exc}")
+    exit_cleanly_on_sigterm()
     uvicorn.run(
         "main:app",
         host=settings.host,

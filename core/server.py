@@ -21,7 +21,9 @@ nothing else would time out a client that never finishes its request.
 import asyncio
 import json
 import logging
-from typing import Any
+import signal
+from types import FrameType
+from typing import Any, NoReturn
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -236,3 +238,15 @@ def raise_open_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
         except (ValueError, OSError) as exc:
             logger.warning("could not raise the open-file limit from %d to %d: %s", soft, wanted, exc)
+
+
+def exit_cleanly_on_sigterm() -> None:
+    """SIGTERM is how a service is stopped (systemctl, docker, `kill`), and uvicorn shuts down gracefully on
+    it; but then it raises the signal again for the handler it found, and with the default one the process
+    dies by it: `make run` said "Terminated" and the exit status was 143 after a shutdown that went as
+    planned. With this handler installed before uvicorn runs, that last step exits with status 0."""
+    signal.signal(signal.SIGTERM, _stopped_by_sigterm)
+
+
+def _stopped_by_sigterm(signum: int, frame: FrameType | None) -> NoReturn:
+    raise SystemExit(0)

@@ -1,31 +1,20 @@
 """GET /health: public liveness, and whether Ollama answers. Shows no secret (not even URL credentials)."""
 
-import asyncio
-
 from fastapi import APIRouter
 
-from core.errors import GatewayError
 from core.services import AppServices
 from routes.schemas import HealthResponse
+from upstream.probe import probe_ollama
 
 router = APIRouter(tags=["health"])
-
-HEALTH_PROBE_TIMEOUT = 3.0
 
 
 @router.get("/health", response_model=HealthResponse, summary="Gateway and Ollama status (no token needed)")
 async def health(services: AppServices) -> HealthResponse:
-    upstream = services.upstream
-    try:
-        async with asyncio.timeout(HEALTH_PROBE_TIMEOUT):
-            answer = await upstream.fetch_json("GET", "/api/version")
-        version = answer.get("version") if isinstance(answer, dict) else None
-        reachable = True
-    except (GatewayError, TimeoutError):
-        version, reachable = None, False
+    probe = await probe_ollama(services.upstream)
     return HealthResponse(
-        status="ok" if reachable else "degraded",
-        ollama_url=upstream.public_url,
-        ollama_reachable=reachable,
-        ollama_version=version if isinstance(version, str) else None,
+        status="ok" if probe.reachable else "degraded",
+        ollama_url=services.upstream.public_url,
+        ollama_reachable=probe.reachable,
+        ollama_version=probe.version,
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.processes import REPO, clean_environment, free_port
+from tests.processes import REPO, clean_environment, free_port, running_main
 
 START_TIMEOUT = 30.0
 
@@ -64,3 +64,28 @@ def test_uvicorn_with_the_gateways_protocol_serves_with_its_header_timeout(tmp_p
     finally:
         process.terminate()
         process.communicate(timeout=15)
+
+
+def test_ollama_down_at_start_is_said_once_as_a_warning_and_the_gateway_starts(tmp_path, unused_port):
+    down = f"http://127.0.0.1:{unused_port}"
+    with running_main(tmp_path, OLLAMA_URL=down, ADMIN_PASSWORD="serving-test-password") as (url, console, _):
+        assert httpx.get(f"{url}/health").json()["ollama_reachable"] is False
+        deadline = time.monotonic() + START_TIMEOUT
+        while "not reachable yet" not in console.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        said = [line for line in console.read_text().splitlines() if "not reachable yet" in line]
+    assert len(said) == 1
+    assert down in said[0]
+    assert "Traceback" not in console.read_text()
+
+
+def test_ollama_up_at_start_draws_no_warning(tmp_path, ollama):
+    with running_main(tmp_path, OLLAMA_URL=ollama.url, ADMIN_PASSWORD="serving-test-password") as (
+        url,
+        console,
+        _,
+    ):
+        assert httpx.get(f"{url}/health").json()["ollama_reachable"] is True
+        # The probe runs beside the start-up; /health answering means it has had its turn.
+        time.sleep(0.5)
+        assert "not reachable" not in console.read_text()

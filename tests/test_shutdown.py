@@ -77,6 +77,18 @@ def _running_main(tmp_path: Path, ollama, graceful: float) -> AbstractContextMan
     )
 
 
+def test_sigterm_is_a_clean_exit_with_status_0(tmp_path, ollama):
+    """`systemctl stop` or `kill`: the process exits 0 with nothing alarming said (`make run` printed
+    "Terminated" after uvicorn raised SIGTERM again on itself, exit status 143)."""
+    with _running_main(tmp_path, ollama, graceful=5) as (url, console, pid):
+        assert httpx.get(f"{url}/health").status_code == 200
+        process = psutil.Process(pid)
+        process.send_signal(signal.SIGTERM)
+        status = process.wait(timeout=15)
+    assert status == 0
+    assert "Traceback" not in console.read_text()
+
+
 def test_sigterm_lets_running_streams_finish_and_refuses_new_connections(tmp_path, ollama):
     with _running_main(tmp_path, ollama, graceful=10) as (url, _, pid):
         token = _login(url)
