@@ -12,7 +12,9 @@ import os
 import httpx
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import (
     negative_data_rejection,
     positive_data_acceptance,
@@ -23,9 +25,12 @@ from main import create_app
 from tests.servers import NO_SIGN_IN_LIMITS, gateway_settings, start_gateway
 
 # The description as the gateway serves it at /openapi.json, read from an app that is never started, so that
-# each operation is its own sub-test (the gateway under fuzz is started by the fixture below).
+# each operation is its own test (the gateway under fuzz is started by the fixture below). One pytest test per
+# operation, not schemathesis' `schema.parametrize()`: its sub-tests are counted by pytest but never reported,
+# so the progress column of a passing run ended at [ 90%].
 _SPEC = create_app(Settings(_env_file=None)).openapi()
 schema = schemathesis.openapi.from_dict(_SPEC)
+OPERATIONS = [operation.ok() for operation in schema.get_all_operations()]
 # Kept small so the suite stays fast, and derandomized so a run is repeatable (the same cases every time).
 # FUZZ_MAX_EXAMPLES=500 fuzzes deeper, with fresh random cases on every run.
 DEEP_EXAMPLES = os.environ.get("FUZZ_MAX_EXAMPLES")
@@ -81,11 +86,21 @@ def _excluded_checks(case) -> list:
     return excluded
 
 
-@schema.parametrize()
-@FUZZ_SETTINGS
-def test_openapi_fuzz_finds_no_500_and_no_schema_violation(case, fuzzed):
+@pytest.mark.parametrize("operation", OPERATIONS, ids=[operation.label for operation in OPERATIONS])
+def test_openapi_fuzz_finds_no_500_and_no_schema_violation(operation, fuzzed):
     gateway, headers = fuzzed
-    case.call_and_validate(base_url=gateway.url, headers=headers, excluded_checks=_excluded_checks(case))
+
+    @FUZZ_SETTINGS
+    @given(data=st.data())
+    def call_and_validate(data: st.DataObject) -> None:
+        case = data.draw(
+            st.one_of(
+                operation.as_strategy(GenerationMode.POSITIVE), operation.as_strategy(GenerationMode.NEGATIVE)
+            )
+        )
+        case.call_and_validate(base_url=gateway.url, headers=headers, excluded_checks=_excluded_checks(case))
+
+    call_and_validate()
 
 
 # What the fuzzer found, kept as plain tests (the fuzzer's cases may change with its version).
