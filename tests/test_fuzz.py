@@ -14,7 +14,8 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from schemathesis import GenerationMode
+from schemathesis import APIOperation, GenerationMode
+from schemathesis.core.result import Err
 from schemathesis.specs.openapi.checks import (
     negative_data_rejection,
     positive_data_acceptance,
@@ -30,7 +31,18 @@ from tests.servers import NO_SIGN_IN_LIMITS, gateway_settings, start_gateway
 # so the progress column of a passing run ended at [ 90%].
 _SPEC = create_app(Settings(_env_file=None)).openapi()
 schema = schemathesis.openapi.from_dict(_SPEC)
-OPERATIONS = [operation.ok() for operation in schema.get_all_operations()]
+
+
+def _operations() -> list[APIOperation]:
+    operations = []
+    for result in schema.get_all_operations():
+        if isinstance(result, Err):
+            raise result.err()  # the gateway's own description is broken: nothing to fuzz until it is fixed
+        operations.append(result.ok())
+    return operations
+
+
+OPERATIONS = _operations()
 # Kept small so the suite stays fast, and derandomized so a run is repeatable (the same cases every time).
 # FUZZ_MAX_EXAMPLES=500 fuzzes deeper, with fresh random cases on every run.
 DEEP_EXAMPLES = os.environ.get("FUZZ_MAX_EXAMPLES")
