@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # apt-get needs root: use sudo when not running as root.
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: run test lint browser bench sweep soak clean
+.PHONY: run test lint browser deploy-tools bench sweep soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,21 @@ browser:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	fi
 
-test: lint browser
+# tests/test_deploy.py checks the deploy/ files with the tools made for them: Debian's nginx (`nginx -t`,
+# and the site run for real), systemd-analyze, and openssl for a throwaway certificate. Debian puts nginx in
+# /usr/sbin, which is not on every user's PATH.
+deploy-tools:
+	@missing=""; \
+	[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || missing="$$missing nginx"; \
+	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
+	if [ -n "$$missing" ]; then \
+		echo "Installing Debian's$$missing for the deploy/ checks"; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+test: lint browser deploy-tools
 	$(BIN)/python -m pytest
 
 # On demand, not part of `make test`: see bench/README.md.

@@ -6,7 +6,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -35,15 +35,16 @@ def _limit_open_files(soft: int) -> None:
 
 @contextmanager
 def running_main(
-    folder: Path, open_files: int | None = None, **settings: str
+    folder: Path, open_files: int | None = None, launcher: Sequence[str] = (), **settings: str
 ) -> Iterator[tuple[str, Path, int]]:
     """`python main.py` with only these settings, from `folder`; yields its URL, console output file and
-    process id. `open_files`: start it with that soft limit on open files, as many systems do (1024)."""
+    process id. `open_files`: start it with that soft limit on open files, as many systems do (1024).
+    `launcher`: a command that is handed `python main.py` as its arguments and runs it."""
     port = free_port()
     console = folder / f"console-{port}.txt"
     with open(console, "wb") as output:
         process = subprocess.Popen(
-            [sys.executable, str(REPO / "main.py")],
+            [*launcher, sys.executable, str(REPO / "main.py")],
             cwd=folder,
             env=clean_environment(PORT=str(port), **settings),
             stdout=output,

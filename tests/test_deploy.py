@@ -1,0 +1,765 @@
+"""The files under deploy/, checked by the tools made for them and against the code they run.
+
+- The systemd unit: `systemd-analyze verify` (any warning fails, as an unknown or mistyped setting is only a
+  warning to systemd) and `systemd-analyze security --offline`; the gateway under the kernel's
+  MemoryDenyWriteExecute, which recent systemd applies for the unit's setting.
+- The nginx site: `nginx -t` on it, and nginx run with it in front of `python main.py` started with the
+  unit's settings (TLS, the redirect, a stream passed on line by line, the client's address).
+- The Dockerfile: hadolint. The compose file: the Compose Specification's JSON schema, as Docker Compose
+  validates it, and the references between its parts.
+- All of them against the code: setting names, ports, timeouts, body caps, the code the image copies.
+
+Not run here: no image is built and no container started (no Docker engine), and systemd does not start the
+unit (it is not this machine's init). `make test` installs nginx, systemd-analyze and openssl (`make
+deploy-tools`); hadolint and the schema validator come from requirements-dev.txt.
+"""
+
+import ast
+import errno
+import json
+import os
+import re
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import jsonschema
+import pytest
+import yaml
+
+from core.settings import MIB, Settings
+from main import MULTIPART_ALLOWANCE
+from routes.web import WEB_DIR
+from tests.processes import REPO, SETTING_NAMES, free_port, running_main
+from tests.streams import chat_body
+
+DEPLOY = REPO / "deploy"
+UNIT = DEPLOY / "ollama-gateway.service"
+NGINX_SITE = DEPLOY / "nginx-site.conf"
+DOCKERFILE = DEPLOY / "Dockerfile"
+DOCKERIGNORE = DEPLOY / "Dockerfile.dockerignore"
+COMPOSE = DEPLOY / "compose.yaml"
+ENV_EXAMPLE = DEPLOY / "gateway.env.example"
+COMPOSE_SCHEMA = REPO / "tests" / "compose-spec" / "compose-spec.json"
+
+# Where the unit expects the code, and the placeholders the site leaves for the operator's certificate.
+INSTALLED_CODE = "/opt/ollama-gateway"
+CERTIFICATE = "/etc/ssl/ollama-gateway/fullchain.pem"
+CERTIFICATE_KEY = "/etc/ssl/ollama-gateway/privkey.pem"
+
+ADMIN_PASSWORD = "deploy-test-password"
+# The worst `systemd-analyze security` exposure (0 to 10) the unit may drift to; it scores 1.2 now.
+MAX_EXPOSURE = 2.0
+TOOL_TIMEOUT = 60
+
+
+def _default(name: str) -> float:
+    default = Settings.model_fields[name].default
+    assert isinstance(default, int | float)
+    return default
+
+
+def _tool(name: str, *extra_dirs: str) -> str:
+    # Debian puts nginx in /usr/sbin, which is not on every user's PATH.
+    search = ":".join([*extra_dirs, "/usr/local/sbin", "/usr/sbin", "/usr/bin", "/bin"])
+    found = shutil.which(name) or shutil.which(name, path=search)
+    if found is None:
+        raise RuntimeError(f"{name} is not installed: run `make test`, which installs it (make deploy-tools)")
+    return found
+
+
+def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, capture_output=True, text=True, timeout=TOOL_TIMEOUT, **kwargs)
+
+
+# The systemd unit.
+
+
+def _unit_entries(text: str) -> list[tuple[str, str, str]]:
+    """(section, key, value) for every assignment, in order: a unit may assign a key more than once."""
+    entries, section = [], ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        entries.append((section, key.strip(), value.strip()))
+    return entries
+
+
+def _unit_values(key: str) -> list[str]:
+    return [value for _, name, value in _unit_entries(UNIT.read_text()) if name == key]
+
+
+def _unit_value(key: str) -> str:
+    values = _unit_values(key)
+    assert len(values) == 1, f"{key}= is set {len(values)} times in {UNIT.name}"
+    return values[0]
+
+
+def _unit_environment() -> dict[str, str]:
+    return dict(assignment.split("=", 1) for assignment in _unit_values("Environment"))
+
+
+def _unit_for_this_machine(folder: Path, text: str) -> Path:
+    """The unit as `systemd-analyze verify` can check it here: it refuses an ExecStart= whose program does
+    not exist, so the code's folder is this checkout and its Python the one running the tests."""
+    python = f"{INSTALLED_CODE}/.venv/bin/python"
+    assert python in text, f"{UNIT.name} no longer runs {python}: update this test"
+    path = folder / UNIT.name
+    path.write_text(text.replace(python, sys.executable).replace(INSTALLED_CODE, str(REPO)))
+    return path
+
+
+def _verify_unit(folder: Path, text: str) -> subprocess.CompletedProcess[str]:
+    unit = _unit_for_this_machine(folder, text)
+    # Only this unit's own problems: a broken unit elsewhere on the machine is not the gateway's.
+    return _run([_tool("systemd-analyze"), "verify", "--man=no", "--recursive-errors=no", str(unit)])
+
+
+def test_systemd_unit_verifies_without_a_warning(tmp_path):
+    verified = _verify_unit(tmp_path, UNIT.read_text())
+    assert verified.returncode == 0, verified.stderr
+    assert verified.stderr.strip() == ""
+
+
+@pytest.mark.parametrize(
+    ("original", "broken"),
+    [
+        pytest.param("ProtectSystem=strict", "ProtectSystm=strict", id="unknown-key"),
+        pytest.param("ProtectSystem=strict", "ProtectSystem=stricter", id="bad-value"),
+        pytest.param("ExecStart=", "ExecStart=/nowhere/python ", id="missing-program"),
+    ],
+)
+def test_systemd_unit_check_fails_on_a_broken_unit(tmp_path, original, broken):
+    """The check above would notice a mistake: systemd itself only warns about the first two."""
+    text = UNIT.read_text()
+    assert original in text
+    verified = _verify_unit(tmp_path, text.replace(original, broken, 1))
+    assert verified.returncode != 0 or verified.stderr.strip() != ""
+
+
+def test_systemd_unit_exposure_stays_low(tmp_path):
+    unit = _unit_for_this_machine(tmp_path, UNIT.read_text())
+    analyzed = _run(
+        [
+            _tool("systemd-analyze"),
+            "security",
+            "--offline=yes",
+            f"--threshold={int(MAX_EXPOSURE * 10)}",
+            "--no-pager",
+            str(unit),
+        ]
+    )
+    overall = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", analyzed.stdout)
+    assert overall is not None, analyzed.stdout + analyzed.stderr
+    assert float(overall.group(1)) <= MAX_EXPOSURE, analyzed.stdout
+    assert analyzed.returncode == 0, analyzed.stdout + analyzed.stderr
+
+
+def test_systemd_unit_keeps_data_in_its_state_directory():
+    state = _unit_value("StateDirectory")
+    assert _unit_environment()["DATA_DIR"] == f"/var/lib/{state}"
+    assert _unit_value("StateDirectoryMode") == "0700"
+    assert _unit_value("ProtectSystem") == "strict"
+
+
+def test_systemd_unit_waits_longer_than_the_graceful_shutdown():
+    assert _unit_value("KillSignal") == "SIGTERM"
+    assert float(_unit_value("TimeoutStopSec")) > _default("graceful_shutdown_seconds")
+
+
+# MemoryDenyWriteExecute: systemd 254 and later apply it with the kernel's prctl(PR_SET_MDWE) where the
+# kernel has it (Linux 6.3 and later), and with a seccomp filter (stricter about mprotect) before that.
+PR_SET_MDWE = 65
+PR_MDWE_REFUSE_EXEC_GAIN = 1
+MDWE_LAUNCHER = f"""
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl({PR_SET_MDWE}, {PR_MDWE_REFUSE_EXEC_GAIN}, 0, 0, 0) != 0:
+    sys.exit("prctl(PR_SET_MDWE): " + os.strerror(ctypes.get_errno()))
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
+def _kernel_has_mdwe() -> bool:
+    probe = _run([sys.executable, "-c", MDWE_LAUNCHER, "/bin/true"])
+    if probe.returncode == 0:
+        return True
+    # Only a kernel that does not know the request is a reason to skip; any other refusal is a failure.
+    assert os.strerror(errno.EINVAL) in probe.stderr, probe.stderr
+    return False
+
+
+def test_gateway_serves_under_memory_deny_write_execute(tmp_path, ollama):
+    """uvloop, httptools, Argon2 (cffi) and the multipart parser never ask for writable executable memory."""
+    assert _unit_value("MemoryDenyWriteExecute") == "yes"
+    if not _kernel_has_mdwe():
+        pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3 and later)")
+    launcher = [sys.executable, "-c", MDWE_LAUNCHER]
+    # The launcher does what it says: memory both writable and executable is refused after it.
+    refused = _run([*launcher, sys.executable, "-c", "import mmap; mmap.mmap(-1, 4096, prot=7)"])
+    assert "Permission denied" in refused.stderr
+    data = tmp_path / "data"
+    with (
+        running_main(
+            tmp_path,
+            launcher=launcher,
+            OLLAMA_URL=ollama.url,
+            ADMIN_PASSWORD=ADMIN_PASSWORD,
+            DATA_DIR=str(data),
+        ) as (url, console, _),
+        httpx.Client(base_url=url, timeout=30) as http,
+    ):
+        signed_in = http.post("/login", json={"email": "admin@local", "password": ADMIN_PASSWORD})
+        assert signed_in.status_code == 200, console.read_text()
+        http.headers["Authorization"] = f"Bearer {signed_in.json()['access_token']}"
+        with http.stream("POST", "/api/chat", json=chat_body(tokens=3)) as streamed:
+            lines = [json.loads(line) for line in streamed.iter_lines()]
+        assert lines[-1]["done"] is True
+        uploaded = http.post("/upload", files={"file": ("notes.txt", b"hello", "text/plain")})
+        assert uploaded.status_code == 201, uploaded.text
+
+
+# The nginx site.
+
+# What Debian's /etc/nginx/nginx.conf gives a site, with every file nginx writes in the test's folder.
+NGINX_CONF = """\
+worker_processes 1;
+pid {folder}/nginx.pid;
+error_log {folder}/error.log warn;
+
+events {{
+    worker_connections 64;
+}}
+
+http {{
+    access_log off;
+    client_body_temp_path {folder}/client_body;
+    proxy_temp_path {folder}/proxy;
+    fastcgi_temp_path {folder}/fastcgi;
+    uwsgi_temp_path {folder}/uwsgi;
+    scgi_temp_path {folder}/scgi;
+    include {folder}/site.conf;
+}}
+"""
+NGINX_TOKEN = re.compile(r'"[^"]*"|[{};]|[^\s{};"]+')
+
+
+@dataclass(frozen=True)
+class Directive:
+    context: tuple[str, ...]  # the blocks it is in, e.g. ("server", "location /api/blobs/")
+    name: str
+    arguments: tuple[str, ...]
+
+
+def _nginx_directives(text: str) -> list[Directive]:
+    uncommented = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+    directives: list[Directive] = []
+    context: list[str] = []
+    words: list[str] = []
+    for token in NGINX_TOKEN.findall(uncommented):
+        if token == ";":
+            directives.append(Directive(tuple(context), words[0], tuple(words[1:])))
+            words = []
+        elif token == "{":
+            context.append(" ".join(words))
+            words = []
+        elif token == "}":
+            context.pop()
+        else:
+            words.append(token)
+    return directives
+
+
+def _site_setting(name: str, context: tuple[str, ...]) -> tuple[str, ...]:
+    found = [
+        d.arguments
+        for d in _nginx_directives(NGINX_SITE.read_text())
+        if (d.context, d.name) == (context, name)
+    ]
+    assert len(found) == 1, f"{name} in {context}: {found}"
+    return found[0]
+
+
+def _replaced(text: str, replacements: dict[str, str]) -> str:
+    for original, replacement in replacements.items():
+        assert original in text, f"{original!r} is no longer in {NGINX_SITE.name}: update this test"
+        text = text.replace(original, replacement)
+    return text
+
+
+@dataclass(frozen=True)
+class Certificate:
+    certificate: Path
+    key: Path
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory) -> Certificate:
+    """A throwaway self-signed certificate for the site's name and for 127.0.0.1."""
+    folder = tmp_path_factory.mktemp("tls")
+    made = Certificate(folder / "fullchain.pem", folder / "privkey.pem")
+    created = _run(
+        [
+            _tool("openssl"),
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=gateway.example.lan",
+            "-addext",
+            "subjectAltName=DNS:gateway.example.lan,IP:127.0.0.1",
+            "-keyout",
+            str(made.key),
+            "-out",
+            str(made.certificate),
+        ]
+    )
+    assert created.returncode == 0, created.stderr
+    return made
+
+
+def _site_with_certificate(text: str, made: Certificate) -> str:
+    return _replaced(text, {CERTIFICATE: str(made.certificate), CERTIFICATE_KEY: str(made.key)})
+
+
+def _nginx_conf(folder: Path, site: str) -> Path:
+    (folder / "site.conf").write_text(site)
+    conf = folder / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(folder=folder))
+    return conf
+
+
+def _nginx_test(folder: Path, site: str) -> subprocess.CompletedProcess[str]:
+    conf = _nginx_conf(folder, site)
+    return _run([_tool("nginx"), "-t", "-p", str(folder), "-e", str(folder / "error.log"), "-c", str(conf)])
+
+
+def _nginx_accepts(checked: subprocess.CompletedProcess[str]) -> bool:
+    # A warning (a directive nginx ignores, an option it overrides) counts: the site must mean what it says.
+    return (
+        checked.returncode == 0 and "[warn]" not in checked.stderr and "test is successful" in checked.stderr
+    )
+
+
+def test_nginx_site_passes_nginx_t(tmp_path, certificate):
+    checked = _nginx_test(tmp_path, _site_with_certificate(NGINX_SITE.read_text(), certificate))
+    assert _nginx_accepts(checked), checked.stderr
+
+
+@pytest.mark.parametrize(
+    ("original", "broken"),
+    [
+        pytest.param("proxy_buffering off;", "proxy_bufering off;", id="unknown-directive"),
+        pytest.param("proxy_read_timeout 900s;", "proxy_read_timeout 900x;", id="bad-value"),
+        pytest.param("gzip off;", "gzip off", id="missing-semicolon"),
+        pytest.param(
+            "ssl_protocols TLSv1.2 TLSv1.3;",
+            "ssl_protocols TLSv1.2 TLSv1.3;\nssl_protocols TLSv1.3;",
+            id="twice",
+        ),
+    ],
+)
+def test_nginx_check_fails_on_a_broken_site(tmp_path, certificate, original, broken):
+    site = _site_with_certificate(NGINX_SITE.read_text(), certificate)
+    assert not _nginx_accepts(_nginx_test(tmp_path, _replaced(site, {original: broken})))
+
+
+def test_nginx_site_fits_the_gateway():
+    directives = _nginx_directives(NGINX_SITE.read_text())
+    https = next(d.context for d in directives if d.name == "listen" and "ssl" in d.arguments)
+    unit = _unit_environment()
+    # nginx reaches the gateway where the unit has it listen, from the one address the gateway trusts.
+    assert _site_setting("server", ("upstream ollama_gateway",)) == (f"{unit['HOST']}:{unit['PORT']}",)
+    assert unit["TRUSTED_PROXIES"] == unit["HOST"] == "127.0.0.1"
+    # Replaced, never appended to: see core/client_address.py.
+    forwarded = [
+        d.arguments[1:]
+        for d in directives
+        if d.name == "proxy_set_header" and d.arguments[0] == "X-Forwarded-For"
+    ]
+    assert forwarded == [("$remote_addr",)]
+    assert _site_setting("proxy_buffering", https) == ("off",)
+    assert _site_setting("proxy_request_buffering", https) == ("off",)
+    # nginx gives up on a silent upstream only after the gateway has (and has answered the client itself).
+    read_timeout = int(_site_setting("proxy_read_timeout", https)[0].removesuffix("s"))
+    assert read_timeout > _default("upstream_first_byte_timeout")
+    assert read_timeout > _default("upstream_idle_timeout")
+    # nginx stops no body the gateway allows; model blobs have no cap at either.
+    body_cap = int(_site_setting("client_max_body_size", https)[0].removesuffix("m")) * MIB
+    assert body_cap >= _default("max_request_mb") * MIB
+    assert body_cap >= _default("max_upload_mb") * MIB + MULTIPART_ALLOWANCE
+    assert _site_setting("client_max_body_size", (*https, "location /api/blobs/")) == ("0",)
+
+
+# Two clients: one on another machine (another loopback address, to differ from nginx's 127.0.0.1), and one
+# on the gateway's own, whose address the gateway trusts as a proxy's. Each claims to be someone else.
+OTHER_MACHINE = "127.0.0.2"
+THIS_MACHINE = "127.0.0.1"
+FORGED = "203.0.113.9"
+
+
+@contextmanager
+def _running_nginx(site: str) -> Iterator[tuple[int, int]]:
+    """nginx with the site in the foreground, its two ports moved to free loopback ones; yields them."""
+    http_port, https_port = free_port(), free_port()
+    site = _replaced(
+        site,
+        {
+            "listen 80;": f"listen 127.0.0.1:{http_port};",
+            "listen [::]:80;": "",
+            "listen 443 ssl;": f"listen 127.0.0.1:{https_port} ssl;",
+            "listen [::]:443 ssl;": "",
+        },
+    )
+    # Not under pytest's private temp folder: nginx started by root runs its worker as nobody.
+    folder = Path(tempfile.mkdtemp(prefix="deploy-nginx-"))
+    folder.chmod(0o755)
+    conf = _nginx_conf(folder, site)
+    command = [_tool("nginx"), "-p", str(folder), "-e", str(folder / "error.log"), "-c", str(conf)]
+    process = subprocess.Popen([*command, "-g", "daemon off;"], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", https_port), timeout=1).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"nginx did not start: {(folder / 'error.log').read_text()}") from None
+                time.sleep(0.05)
+        yield http_port, https_port
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_nginx_site_serves_the_gateway_as_the_unit_runs_it(tmp_path, ollama, certificate):
+    """`python main.py` with the unit's settings, behind nginx with the site: TLS, the redirect from plain
+    HTTP, tokens passed on one by one, and the client's own address reaching the gateway."""
+    unit = _unit_environment()
+    # The unit's own settings, but its data folder and port: the test's.
+    assert set(unit) == {"DATA_DIR", "HOST", "PORT", "TRUSTED_PROXIES"}, (
+        "a new setting in the unit: pass it on here"
+    )
+    gateway = running_main(
+        tmp_path,
+        HOST=unit["HOST"],
+        TRUSTED_PROXIES=unit["TRUSTED_PROXIES"],
+        DATA_DIR=str(tmp_path / "data"),
+        OLLAMA_URL=ollama.url,
+        ADMIN_PASSWORD=ADMIN_PASSWORD,
+    )
+    with gateway as (url, console, _):
+        site = _site_with_certificate(NGINX_SITE.read_text(), certificate)
+        site = _replaced(site, {"server 127.0.0.1:8000;": f"server {url.removeprefix('http://')};"})
+        with _running_nginx(site) as (http_port, https_port):
+            redirected = httpx.get(f"http://127.0.0.1:{http_port}/health?x=1")
+            assert redirected.status_code == 301
+            assert redirected.headers["location"] == "https://127.0.0.1/health?x=1"
+
+            trusted = ssl.create_default_context(cafile=certificate.certificate)
+            for failures, client in enumerate((OTHER_MACHINE, THIS_MACHINE), start=1):
+                # A client's own X-Forwarded-For is replaced, not appended to: the gateway counts and logs
+                # a failed sign-in against the address nginx saw. (Appended, the forged address would be
+                # believed from the gateway's machine, the proxy's own address.)
+                with _https_client(https_port, trusted, client) as http:
+                    refused = http.post(
+                        "/login",
+                        json={"email": "admin@local", "password": "not the password"},
+                        headers={"X-Forwarded-For": FORGED},
+                    )
+                    assert refused.status_code == 401
+                assert _console_lines(console, "failed sign-in", failures)[-1].endswith(f"from {client}")
+            assert FORGED not in console.read_text()
+
+            with _https_client(https_port, trusted, OTHER_MACHINE) as http:
+                health = http.get("/health")
+                assert health.json()["status"] == "ok"
+                assert "max-age" in health.headers["strict-transport-security"]
+
+                signed_in = http.post("/login", json={"email": "admin@local", "password": ADMIN_PASSWORD})
+                http.headers["Authorization"] = f"Bearer {signed_in.json()['access_token']}"
+                # The fake model sends one token and then nothing: a relay that held it back until more
+                # came, or the stream ended, would time out here.
+                with http.stream("POST", "/api/chat", json=chat_body(hang_after=1)) as streamed:
+                    first = json.loads(next(streamed.iter_lines()))
+                assert first["message"]["content"] == "Hello"
+
+
+def _https_client(port: int, trusted: ssl.SSLContext, local_address: str) -> httpx.Client:
+    transport = httpx.HTTPTransport(verify=trusted, local_address=local_address)
+    return httpx.Client(base_url=f"https://127.0.0.1:{port}", transport=transport, timeout=10)
+
+
+def _console_lines(console: Path, text: str, count: int = 1) -> list[str]:
+    """The console's lines holding `text`, once there are `count` of them (the gateway logs as it goes)."""
+    deadline = time.monotonic() + 5
+    while True:
+        lines = [line for line in console.read_text().splitlines() if text in line]
+        if len(lines) >= count or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
+
+
+# The Dockerfile.
+
+
+@dataclass(frozen=True)
+class Instruction:
+    keyword: str
+    arguments: str
+
+
+def _dockerfile() -> list[Instruction]:
+    """Instructions with their continuation lines joined (comments inside them dropped, as Docker does)."""
+    instructions, pending = [], ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        keyword, _, arguments = (pending + line).partition(" ")
+        instructions.append(Instruction(keyword.upper(), " ".join(arguments.split())))
+        pending = ""
+    return instructions
+
+
+def _docker_arguments(keyword: str) -> list[str]:
+    return [instruction.arguments for instruction in _dockerfile() if instruction.keyword == keyword]
+
+
+def _dockerfile_environment() -> dict[str, str]:
+    return dict(pair.split("=", 1) for arguments in _docker_arguments("ENV") for pair in arguments.split())
+
+
+def _copied() -> set[str]:
+    """What the image copies from the build context (the repository's root), as top-level names."""
+    sources = [arguments.split()[:-1] for arguments in _docker_arguments("COPY")]
+    return {source.rstrip("/") for group in sources for source in group}
+
+
+def _hadolint(folder: Path, dockerfile: Path) -> subprocess.CompletedProcess[str]:
+    # Every rule at every level, none silenced by a comment in the file, and no configuration from the
+    # machine or the current folder: an empty one of ours.
+    config = folder / "hadolint.yaml"
+    config.write_text("ignored: []\n")
+    hadolint = _tool("hadolint", str(Path(sys.executable).parent))
+    command = [
+        hadolint,
+        "--no-color",
+        "--failure-threshold",
+        "style",
+        "--disable-ignore-pragma",
+        "-c",
+        str(config),
+    ]
+    return _run([*command, str(dockerfile)], cwd=folder)
+
+
+def test_dockerfile_passes_hadolint(tmp_path):
+    linted = _hadolint(tmp_path, DOCKERFILE)
+    assert linted.returncode == 0, linted.stdout + linted.stderr
+    assert linted.stdout.strip() == ""
+
+
+@pytest.mark.parametrize(
+    ("original", "broken"),
+    [
+        pytest.param("FROM python:3.11-slim-bookworm", "FROM python", id="untagged-base"),
+        pytest.param("pip install --no-cache-dir", "pip install", id="pip-cache"),
+        pytest.param("USER 10001:10001", "USER gateway", id="user-by-name"),
+        pytest.param("WORKDIR /app", "RUN cd /app", id="cd-for-workdir"),
+    ],
+)
+def test_hadolint_fails_on_a_broken_dockerfile(tmp_path, original, broken):
+    text = DOCKERFILE.read_text()
+    assert original in text
+    dockerfile = tmp_path / "Dockerfile"
+    dockerfile.write_text(text.replace(original, broken, 1))
+    assert _hadolint(tmp_path, dockerfile).returncode != 0
+
+
+def test_dockerfile_runs_the_gateway_as_its_settings_say():
+    env = _dockerfile_environment()
+    assert env["HOST"] == "0.0.0.0"
+    assert _docker_arguments("EXPOSE") == [env["PORT"]]
+    assert _docker_arguments("VOLUME") == [env["DATA_DIR"]]
+    assert _docker_arguments("CMD") == ['["python", "main.py"]']
+    (user,) = _docker_arguments("USER")
+    assert user.split(":")[0] not in ("root", "0")
+    (healthcheck,) = _docker_arguments("HEALTHCHECK")
+    assert "/health" in healthcheck
+    assert "os.environ['PORT']" in healthcheck
+    # The runtime requirements, never the test tools.
+    assert "requirements.txt" in _copied()
+    assert not any(
+        "requirements-" in arguments for arguments in _docker_arguments("RUN") + _docker_arguments("COPY")
+    )
+
+
+def _first_party_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return {name for name in names if (REPO / name).is_dir() or (REPO / f"{name}.py").is_file()}
+
+
+def test_dockerfile_copies_all_the_code_the_gateway_runs():
+    copied = _copied()
+    python_files = [
+        path
+        for name in copied
+        for path in ((REPO / name).rglob("*.py") if (REPO / name).is_dir() else [REPO / name])
+        if path.suffix == ".py"
+    ]
+    assert REPO / "main.py" in python_files
+    imported = set().union(*(_first_party_imports(path) for path in python_files))
+    assert imported - copied == set()
+    assert "tests" not in imported and "bench" not in imported
+    # The page and its scripts are served from files, not imported.
+    assert WEB_DIR.relative_to(REPO).parts[0] in copied
+
+
+def test_dockerignore_lets_through_everything_the_image_copies():
+    lines = [line.strip() for line in DOCKERIGNORE.read_text().splitlines() if line.strip()]
+    patterns = [line for line in lines if not line.startswith("#")]
+    # Everything is left out first, then only what is named is let back in.
+    assert patterns[0] == "*"
+    admitted = {pattern.removeprefix("!").rstrip("/") for pattern in patterns if pattern.startswith("!")}
+    assert _copied() <= admitted
+
+
+# The compose file.
+
+
+def _compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def _compose_problems(compose: dict) -> list[str]:
+    """What `docker compose config` would refuse: the schema, then the names one part gives another."""
+    schema = json.loads(COMPOSE_SCHEMA.read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    problems = [
+        f"{'.'.join(map(str, error.path))}: {error.message}" for error in validator.iter_errors(compose)
+    ]
+    if problems:
+        return problems
+    services = compose["services"]
+    volumes = compose.get("volumes") or {}
+    for name, service in services.items():
+        for dependency in service.get("depends_on", []):
+            if dependency not in services:
+                problems.append(f"{name} depends on {dependency}, which is no service")
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0] if isinstance(volume, str) else volume.get("source", "")
+            if not source.startswith((".", "/")) and source not in volumes:
+                problems.append(f"{name} mounts the volume {source}, which is not declared")
+        build = service.get("build")
+        if build is not None:
+            context = COMPOSE.parent / build["context"]
+            if not (context / build.get("dockerfile", "Dockerfile")).is_file():
+                problems.append(f"{name} builds from a Dockerfile that is not there")
+    return problems
+
+
+def test_compose_schema_is_a_valid_schema():
+    jsonschema.Draft202012Validator.check_schema(json.loads(COMPOSE_SCHEMA.read_text()))
+
+
+def test_compose_file_matches_the_compose_specification():
+    assert _compose_problems(_compose()) == []
+
+
+def _broken_compose(change) -> dict:
+    compose = _compose()
+    change(compose)
+    return compose
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(lambda c: c["services"]["gateway"].update(stop_grace_periood="45s"), id="unknown-key"),
+        pytest.param(lambda c: c["services"]["gateway"].update(ports=8000), id="ports-not-a-list"),
+        pytest.param(lambda c: c["services"]["ollama"].update(restart=["always"]), id="restart-not-a-string"),
+        pytest.param(lambda c: c["volumes"].pop("gateway-data"), id="undeclared-volume"),
+        pytest.param(lambda c: c["services"]["gateway"].update(depends_on=["olama"]), id="unknown-service"),
+        pytest.param(
+            lambda c: c["services"]["gateway"]["build"].update(dockerfile="Dockerfile"), id="no-dockerfile"
+        ),
+    ],
+)
+def test_compose_check_fails_on_a_broken_file(change):
+    assert _compose_problems(_broken_compose(change)) != []
+
+
+def _seconds(duration: str) -> float:
+    match = re.fullmatch(r"(\d+)(s|m)", duration)
+    assert match, duration
+    return int(match.group(1)) * (60 if match.group(2) == "m" else 1)
+
+
+def test_compose_runs_the_gateway_in_front_of_ollama():
+    services = _compose()["services"]
+    gateway, ollama = services["gateway"], services["ollama"]
+    assert gateway["environment"]["OLLAMA_URL"] == "http://ollama:11434"
+    # Ollama is reached only through the gateway.
+    assert "ports" not in ollama
+    (published,) = gateway["ports"]
+    assert published.rsplit(":", 1)[1] == _dockerfile_environment()["PORT"]
+    (data,) = gateway["volumes"]
+    assert data.split(":")[1] == _dockerfile_environment()["DATA_DIR"]
+    assert _seconds(gateway["stop_grace_period"]) > _default("graceful_shutdown_seconds")
+    # The operator's own settings file is never committed by mistake.
+    (env_file,) = gateway["env_file"]
+    assert f"/deploy/{env_file['path']}" in (REPO / ".gitignore").read_text().splitlines()
+
+
+# Every file against the settings.
+
+
+def _names_in_env_example() -> set[str]:
+    return set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]*)=", ENV_EXAMPLE.read_text(), flags=re.MULTILINE))
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        pytest.param(lambda: set(_unit_environment()), id="systemd-unit"),
+        pytest.param(lambda: set(_dockerfile_environment()), id="dockerfile"),
+        pytest.param(lambda: set(_compose()["services"]["gateway"]["environment"]), id="compose"),
+        pytest.param(_names_in_env_example, id="env-example"),
+    ],
+)
+def test_deploy_files_set_only_gateway_settings(names):
+    found = names()
+    assert found
+    assert found - SETTING_NAMES == set()
