@@ -355,8 +355,10 @@ def test_an_admin_adds_disables_and_limits_a_user(page, web):
     expect(row).to_contain_text("yes")
     row.get_by_label("Role of new@example.com").select_option("admin")
     row.get_by_label("Models of new@example.com").fill("")
-    row.get_by_role("button", name="Save").click()
-    expect(row.get_by_label("Role of new@example.com")).to_have_value("admin")
+    # The select shows "admin" as soon as it is picked: wait for the save itself before reading the database.
+    with page.expect_response(lambda answer: answer.request.method == "PATCH") as saved:
+        row.get_by_role("button", name="Save").click()
+    assert saved.value.ok
     stored = web.services.users.find_by_email("new@example.com").user
     assert (stored.role, stored.models, stored.disabled) == ("admin", None, True)
 
