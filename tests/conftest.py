@@ -5,7 +5,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from playwright.sync_api import Browser, sync_playwright
 
+from tests.browser import CHROMIUM_ARGS, chromium_path
 from tests.fake_ollama import FakeOllama
 from tests.processes import free_port
 from tests.servers import NO_SIGN_IN_LIMITS, RunningGateway, ServerThread, gateway_settings, start_gateway
@@ -16,6 +18,16 @@ def fake_ollama_server() -> Iterator[FakeOllama]:
     server = FakeOllama().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """Headless Chromium, one per test module. Not one per session: while Playwright's sync API runs, an
+    asyncio loop counts as running on the main thread, and every later test that calls asyncio.run() fails."""
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
 
 
 @pytest.fixture

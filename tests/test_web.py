@@ -5,20 +5,12 @@ from collections.abc import Iterator
 from typing import Literal
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from tests import tokens
-from tests.browser import CHROMIUM_ARGS, chromium_path, screenshot, send_message, sign_in
+from tests.browser import screenshot, send_message, sign_in
 
 USER_PASSWORD = "users-long-password"
-
-
-@pytest.fixture(scope="session")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
-        yield launched
-        launched.close()
 
 
 @pytest.fixture
