@@ -27,7 +27,7 @@ from core.server import (
 from core.services import close_services, open_services
 from core.settings import MIB, Settings
 from core.startup_errors import OneLineStartupErrors
-from routes import admin, auth, files, health, keys, me, web
+from routes import admin, api_docs, auth, files, health, keys, me, web
 from routes.guard import CredentialsFirst
 from routes.relay import RELAY_ROUTES
 from upstream.docs import install_relay_docs
@@ -66,6 +66,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Authenticated gateway to a shared Ollama server. Log in with POST /login, then send "
         "`Authorization: Bearer <token>`.",
         lifespan=lifespan,
+        # FastAPI's docs pages load their scripts from a CDN; routes.api_docs serves them from here.
+        docs_url=None,
+        redoc_url=None,
         # No OpenTelemetry is configured; left on, FastAPI looks for providers on every request.
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
@@ -105,7 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_age=600,
         )
     app.add_middleware(OneLineStartupErrors)
-    for module in (web, auth, me, keys, files, admin, health):
+    for module in (web, api_docs, auth, me, keys, files, admin, health):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
     install_relay_docs(app, RELAY_ROUTES)

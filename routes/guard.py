@@ -24,7 +24,6 @@ PUBLIC_PATHS = frozenset(
         "/health",
         "/login",
         "/docs",
-        "/docs/oauth2-redirect",
         "/redoc",
         "/openapi.json",
         "/api/version",
