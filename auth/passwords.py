@@ -17,26 +17,13 @@ import asyncio
 from anyio import to_thread
 from passlib.context import CryptContext
 
+from auth.common_passwords import is_common_password
 from core.text import is_valid_text
 
 MIN_PASSWORD_LENGTH = 8
 # In characters: 1024 of them take at most 4096 bytes in UTF-8, within passlib's own limit (4096), past which
 # it raises PasswordSizeError, which was a 500 on /admin/users and /me/password (issue 9, item 7).
 MAX_PASSWORD_LENGTH = 1024
-# Defaults published by this gateway's predecessors and the first guesses of anyone trying: never accepted.
-WELL_KNOWN_PASSWORDS = frozenset(
-    {
-        "changeme",
-        "password",
-        "12345678",
-        "123456789",
-        "admin123",
-        "adminadmin",
-        "changeit",
-        "letmein1",
-        "ollama123",
-    }
-)
 
 _context = CryptContext(schemes=["argon2"])
 
@@ -52,8 +39,8 @@ def password_problem(password: str) -> str | None:
         return f"must be at least {MIN_PASSWORD_LENGTH} characters"
     if len(password) > MAX_PASSWORD_LENGTH:
         return f"must be at most {MAX_PASSWORD_LENGTH} characters"
-    if password.lower() in WELL_KNOWN_PASSWORDS:
-        return "is a well-known default password"
+    if is_common_password(password):
+        return "is too common (one of the 10,000 most common passwords, perhaps with digits or symbols added)"
     return None
 
 

@@ -130,7 +130,9 @@ class UserOut(BaseModel):
 
 class NewUser(BaseModel):
     email: str = Field(examples=["ada@example.com"], json_schema_extra=_EMAIL_SCHEMA)
-    password: str = Field(description="8 to 1024 characters", json_schema_extra=_PASSWORD_SCHEMA)
+    password: str = Field(
+        description="8 to 1024 characters, not a common password", json_schema_extra=_PASSWORD_SCHEMA
+    )
     role: Literal["admin", "user"] = "user"
     models: NewUserModels = Field(default=None, description=MODELS_DESCRIPTION, examples=[["llama3.2:1b"]])
 

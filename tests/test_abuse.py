@@ -390,18 +390,18 @@ LONE = "\\ud800"  # as written in JSON text
             "/login", f'{{"email": "a@example.com", "password": "{LONE}abcdefgh"}}', id="login-password"
         ),
         pytest.param(
-            "/me/password", f'{{"current_password": "x{LONE}", "new_password": "abcdefgh"}}', id="current"
+            "/me/password", f'{{"current_password": "x{LONE}", "new_password": "abcdefgh-xyz"}}', id="current"
         ),
         pytest.param(
             "/me/password", f'{{"current_password": "abcdefgh", "new_password": "{LONE}abcdefgh"}}', id="new"
         ),
-        pytest.param("/admin/users", f'{{"email": "n{LONE}@x.com", "password": "abcdefgh-9"}}', id="email"),
+        pytest.param("/admin/users", f'{{"email": "n{LONE}@x.com", "password": "abcdefgh-xyz"}}', id="email"),
         pytest.param(
             "/admin/users", f'{{"email": "n@x.com", "password": "{LONE}abcdefgh-9"}}', id="password"
         ),
         pytest.param(
             "/admin/users",
-            f'{{"email": "m@x.com", "password": "abcdefgh-9", "models": ["{LONE}"]}}',
+            f'{{"email": "m@x.com", "password": "abcdefgh-xyz", "models": ["{LONE}"]}}',
             id="models",
         ),
         pytest.param("/keys", f'{{"name": "{LONE}"}}', id="key-name"),

@@ -65,6 +65,7 @@ def test_create_user_can_read_the_password_from_stdin(gateway):
         (("create-user", "not-an-email"), "", "email"),
         (("create-user", "gus@example.com", "--password-stdin"), "short\n", "8 characters"),
         (("create-user", "gus@example.com", "--password-stdin"), "x" * 5000 + "\n", "at most 1024"),
+        (("create-user", "gus@example.com", "--password-stdin"), "password123\n", "too common"),
         (("reset-password", "admin@example.com", "--password-stdin"), "x" * 5000 + "\n", "at most 1024"),
         (("reset-password", "nobody@example.com"), "", "no user"),
         (("create-key", "nobody@example.com", "k"), "", "no user"),

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from auth import passwords
+from auth import common_passwords, passwords
 
 
 class _CountingContext:
@@ -66,7 +66,13 @@ def test_a_real_hash_verifies_and_a_wrong_password_does_not():
     ("password", "problem"),
     [
         pytest.param("short", "at least 8", id="short"),
-        pytest.param("changeme", "well-known", id="well-known"),
+        pytest.param("changeme", "too common", id="gateway-default"),
+        pytest.param("12345678", "too common", id="common"),
+        pytest.param("password123", "too common", id="common-with-digits"),
+        pytest.param("PassWord123", "too common", id="common-in-any-case"),
+        pytest.param("Dragon2024!", "too common", id="common-with-digits-and-a-symbol"),
+        pytest.param("12345678!", "too common", id="common-digits-with-a-symbol"),
+        pytest.param("ollama123", "too common", id="gateway-default-with-digits"),
         pytest.param("x" * 1025, "at most 1024", id="long"),
         pytest.param("é" * 1025, "at most 1024", id="long-in-bytes-too"),
         pytest.param("x" * 5000, "at most 1024", id="over-passlibs-limit"),
@@ -79,7 +85,9 @@ def test_the_one_password_rule_refuses(password, problem):
 
 
 @pytest.mark.parametrize(
-    "password", ["a" * 8, "x" * 1024, "😀" * 1024], ids=["shortest", "longest", "widest"]
+    "password",
+    ["zq8vk3mw", "x" * 1024, "😀" * 1024, "correct horse battery", "fays-password-1"],
+    ids=["shortest", "longest", "widest", "phrase", "common-word-inside"],
 )
 def test_the_one_password_rule_accepts_and_argon2_can_hash_it(password):
     assert passwords.password_problem(password) is None
@@ -90,3 +98,10 @@ def test_a_password_no_rule_allows_is_simply_wrong_never_an_error():
     stored = passwords.hash_password("correct horse battery")
     assert passwords.verify_password("x" * 5000, stored) is False
     assert asyncio.run(passwords.PasswordHasher().verify("x" * 5000, stored)) is False
+
+
+def test_the_common_password_list_is_the_shipped_ten_thousand():
+    common = common_passwords.common_passwords()
+    assert len(common) > 9_900
+    assert {"password", "qwerty", "letmein"} <= common
+    assert common_passwords.common_passwords() is common, "read once"

@@ -174,6 +174,28 @@ def test_a_password_change_ends_every_earlier_token(team):
     assert login.status_code == 401
 
 
+@pytest.mark.parametrize("password", ["password123", "12345678"])
+@pytest.mark.parametrize(
+    ("who", "method", "path", "field"),
+    [
+        pytest.param("admin", "POST", "/admin/users", "password", id="create"),
+        pytest.param("admin", "PATCH", "/admin/users/{bob}", "password", id="patch"),
+        pytest.param("bob", "POST", "/me/password", "new_password", id="change"),
+    ],
+)
+def test_a_common_password_is_refused_on_every_route(team, who, method, path, field, password):
+    body = {field: password}
+    if path == "/admin/users":
+        body["email"] = "common@example.com"
+    if path == "/me/password":
+        body["current_password"] = BOB_PASSWORD
+    client = team.admin() if who == "admin" else team.http(team.bob_token())
+    with client as http:
+        response = http.request(method, path.format(bob=team.bob_id), json=body)
+    assert response.status_code == 422, response.text
+    assert "too common" in response.json()["error"]
+
+
 TOO_LONG = "x" * 5000  # over passlib's 4096: a 500 (PasswordSizeError) before the maximum
 WIDE = "é" * 1025  # over the 1024-character maximum, in 2050 bytes
 
