@@ -8,9 +8,9 @@ from pydantic.json_schema import JsonDict
 
 from auth.credentials import MAX_FIELD_LENGTH
 from auth.passwords import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH, password_problem
+from core.emails import EMAIL_MAX_LENGTH, checked_email
 from core.text import is_valid_text
 
-EMAIL_MAX_LENGTH = 254
 # Row ids are SQLite integers: a larger number in a path is refused (422), never handed to SQLite.
 MAX_ROW_ID = 2**63 - 1
 UserId = Annotated[int, Path(ge=1, le=MAX_ROW_ID)]
@@ -72,14 +72,6 @@ class HealthResponse(BaseModel):
     ollama_version: str | None
 
 
-def _checked_email(value: str) -> str:
-    value = value.strip()
-    local, at, domain = value.rpartition("@")
-    if not at or not local or not domain or any(c.isspace() for c in value) or len(value) > EMAIL_MAX_LENGTH:
-        raise ValueError("not an email address")
-    return _checked_text(value)
-
-
 def _checked_text(value: str) -> str:
     if not is_valid_text(value):
         raise ValueError("not valid text (it holds a lone surrogate)")
@@ -111,7 +103,7 @@ _MODEL_NAME_SCHEMA = {
     "pattern": "[!-~]",  # something besides whitespace, said in printable ASCII (see _EMAIL_SCHEMA)
 }
 NewUserModels = list[Annotated[str, WithJsonSchema(_MODEL_NAME_SCHEMA)]] | None
-# Checked by `_checked_password` and `_checked_email`; the rules are repeated here only for the schema.
+# Checked by `_checked_password` and `checked_email`; the rules are repeated here only for the schema.
 _PASSWORD_SCHEMA: JsonDict = {"minLength": MIN_PASSWORD_LENGTH, "maxLength": MAX_PASSWORD_LENGTH}
 # Printable ASCII only: the JSON schema's and Python's ideas of whitespace differ past ASCII, and the schema
 # must never call valid an address the check refuses (it accepts more than the schema says, not less).
@@ -136,7 +128,7 @@ class NewUser(BaseModel):
     role: Literal["admin", "user"] = "user"
     models: NewUserModels = Field(default=None, description=MODELS_DESCRIPTION, examples=[["llama3.2:1b"]])
 
-    _email = field_validator("email")(_checked_email)
+    _email = field_validator("email")(checked_email)
     _password = field_validator("password")(_checked_password)
     _models = field_validator("models")(_checked_models)
 
