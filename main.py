@@ -13,9 +13,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
-from pydantic import ValidationError
 
-from auth.bootstrap import ConfigurationError, check_configuration
 from core.body_limit import BodyLimitMiddleware, Cap
 from core.errors import install_error_handlers
 from core.server import (
@@ -25,7 +23,8 @@ from core.server import (
     require_gateway_protocol,
 )
 from core.services import close_services, open_services
-from core.settings import MIB, Settings
+from core.settings import MIB, ConfigurationError, Settings
+from core.settings_errors import configuration_error_line, read_settings
 from core.startup_errors import OneLineStartupErrors
 from routes import admin, api_docs, auth, files, health, keys, me, web
 from routes.guard import CredentialsFirst
@@ -46,7 +45,7 @@ SMALL_JSON_LIMITS = {"/login": 16 * 1024, "/me/password": 32 * 1024, "/keys": 4 
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or Settings()
+    settings = settings or read_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -118,10 +117,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def serve() -> None:
     """`make run`: one clear line for a configuration mistake, instead of a traceback."""
     try:
-        settings = Settings()
-        check_configuration(settings)
-    except (ValidationError, ConfigurationError) as exc:
-        sys.exit(f"ollama-gateway: configuration error: {exc}")
+        settings = read_settings()
+    except ConfigurationError as exc:
+        sys.exit(configuration_error_line(exc))
     exit_cleanly_on_sigterm()
     uvicorn.run(
         "main:app",
@@ -139,5 +137,9 @@ def serve() -> None:
 if __name__ == "__main__":
     serve()
 else:
-    # Imported by uvicorn (`uvicorn main:app`) or by a test.
-    app = create_app()
+    # Imported by uvicorn (`uvicorn main:app`) or by a test. A mistake in the settings ends the process here,
+    # in one line: uvicorn would print the traceback of a failed import.
+    try:
+        app = create_app()
+    except ConfigurationError as exc:
+        sys.exit(configuration_error_line(exc))

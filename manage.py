@@ -26,7 +26,8 @@ from auth.throttle import SignInLimits, SignInThrottle
 from auth.users import ROLES, User, UserStore
 from core.database import Database
 from core.errors import GatewayError
-from core.settings import Settings
+from core.settings import ConfigurationError
+from core.settings_errors import read_settings
 from routes.schemas import NewUser
 
 
@@ -145,7 +146,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    settings = Settings()
+    try:
+        settings = read_settings()
+    except ConfigurationError as exc:
+        print(f"manage.py: configuration error: {exc}", file=sys.stderr)
+        return 1
     db = Database(settings.database_path)
     try:
         db.migrate()

@@ -1,8 +1,8 @@
 """First-start set-up: the JWT signing key and the first admin.
 
-Neither has a working default. A missing `SECRET_KEY` is generated once and kept in `DATA_DIR` with mode
-0600 (`core.private_files`); a missing `ADMIN_PASSWORD` is generated once and printed to the console, and
-only its hash is stored.
+Neither has a working default, and `core.settings` refuses a weak one. A missing `SECRET_KEY` is generated
+once and kept in `DATA_DIR` with mode 0600 (`core.private_files`); a missing `ADMIN_PASSWORD` is generated
+once and printed to the console, and only its hash is stored.
 """
 
 import os
@@ -10,41 +10,15 @@ import secrets
 import sys
 from pathlib import Path
 
-from auth.passwords import hash_password, password_problem
+from auth.passwords import hash_password
 from auth.users import UserStore
 from core.private_files import make_private_directory, open_new_private_file
-from core.settings import ConfigurationError, Settings
+from core.settings import MIN_SECRET_KEY_LENGTH, ConfigurationError, Settings
 
-MIN_SECRET_KEY_LENGTH = 32
 SECRET_KEY_FILE = "secret_key"  # noqa: S105 -- a file name, not a secret
 
 
-def check_configuration(settings: Settings) -> None:
-    """Refuse weak secrets and self-defeating limits before anything starts, with a message that says what
-    to change."""
-    unset_hint = "; leave it unset to have one generated"
-    if (
-        settings.secret_key is not None
-        and len(settings.secret_key.get_secret_value()) < MIN_SECRET_KEY_LENGTH
-    ):
-        raise ConfigurationError(
-            f"SECRET_KEY must be at least {MIN_SECRET_KEY_LENGTH} characters{unset_hint}"
-        )
-    if settings.admin_password is not None:
-        problem = password_problem(settings.admin_password.get_secret_value())
-        if problem:
-            raise ConfigurationError(f"ADMIN_PASSWORD {problem}{unset_hint}")
-    if settings.login_max_failures_per_email <= settings.login_max_failures:
-        # One address adds at most its pair limit to an email's count: only a larger email limit keeps a
-        # stranger at one address from locking a person out everywhere (auth.throttle).
-        raise ConfigurationError(
-            f"LOGIN_MAX_FAILURES_PER_EMAIL ({settings.login_max_failures_per_email}) must be larger than "
-            f"LOGIN_MAX_FAILURES ({settings.login_max_failures})"
-        )
-
-
 def load_secret_key(settings: Settings) -> str:
-    check_configuration(settings)
     if settings.secret_key is not None:
         return settings.secret_key.get_secret_value()
     return _read_or_create_key_file(settings.data_dir / SECRET_KEY_FILE)
@@ -72,7 +46,6 @@ def ensure_admin(settings: Settings, users: UserStore) -> None:
     """Create the bootstrap admin when the database has none."""
     if users.has_admin():
         return
-    check_configuration(settings)
     # Hashed here, in the start-up's worker thread: once, before anyone can sign in.
     if settings.admin_password is not None:
         password_hash = hash_password(settings.admin_password.get_secret_value())

@@ -49,7 +49,7 @@ def _open_storage(settings: Settings) -> tuple[Database, UserStore, UploadStore,
     """The blocking part of start-up (files, schema, first admin), run in a worker thread."""
     from auth.bootstrap import ensure_admin, load_secret_key
 
-    secret_key = load_secret_key(settings)  # checks the configuration before anything is created
+    secret_key = load_secret_key(settings)
     make_tree_private(settings.data_dir)  # also what older versions left readable by everyone (0644, 0755)
     db = Database(settings.database_path)
     db.migrate()

@@ -3,17 +3,33 @@
 Names match the original backend's (`OLLAMA_URL`, `SECRET_KEY`, `ADMIN_EMAIL`, ...) so existing deployments
 keep working. Secrets have no default that works: a missing `SECRET_KEY` or `ADMIN_PASSWORD` is generated on
 first start (see `auth.bootstrap`), never guessed.
+
+Every setting is checked when the settings are read, each field's `description` saying in plain English
+what it expects: `core.settings_errors` turns any mistake into one line that names the setting, its value
+and that expectation (issue 10, item 3). Counts are whole numbers; durations and sizes may be fractions.
 """
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Self
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from auth.passwords import password_problem
 from core.client_address import IPNetwork, parse_networks
+from core.emails import checked_email
+from core.setting_checks import (
+    checked_data_folder,
+    checked_listen_host,
+    checked_origins,
+    checked_upstream_url,
+)
 
 MIB = 1024 * 1024
+MIN_SECRET_KEY_LENGTH = 32
+
+_SECONDS = "a number of seconds greater than 0"
+_COUNT = "a whole number of at least 1"
 
 
 class ConfigurationError(Exception):
@@ -22,61 +38,126 @@ class ConfigurationError(Exception):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", env_ignore_empty=True
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        env_ignore_empty=True,
+        # Defaults are checked too: a file named `data` where DATA_DIR's default points is a mistake.
+        validate_default=True,
     )
 
-    ollama_url: str = "http://localhost:11434"
-    secret_key: SecretStr | None = None
-    admin_email: str = "admin@local"
-    admin_password: SecretStr | None = None
-    access_token_expire_minutes: int = Field(default=1440, gt=0)
-    data_dir: Path = Path("./data")
-    max_upload_mb: float = Field(default=25, gt=0)
+    ollama_url: str = Field(
+        default="http://localhost:11434",
+        description="a URL starting with http:// or https://, such as http://localhost:11434",
+    )
+    secret_key: SecretStr | None = Field(
+        default=None,
+        description=f"at least {MIN_SECRET_KEY_LENGTH} characters, or no value to have one generated",
+    )
+    admin_email: str = Field(default="admin@local", description="an email address, such as admin@example.com")
+    admin_password: SecretStr | None = Field(
+        default=None,
+        description="8 to 1024 characters and not a common password, or no value to have one generated",
+    )
+    access_token_expire_minutes: int = Field(
+        default=1440, gt=0, description="a whole number of minutes, at least 1"
+    )
+    data_dir: Path = Field(default=Path("./data"), description="a folder (created if missing)")
+    max_upload_mb: float = Field(
+        default=25, gt=0, allow_inf_nan=False, description="a number of MB greater than 0"
+    )
     # JSON bodies on /chat carry base64 images, so several MB must pass; this only stops absurd bodies.
-    max_request_mb: float = Field(default=64, gt=0)
-    cors_origins: Annotated[list[str], NoDecode] = []
+    max_request_mb: float = Field(
+        default=64, gt=0, allow_inf_nan=False, description="a number of MB greater than 0"
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default=[],
+        description="comma-separated browser origins (scheme://host[:port]), such as "
+        "https://chat.example.com, or * for any",
+    )
     # Proxies (addresses or CIDR networks) whose X-Forwarded-For is believed; none by default, since any
     # client can send the header (see core.client_address).
-    trusted_proxies: Annotated[tuple[IPNetwork, ...], NoDecode] = ()
+    trusted_proxies: Annotated[tuple[IPNetwork, ...], NoDecode] = Field(
+        default=(), description="comma-separated IP addresses or networks, such as 127.0.0.1 or 10.0.0.0/8"
+    )
 
     # Sign-in limits (auth.throttle): failed password checks allowed within the window per (email, address)
-    # pair, per address, and per email across all addresses (larger than the pair's: auth.bootstrap refuses
-    # less); an address the email signed in from before is held to its pair's limit only. Every attempt,
-    # successes too, per address per minute; and password checks running at once per address.
-    login_window_minutes: float = Field(default=15, gt=0)
-    login_max_failures: int = Field(default=5, gt=0)
-    login_max_failures_per_address: int = Field(default=20, gt=0)
-    login_max_failures_per_email: int = Field(default=50, gt=0)
-    login_max_attempts_per_address: int = Field(default=30, gt=0)
-    login_max_concurrent_per_address: int = Field(default=2, gt=0)
+    # pair, per address, and per email across all addresses (larger than the pair's: see
+    # `_email_limit_above_pair_limit`); an address the email signed in from before is held to its pair's
+    # limit only. Every attempt, successes too, per address per minute; and password checks running at once
+    # per address.
+    login_window_minutes: float = Field(
+        default=15, gt=0, allow_inf_nan=False, description="a number of minutes greater than 0"
+    )
+    login_max_failures: int = Field(default=5, gt=0, description=_COUNT)
+    login_max_failures_per_address: int = Field(default=20, gt=0, description=_COUNT)
+    login_max_failures_per_email: int = Field(default=50, gt=0, description=_COUNT)
+    login_max_attempts_per_address: int = Field(default=30, gt=0, description=_COUNT)
+    login_max_concurrent_per_address: int = Field(default=2, gt=0, description=_COUNT)
 
     # Ollama sends no byte until the model is loaded and the prompt evaluated, which can take minutes
     # on a cold start: the first-byte timeout must allow for that, the idle timeout only for gaps between
     # tokens once generation runs.
-    upstream_connect_timeout: float = Field(default=10, gt=0)
-    upstream_first_byte_timeout: float = Field(default=600, gt=0)
-    upstream_idle_timeout: float = Field(default=300, gt=0)
+    upstream_connect_timeout: float = Field(default=10, gt=0, allow_inf_nan=False, description=_SECONDS)
+    upstream_first_byte_timeout: float = Field(default=600, gt=0, allow_inf_nan=False, description=_SECONDS)
+    upstream_idle_timeout: float = Field(default=300, gt=0, allow_inf_nan=False, description=_SECONDS)
 
     # A client must send its whole request head (request line and headers) within this many seconds of
     # connecting, or of starting its next request on a kept-alive connection; uvicorn itself never gives up
     # on a client that connects and sends nothing, or trickles its headers a byte at a time.
-    request_header_timeout: float = Field(default=20, gt=0)
+    request_header_timeout: float = Field(default=20, gt=0, allow_inf_nan=False, description=_SECONDS)
     # The same for a request body: seconds the gateway waits for one, plus a second per 16 KB received, so
     # an upload at a reasonable speed always finishes and a client trickling bytes is cut off
     # (core.server).
-    request_body_timeout: float = Field(default=60, gt=0)
+    request_body_timeout: float = Field(default=60, gt=0, allow_inf_nan=False, description=_SECONDS)
     # On SIGTERM, requests already running (streams included) get this long to finish; then they are cut.
-    graceful_shutdown_seconds: float = Field(default=30, ge=0)
+    graceful_shutdown_seconds: float = Field(
+        default=30, ge=0, allow_inf_nan=False, description="a number of seconds, 0 or more"
+    )
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
+    host: str = Field(
+        default="127.0.0.1",
+        description="an IP address or host name to listen on, such as 127.0.0.1 or 0.0.0.0",
+    )
+    port: int = Field(default=8000, ge=1, le=65535, description="a TCP port, 1 to 65535")
+
+    @field_validator("ollama_url")
+    @classmethod
+    def _check_ollama_url(cls, value: str) -> str:
+        return checked_upstream_url(value)
+
+    @field_validator("secret_key")
+    @classmethod
+    def _check_secret_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_SECRET_KEY_LENGTH:
+            raise ValueError  # how long it is would be a hint about a secret
+        return value
+
+    @field_validator("admin_email")
+    @classmethod
+    def _check_admin_email(cls, value: str) -> str:
+        try:
+            return checked_email(value)  # the rule of POST /admin/users and manage.py create-user
+        except ValueError:
+            raise ValueError from None  # "expected an email address" says it
+
+    @field_validator("admin_password")
+    @classmethod
+    def _check_admin_password(cls, value: SecretStr | None) -> SecretStr | None:
+        problem = None if value is None else password_problem(value.get_secret_value())
+        if problem:
+            raise ValueError(f"it {problem}")
+        return value
+
+    @field_validator("data_dir")
+    @classmethod
+    def _check_data_dir(cls, value: Path) -> Path:
+        return checked_data_folder(value)
 
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [origin.strip().rstrip("/") for origin in value.split(",") if origin.strip()]
-        return value
+        return checked_origins(value) if isinstance(value, str) else value
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod
@@ -85,10 +166,21 @@ class Settings(BaseSettings):
             return parse_networks(value.split(","))
         return value
 
-    @field_validator("ollama_url")
+    @field_validator("host")
     @classmethod
-    def _strip_trailing_slash(cls, value: str) -> str:
-        return value.rstrip("/")
+    def _check_host(cls, value: str) -> str:
+        return checked_listen_host(value)
+
+    @model_validator(mode="after")
+    def _email_limit_above_pair_limit(self) -> Self:
+        # One address adds at most its pair limit to an email's count: only a larger email limit keeps a
+        # stranger at one address from locking a person out everywhere (auth.throttle).
+        if self.login_max_failures_per_email <= self.login_max_failures:
+            raise ValueError(
+                f"LOGIN_MAX_FAILURES_PER_EMAIL={self.login_max_failures_per_email}: expected a number larger "
+                f"than LOGIN_MAX_FAILURES ({self.login_max_failures})"
+            )
+        return self
 
     @property
     def max_upload_bytes(self) -> int:

@@ -7,6 +7,7 @@ error. A `ConfigurationError` is not a bug: the operator needs the one sentence 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.settings import ConfigurationError
+from core.settings_errors import configuration_error_line
 
 
 class OneLineStartupErrors:
@@ -30,9 +31,7 @@ class OneLineStartupErrors:
         try:
             await self.app(scope, receive, send_unless_startup_failed)
         except ConfigurationError as exc:
-            await send(
-                {"type": "lifespan.startup.failed", "message": f"ollama-gateway: configuration error: {exc}"}
-            )
+            await send({"type": "lifespan.startup.failed", "message": configuration_error_line(exc)})
             return
         except BaseException:
             for message in held:

@@ -11,6 +11,7 @@ import pytest
 from tests.processes import REPO, clean_environment, running_main
 
 PASSWORD_LINE = re.compile(r"password: (\S+)")
+PROTOCOL = "core.server:HeaderTimeoutProtocol"
 
 
 def _login(url: str, email: str, password: str) -> httpx.Response:
@@ -58,29 +59,80 @@ def test_a_configured_admin_password_is_used_and_never_printed(tmp_path, ollama)
         assert _login(url, "admin@local", password).status_code == 200
 
 
-@pytest.mark.parametrize(
-    ("setting", "value"),
-    [
-        ("SECRET_KEY", "your-secret-key-here"),
-        ("ADMIN_PASSWORD", "changeme"),
-        ("ADMIN_PASSWORD", "x" * 1025),
-        ("PORT", "not-a-port"),
-        # A stranger at one address could lock a person out by failing their email's limit alone.
-        ("LOGIN_MAX_FAILURES", "60"),
-    ],
-    ids=["weak-key", "well-known-password", "too-long-password", "bad-port", "email-limit-not-above-pair"],
-)
-def test_a_weak_or_invalid_setting_stops_start_up_with_one_clear_line(tmp_path, setting, value):
-    result = subprocess.run(
+# One wrong value for each kind of check; tests/test_settings_errors.py covers every setting.
+BAD_SETTINGS = [
+    pytest.param("OLLAMA_URL", "localhost:11434", id="url-without-scheme"),
+    pytest.param("OLLAMA_URL", "http://localhost:11434/?x=1", id="url-with-query"),
+    pytest.param("SECRET_KEY", "your-secret-key-here", id="weak-key"),
+    pytest.param("ADMIN_EMAIL", "admin", id="not-an-email"),
+    pytest.param("ADMIN_PASSWORD", "changeme", id="well-known-password"),
+    pytest.param("ADMIN_PASSWORD", "password123", id="common-password-with-digits"),
+    pytest.param("ADMIN_PASSWORD", "12345678", id="common-password"),
+    pytest.param("ADMIN_PASSWORD", "x" * 1025, id="too-long-password"),
+    pytest.param("ACCESS_TOKEN_EXPIRE_MINUTES", "1.5", id="fraction-for-whole-minutes"),
+    pytest.param("LOGIN_MAX_FAILURES", "many", id="count-not-a-number"),
+    pytest.param("MAX_UPLOAD_MB", "-1", id="negative-size"),
+    pytest.param("UPSTREAM_IDLE_TIMEOUT", "0", id="zero-timeout"),
+    pytest.param("REQUEST_BODY_TIMEOUT", "inf", id="infinite-timeout"),
+    pytest.param("CORS_ORIGINS", "http://ok.example,garbage", id="not-an-origin"),
+    pytest.param("TRUSTED_PROXIES", "10.0.0.0/8,proxy", id="not-a-network"),
+    pytest.param("HOST", "http://0.0.0.0", id="host-with-scheme"),
+    pytest.param("PORT", "not-a-port", id="bad-port"),
+    pytest.param("PORT", "70000", id="port-out-of-range"),
+    pytest.param("DATA_DIR", "{a_file}", id="data-dir-is-a-file"),
+    # A stranger at one address could lock a person out by failing their email's limit alone.
+    pytest.param("LOGIN_MAX_FAILURES", "60", id="email-limit-not-above-pair"),
+]
+
+
+def _start_main(folder, **settings: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [sys.executable, str(REPO / "main.py")],
-        cwd=tmp_path,
-        env=clean_environment(**{setting: value}),
+        cwd=folder,
+        env=clean_environment(**settings),
         capture_output=True,
         text=True,
         timeout=30,
     )
+
+
+def _assert_one_line_naming(result: subprocess.CompletedProcess, setting: str) -> str:
     assert result.returncode != 0
-    assert "configuration error" in result.stderr
-    assert setting.lower() in result.stderr.lower()
     assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].strip(), result.stderr
+    assert lines[0].startswith("ollama-gateway: configuration error: ")
+    assert setting in lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize(("setting", "value"), BAD_SETTINGS)
+def test_a_weak_or_invalid_setting_stops_start_up_with_one_clear_line(tmp_path, setting, value):
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("")
+    result = _start_main(tmp_path, **{setting: value.format(a_file=a_file)})
+    line = _assert_one_line_naming(result, setting)
+    assert "expected" in line
+    if setting in ("SECRET_KEY", "ADMIN_PASSWORD"):
+        assert value not in line
+        assert "(hidden)" in line
+    assert result.stdout == ""
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_mistake_in_the_env_file_is_one_line_too(tmp_path):
+    (tmp_path / ".env").write_text("OLLAMA_URL=http://localhost:11434\nPORT=eighty\n")
+    _assert_one_line_naming(_start_main(tmp_path), "PORT")
+
+
+def test_uvicorn_importing_the_app_with_a_bad_setting_stops_in_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "--app-dir", str(REPO), "main:app", "--http", PROTOCOL],
+        cwd=tmp_path,
+        env=clean_environment(OLLAMA_URL="localhost:11434", DATA_DIR=str(tmp_path / "data")),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    _assert_one_line_naming(result, "OLLAMA_URL")
     assert not (tmp_path / "data").exists()

@@ -127,3 +127,18 @@ def test_a_data_folder_manage_creates_is_private(tmp_path):
     assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
     for path in data_dir.iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+def test_a_mistake_in_the_settings_is_one_line_and_exit_status_1(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "manage.py"), "users"],
+        cwd=tmp_path,
+        env=clean_environment(ADMIN_EMAIL="admin", DATA_DIR=str(tmp_path / "data")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith("manage.py: configuration error: ADMIN_EMAIL='admin': expected an email address")
+    assert not (tmp_path / "data").exists()

@@ -1,0 +1,76 @@
+"""Checks for the settings whose type says too little: the upstream URL, browser origins, the address to
+listen on and the data folder.
+
+Each returns the value to use, or raises ValueError: bare when the setting's own description of what it
+expects says all there is to say, with a short reason when there is more (which part is wrong). The
+settings error (`core.settings_errors`) puts both in one line.
+"""
+
+import ipaddress
+import re
+from pathlib import Path
+
+from yarl import URL
+
+# RFC 1123 host names: dot-separated labels of letters, digits and inner hyphens.
+_HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+# An origin as browsers send it: scheme://host[:port], nothing after it (RFC 6454).
+_ORIGIN = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*)://(?P<host>\[[0-9a-f:.]+\]|[^\s/?#@:\[\]]+)(:\d{1,5})?")
+ANY_ORIGIN = "*"
+
+
+def checked_upstream_url(value: str) -> str:
+    """OLLAMA_URL: http(s)://[user:password@]host[:port][/base/path], with its trailing slash taken off.
+
+    The relay appends `/api/...` to the path, so a base path (Ollama behind a reverse proxy at `/ollama`)
+    works; a query or fragment would be dropped silently, so it is refused. Credentials are sent as Basic
+    auth (`upstream.http11`)."""
+    value = value.strip()
+    try:
+        url = URL(value)
+    except ValueError as exc:
+        raise ValueError(str(exc).lower().removeprefix("invalid url: ")) from None
+    if url.scheme not in ("http", "https") or not url.raw_host:
+        raise ValueError
+    if any(char.isspace() for char in url.raw_host):
+        raise ValueError("the host has a space in it")
+    if url.explicit_port and not url.port:
+        raise ValueError("port 0 is not a port Ollama can listen on")
+    if url.query_string or url.fragment or value.endswith(("?", "#")):
+        raise ValueError("nothing may follow the path (no ?query or #fragment)")
+    return value.rstrip("/")
+
+
+def checked_origins(value: str) -> list[str]:
+    """CORS_ORIGINS: comma-separated origins, each scheme://host[:port]; `*` alone allows any origin (the
+    gateway's tokens travel in a header, never a cookie, so that exposes nothing by itself)."""
+    # Browsers send scheme and host in lower case, and CORS compares origins exactly.
+    origins = [origin.strip().rstrip("/").lower() for origin in value.split(",") if origin.strip()]
+    if origins == [ANY_ORIGIN]:
+        return origins
+    for origin in origins:
+        match = _ORIGIN.fullmatch(origin)
+        port = match.group(3) if match else None
+        if match is None or (port is not None and not 0 < int(port[1:]) <= 65535):
+            raise ValueError(f"{origin!r} is not an origin")
+    return origins
+
+
+def checked_listen_host(value: str) -> str:
+    """HOST: an IP address or a host name (resolved when the gateway binds)."""
+    value = value.strip()
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if len(value) > 253 or not _HOST_NAME.fullmatch(value):
+            raise ValueError from None
+    return value
+
+
+def checked_data_folder(value: Path) -> Path:
+    """DATA_DIR: a folder, created at start if missing; nothing is created here."""
+    if "\0" in str(value):
+        raise ValueError("it holds a NUL character")
+    if value.exists() and not value.is_dir():
+        raise ValueError("that is a file, not a folder")
+    return value

@@ -1,0 +1,136 @@
+"""Every setting, given a wrong value, stops the gateway with one line that names it (issue 10, item 3).
+
+The wrong values are listed per setting, and the list must cover every field of Settings: a setting added
+later fails here until it has a wrong value of its own, and so a check and a one-line message.
+"""
+
+import pytest
+
+from core.settings import ConfigurationError, Settings
+from core.settings_errors import HIDDEN, read_settings
+
+WRONG_VALUES = {
+    "ollama_url": "localhost:11434",
+    "secret_key": "too-short-secret",
+    "admin_email": "admin at example.com",
+    "admin_password": "password123",
+    "access_token_expire_minutes": "ten",
+    "data_dir": "{a_file}",
+    "max_upload_mb": "25MB",
+    "max_request_mb": "0",
+    "cors_origins": "*.example.com",
+    "trusted_proxies": "10.0.0.0/33",
+    "login_window_minutes": "-5",
+    "login_max_failures": "2.5",
+    "login_max_failures_per_address": "0",
+    "login_max_failures_per_email": "lots",
+    "login_max_attempts_per_address": "1e9x",
+    "login_max_concurrent_per_address": "-1",
+    "upstream_connect_timeout": "nan",
+    "upstream_first_byte_timeout": "10 minutes",
+    "upstream_idle_timeout": "0",
+    "request_header_timeout": "twenty",
+    "request_body_timeout": "-0.5",
+    "graceful_shutdown_seconds": "-1",
+    "host": "localhost:8000",
+    "port": "0",
+}
+SECRETS = {"secret_key", "admin_password"}
+
+
+@pytest.fixture
+def environment(monkeypatch, tmp_path):
+    """Only the settings a test gives, and no `.env`."""
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.chdir(tmp_path)
+    return monkeypatch
+
+
+def test_every_setting_has_a_wrong_value_here():
+    assert set(WRONG_VALUES) == set(Settings.model_fields)
+
+
+def test_every_setting_says_what_it_expects():
+    for name, field in Settings.model_fields.items():
+        assert field.description, f"{name.upper()} has no description of what it expects"
+
+
+def _mistake() -> str:
+    with pytest.raises(ConfigurationError) as raised:
+        read_settings()
+    return str(raised.value)
+
+
+@pytest.mark.parametrize("name", sorted(WRONG_VALUES))
+def test_a_wrong_value_is_one_line_naming_the_setting(environment, tmp_path, name):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    value = WRONG_VALUES[name].format(a_file=a_file)
+    environment.setenv(name.upper(), value)
+    line = _mistake()
+    assert "\n" not in line
+    assert line.startswith(f"{name.upper()}=")
+    assert f": expected {Settings.model_fields[name].description}" in line
+    if name in SECRETS:
+        assert value not in line
+        assert line.startswith(f"{name.upper()}={HIDDEN}:")
+    else:
+        assert repr(value) in line
+
+
+def test_several_mistakes_are_all_named_on_one_line(environment):
+    environment.setenv("PORT", "eighty")
+    environment.setenv("OLLAMA_URL", "ollama:11434")
+    line = _mistake()
+    assert "\n" not in line
+    assert "PORT='eighty'" in line
+    assert "OLLAMA_URL='ollama:11434'" in line
+
+
+def test_a_rule_across_settings_names_both(environment):
+    environment.setenv("LOGIN_MAX_FAILURES", "60")
+    line = _mistake()
+    assert line == "LOGIN_MAX_FAILURES_PER_EMAIL=50: expected a number larger than LOGIN_MAX_FAILURES (60)"
+
+
+def test_a_value_with_a_line_break_stays_on_one_line(environment):
+    environment.setenv("HOST", "127.0.0.1\nX-Injected: yes")
+    line = _mistake()
+    assert "\n" not in line
+    assert "HOST='127.0.0.1\\nX-Injected: yes'" in line
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        pytest.param(
+            "OLLAMA_URL", "http://user:pass@ollama:11434/base/", "http://user:pass@ollama:11434/base"
+        ),
+        pytest.param("OLLAMA_URL", "https://[::1]:11434", "https://[::1]:11434"),
+        pytest.param("CORS_ORIGINS", "http://localhost:5173, https://App.example.com/", None),
+        pytest.param("CORS_ORIGINS", "*", None),
+        pytest.param("TRUSTED_PROXIES", "127.0.0.1, 10.0.0.0/8, ::1", None),
+        pytest.param("HOST", "::", "::"),
+        pytest.param("HOST", "gateway.lan", "gateway.lan"),
+        pytest.param("ADMIN_EMAIL", " admin@local ", "admin@local"),
+        pytest.param("MAX_UPLOAD_MB", "0.5", 0.5),
+        pytest.param("GRACEFUL_SHUTDOWN_SECONDS", "0", 0),
+    ],
+)
+def test_a_right_value_is_accepted(environment, name, value, expected):
+    environment.setenv(name, value)
+    read = getattr(read_settings(), name.lower())
+    if expected is not None:
+        assert read == expected
+
+
+def test_cors_origins_are_kept_as_browsers_send_them(environment):
+    environment.setenv("CORS_ORIGINS", "http://localhost:5173, https://App.example.com/")
+    assert read_settings().cors_origins == ["http://localhost:5173", "https://app.example.com"]
+
+
+def test_an_admin_email_manage_py_would_refuse_is_refused(environment):
+    environment.setenv("ADMIN_EMAIL", "two words@example.com")
+    with pytest.raises(ConfigurationError, match="ADMIN_EMAIL"):
+        read_settings()
