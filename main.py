@@ -7,15 +7,17 @@
 import asyncio
 import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 
 import uvicorn
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
+from uvicorn.config import STARTUP_FAILURE
 
 from core.body_limit import BodyLimitMiddleware, Cap
 from core.errors import install_error_handlers
+from core.listening import PreboundServer, cannot_listen_line, listening_sockets
 from core.server import (
     exit_cleanly_on_sigterm,
     gateway_protocol,
@@ -115,13 +117,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def serve() -> None:
-    """`make run`: one clear line for a configuration mistake, instead of a traceback."""
+    """`make run`: take HOST:PORT, then serve. A configuration mistake or a port that can't be had is one
+    line and a non-zero exit, never a traceback."""
     try:
         settings = read_settings()
     except ConfigurationError as exc:
         sys.exit(configuration_error_line(exc))
-    exit_cleanly_on_sigterm()
-    uvicorn.run(
+    config = uvicorn.Config(
         "main:app",
         host=settings.host,
         port=settings.port,
@@ -132,6 +134,20 @@ def serve() -> None:
         # Annotated as int, but uvicorn only hands it to asyncio.wait_for, which takes seconds as a float.
         timeout_graceful_shutdown=settings.graceful_shutdown_seconds,  # type: ignore[arg-type]
     )
+    try:
+        # Before the app starts: its lifespan creates the first admin and prints its password
+        # (core.listening).
+        sockets = listening_sockets(settings.host, settings.port, config.backlog)
+    except OSError as exc:
+        sys.exit(cannot_listen_line(settings.host, settings.port, exc))
+    server = PreboundServer(config)
+    exit_cleanly_on_sigterm()
+    # What uvicorn.run does around Server.run: Ctrl+C ends it quietly, and a start that failed (the app's
+    # lifespan refused, say) exits non-zero.
+    with suppress(KeyboardInterrupt):
+        server.run(sockets=sockets)
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)
 
 
 if __name__ == "__main__":

@@ -35,12 +35,17 @@ def _limit_open_files(soft: int) -> None:
 
 @contextmanager
 def running_main(
-    folder: Path, open_files: int | None = None, launcher: Sequence[str] = (), **settings: str
+    folder: Path,
+    open_files: int | None = None,
+    launcher: Sequence[str] = (),
+    port: int | None = None,
+    **settings: str,
 ) -> Iterator[tuple[str, Path, int]]:
     """`python main.py` with only these settings, from `folder`; yields its URL, console output file and
     process id. `open_files`: start it with that soft limit on open files, as many systems do (1024).
-    `launcher`: a command that is handed `python main.py` as its arguments and runs it."""
-    port = free_port()
+    `launcher`: a command that is handed `python main.py` as its arguments and runs it. `port`: listen there
+    (default: any free one)."""
+    port = port or free_port()
     console = folder / f"console-{port}.txt"
     with open(console, "wb") as output:
         process = subprocess.Popen(

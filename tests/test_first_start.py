@@ -1,6 +1,7 @@
 """First start with nothing configured, as `make run` does it: `python main.py` in an empty folder."""
 
 import re
+import socket
 import stat
 import subprocess
 import sys
@@ -38,6 +39,25 @@ def test_first_start_prints_a_generated_admin_password_once(tmp_path, ollama):
         # The key was kept, so tokens issued before the restart still work.
         models = httpx.get(f"{url}/models", headers={"Authorization": f"Bearer {token}"})
         assert models.status_code == 200
+
+
+def test_a_taken_port_stops_the_first_start_before_the_admin_is_created(tmp_path, ollama):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _start_main(tmp_path, OLLAMA_URL=ollama.url, HOST="127.0.0.1", PORT=str(port))
+    assert result.returncode != 0
+    assert result.stderr.splitlines() == [
+        f"ollama-gateway: cannot listen on 127.0.0.1:{port}: address already in use"
+    ]
+    assert "password" not in result.stdout + result.stderr
+    assert not (tmp_path / "data").exists(), "nothing is created before the port is had"
+
+    # Once the port is free, the first start that succeeds is the one that shows the password.
+    with running_main(tmp_path, port=port, OLLAMA_URL=ollama.url) as (url, console, _):
+        [password] = PASSWORD_LINE.findall(console.read_text())
+        assert _login(url, "admin@local", password).status_code == 200
 
 
 def test_two_fresh_installs_get_different_passwords(tmp_path, ollama):
