@@ -11,6 +11,10 @@ the same settings as the gateway (environment and `.env`). Run it with the proje
     .venv/bin/python manage.py revoke-key 3
 
 Passwords are generated and printed once unless `--password-stdin` reads one from standard input.
+
+Like the gateway, it finds the database through DATA_DIR, `./data` unless set, taken from the folder it is
+run in: it says which database it opened, and only `create-user` may start a new one. Any other command
+refuses when there is none, rather than create an empty one and report "no user" (issue 10, item 5).
 """
 
 import argparse
@@ -114,6 +118,7 @@ def revoke_key(stores: Stores, args: argparse.Namespace) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="manage.py", description=__doc__.split("\n\n")[0])
+    parser.set_defaults(may_create_database=False)
     commands = parser.add_subparsers(dest="command", required=True)
 
     commands.add_parser("users", help="list every user").set_defaults(run=list_users)
@@ -123,7 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--role", choices=ROLES, default="user")
     create.add_argument("--models", help="comma-separated allow-list (default: every model)")
     create.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
-    create.set_defaults(run=create_user)
+    # The first user may come before the gateway's first start.
+    create.set_defaults(run=create_user, may_create_database=True)
 
     reset = commands.add_parser("reset-password", help="set a new password (and re-enable the user)")
     reset.add_argument("email")
@@ -151,7 +157,18 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigurationError as exc:
         print(f"manage.py: configuration error: {exc}", file=sys.stderr)
         return 1
-    db = Database(settings.database_path)
+    path = settings.database_path.resolve()
+    if not path.is_file() and not args.may_create_database:
+        print(
+            f"manage.py: no database at {path}; run manage.py from the gateway's folder (a relative "
+            f"DATA_DIR and .env are read from the current folder), or set DATA_DIR to the folder that holds "
+            f"{path.name}",
+            file=sys.stderr,
+        )
+        return 1
+    new = "" if path.is_file() else " (none was there: creating it)"
+    print(f"manage.py: database {path}{new}", file=sys.stderr)
+    db = Database(path)
     try:
         db.migrate()
         throttle = SignInThrottle(db, SignInLimits.from_settings(settings))

@@ -124,6 +124,7 @@ def test_a_data_folder_manage_creates_is_private(tmp_path):
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
+    assert f"database {data_dir / 'gateway.sqlite3'} (none was there: creating it)" in result.stderr
     assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
     for path in data_dir.iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
@@ -142,3 +143,47 @@ def test_a_mistake_in_the_settings_is_one_line_and_exit_status_1(tmp_path):
     [line] = result.stderr.splitlines()
     assert line.startswith("manage.py: configuration error: ADMIN_EMAIL='admin': expected an email address")
     assert not (tmp_path / "data").exists()
+
+
+def _manage_from(folder, *args: str, **settings: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "manage.py"), *args],
+        cwd=folder,
+        env=clean_environment(**settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_every_command_says_which_database_it_opened(gateway, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    data_dir = gateway.settings.data_dir.resolve()
+    result = _manage_from(elsewhere, "users", DATA_DIR=str(data_dir))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [f"manage.py: database {data_dir / 'gateway.sqlite3'}"]
+    assert gateway.admin_email in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("users",),
+        ("keys",),
+        ("reset-password", "admin@local"),
+        ("create-key", "admin@local", "nightly"),
+        ("revoke-key", "1"),
+    ],
+    ids=lambda args: args[0],
+)
+def test_a_command_run_from_another_folder_refuses_to_create_a_database(tmp_path, args):
+    # The gateway's folder is elsewhere: here, `./data` does not exist.
+    result = _manage_from(tmp_path, *args)
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"manage.py: no database at {tmp_path / 'data' / 'gateway.sqlite3'}; ")
+    assert "the gateway's folder" in line
+    assert "DATA_DIR" in line
+    assert result.stdout == ""
+    assert list(tmp_path.iterdir()) == [], "nothing created"
