@@ -176,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CommandError, GatewayError) as exc:
         print(f"manage.py: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a DATA_DIR that can't be created or written
+        print(f"manage.py: cannot use {path}: {exc}", file=sys.stderr)
+        return 1
     finally:
         db.close()
     return 0

@@ -16,7 +16,7 @@ from auth.tokens import TokenSigner
 from auth.users import UserStore
 from core.database import Database
 from core.private_files import make_tree_private
-from core.settings import Settings
+from core.settings import ConfigurationError, Settings
 from uploads.store import UploadStore
 from upstream.client import Upstream, UpstreamTimeouts
 
@@ -49,8 +49,14 @@ def _open_storage(settings: Settings) -> tuple[Database, UserStore, UploadStore,
     """The blocking part of start-up (files, schema, first admin), run in a worker thread."""
     from auth.bootstrap import ensure_admin, load_secret_key
 
-    secret_key = load_secret_key(settings)
-    make_tree_private(settings.data_dir)  # also what older versions left readable by everyone (0644, 0755)
+    try:
+        # The first to write in DATA_DIR: a folder that can't be made or written is the operator's to fix.
+        secret_key = load_secret_key(settings)
+        # Also what older versions left readable by everyone (0644, 0755).
+        make_tree_private(settings.data_dir)
+    except OSError as exc:
+        where = str(settings.data_dir)
+        raise ConfigurationError(f"DATA_DIR={where!r}: cannot use this folder: {exc}") from None
     db = Database(settings.database_path)
     db.migrate()
     users = UserStore(db)

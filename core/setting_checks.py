@@ -73,4 +73,7 @@ def checked_data_folder(value: Path) -> Path:
         raise ValueError("it holds a NUL character")
     if value.exists() and not value.is_dir():
         raise ValueError("that is a file, not a folder")
+    existing = next((folder for folder in value.absolute().parents if folder.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ValueError(f"{existing} is a file, not a folder")
     return value

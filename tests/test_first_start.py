@@ -5,6 +5,7 @@ import socket
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -156,3 +157,14 @@ def test_uvicorn_importing_the_app_with_a_bad_setting_stops_in_one_line(tmp_path
     )
     _assert_one_line_naming(result, "OLLAMA_URL")
     assert not (tmp_path / "data").exists()
+
+
+# sysfs lets nobody, root included, make a folder in it.
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs Linux's /sys")
+def test_a_data_dir_that_cannot_be_made_stops_start_up_in_one_line_without_a_traceback(tmp_path, ollama):
+    result = _start_main(tmp_path, OLLAMA_URL=ollama.url, DATA_DIR="/sys/ollama-gateway-data")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if "DATA_DIR" in line]
+    assert "configuration error: DATA_DIR='/sys/ollama-gateway-data': cannot use this folder" in line
+    assert "password" not in result.stderr

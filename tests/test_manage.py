@@ -4,6 +4,7 @@ import re
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -187,3 +188,13 @@ def test_a_command_run_from_another_folder_refuses_to_create_a_database(tmp_path
     assert "DATA_DIR" in line
     assert result.stdout == ""
     assert list(tmp_path.iterdir()) == [], "nothing created"
+
+
+@pytest.mark.skipif(
+    not Path("/sys/kernel").is_dir(), reason="needs Linux's /sys, where nobody can make a folder"
+)
+def test_a_data_dir_that_cannot_be_made_is_one_line(tmp_path):
+    result = _manage_from(tmp_path, "create-user", "ivy@example.com", DATA_DIR="/sys/ollama-gateway-data")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("manage.py: cannot use /sys/ollama-gateway-data/")

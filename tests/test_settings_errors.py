@@ -134,3 +134,10 @@ def test_an_admin_email_manage_py_would_refuse_is_refused(environment):
     environment.setenv("ADMIN_EMAIL", "two words@example.com")
     with pytest.raises(ConfigurationError, match="ADMIN_EMAIL"):
         read_settings()
+
+
+def test_a_data_dir_inside_a_file_is_refused(environment, tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    environment.setenv("DATA_DIR", str(a_file / "data"))
+    assert _mistake().endswith(f"; {a_file} is a file, not a folder")
