@@ -55,11 +55,11 @@ async def _write_concurrently(url: str, headers: dict) -> dict[str, list[httpx.R
     async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=60) as http:
         calls = {
             "users": [
-                http.post("/admin/users", json={"email": f"u{n}@example.com", "password": f"password-{n}"})
+                http.post("/admin/users", json={"email": f"u{n}@example.com", "password": f"writer-{n}-pass"})
                 for n in range(NEW_USERS)
             ],
             "same-email": [
-                http.post("/admin/users", json={"email": "twin@example.com", "password": f"password-{n}"})
+                http.post("/admin/users", json={"email": "twin@example.com", "password": f"writer-{n}-pass"})
                 for n in range(SAME_EMAIL_ATTEMPTS)
             ],
             "keys": [http.post("/keys", json={"name": f"key {n}"}) for n in range(KEYS)],
