@@ -19,7 +19,11 @@ NO_SUCH_USER = "no such user"
 
 
 @router.post(
-    "/users", status_code=201, response_model=UserOut, responses=errors(400, 409, 422), summary="Add a person"
+    "/users",
+    status_code=201,
+    response_model=UserOut,
+    responses=errors(400, 409, 413, 422),
+    summary="Add a person",
 )
 async def create_user(body: NewUser, services: AppServices) -> dict:
     password_hash = await services.hasher.hash(body.password)
@@ -45,7 +49,7 @@ def get_user(user_id: UserId, services: AppServices) -> dict:
 @router.patch(
     "/users/{user_id}",
     response_model=UserOut,
-    responses=errors(400, 404, 409, 422),
+    responses=errors(400, 404, 409, 413, 422),
     summary="Change role, model allow-list, disabled or password",
 )
 async def update_user(user_id: UserId, body: UserPatch, services: AppServices) -> dict:

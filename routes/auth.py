@@ -30,7 +30,7 @@ _LOGIN_BODY = {
 @router.post(
     "/login",
     response_model=TokenResponse,
-    responses=errors(400, 401, 422, 429),
+    responses=errors(400, 401, 413, 422, 429),
     openapi_extra=_LOGIN_BODY,
     summary="Exchange an email and password for a bearer token",
 )

@@ -14,7 +14,7 @@ router = APIRouter(tags=["keys"])
     "/keys",
     status_code=201,
     response_model=CreatedKey,
-    responses=errors(400, 401, 422),
+    responses=errors(400, 401, 413, 422),
     summary="Create an API key (the full key is shown only in this answer)",
 )
 def create_key(body: NewKey, user: CurrentUser, services: AppServices) -> dict:

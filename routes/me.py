@@ -20,7 +20,7 @@ async def me(user: CurrentUser) -> dict:
 @router.post(
     "/me/password",
     response_model=TokenResponse,
-    responses=errors(400, 401, 403, 422, 429),
+    responses=errors(400, 401, 403, 413, 422, 429),
     summary="Change your password: every token issued before stops working; a new one is returned",
 )
 async def change_my_password(
