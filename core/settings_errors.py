@@ -7,6 +7,7 @@ mistake reached by `uvicorn main:app` came with 57 lines of traceback.
 Secrets are never repeated: their value shows as `(hidden)`.
 """
 
+import re
 from typing import Any
 
 from pydantic import SecretStr, ValidationError
@@ -17,6 +18,9 @@ from core.settings import ConfigurationError, Settings
 HIDDEN = "(hidden)"
 # A value longer than this is cut: the line must stay readable.
 MAX_SHOWN_VALUE = 120
+# The password in a URL's user:password@ (OLLAMA_URL's credentials are used, never shown), even in a URL too
+# broken to parse.
+_URL_PASSWORD = re.compile(r"(//[^/@:]*:)[^/@]*@")
 
 
 def configuration_error_line(error: ConfigurationError) -> str:
@@ -42,6 +46,7 @@ def describe_settings_error(error: ValidationError) -> str:
 def _describe(details: Any) -> str:
     # A ValueError raised by one of the settings' own checks carries the reason, if there is more to say.
     reason = str(details["ctx"]["error"]) if details["type"] == "value_error" else ""
+    reason = " ".join(reason.split())  # one line, whatever a library's message holds
     name = details["loc"][0] if details["loc"] else None
     if name not in Settings.model_fields:
         return reason or details["msg"]  # a rule across settings: its message names them itself
@@ -53,7 +58,8 @@ def _describe(details: Any) -> str:
 def _shown(name: str, value: object) -> str:
     if _is_secret(name):
         return HIDDEN
-    shown = repr(value)  # quoted, with any line break escaped: one line whatever was given
+    # repr: quoted, with any line break escaped, so one line whatever was given.
+    shown = repr(_URL_PASSWORD.sub(rf"\1{HIDDEN}@", value) if isinstance(value, str) else value)
     return shown if len(shown) <= MAX_SHOWN_VALUE else f"{shown[:MAX_SHOWN_VALUE]}…"
 
 

@@ -141,3 +141,17 @@ def test_a_data_dir_inside_a_file_is_refused(environment, tmp_path):
     a_file.write_text("")
     environment.setenv("DATA_DIR", str(a_file / "data"))
     assert _mistake().endswith(f"; {a_file} is a file, not a folder")
+
+
+def test_the_password_in_a_wrong_ollama_url_is_hidden(environment):
+    environment.setenv("OLLAMA_URL", "http://bob:s3cret@ollama:11434/?x=1")
+    line = _mistake()
+    assert "s3cret" not in line
+    assert line.startswith("OLLAMA_URL='http://bob:(hidden)@ollama:11434/?x=1': expected")
+
+
+def test_an_env_file_that_is_not_text_is_one_line(environment, tmp_path):
+    (tmp_path / ".env").write_bytes(b"PORT=\xff\xfe\n")
+    line = _mistake()
+    assert line.startswith(".env: ")
+    assert "\n" not in line
