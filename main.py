@@ -46,7 +46,9 @@ SMALL_JSON_LIMIT = 64 * 1024
 SMALL_JSON_LIMITS = {"/login": 16 * 1024, "/me/password": 32 * 1024, "/keys": 4 * 1024}
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, probe_ollama_at_start: bool = True) -> FastAPI:
+    """`probe_ollama_at_start`: ask Ollama's version once, in the background, to warn when it is not
+    reachable (upstream.probe). Tests that script every byte Ollama sees turn it off."""
     settings = settings or read_settings()
 
     @asynccontextmanager
@@ -54,11 +56,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         require_gateway_protocol()
         raise_open_file_limit()  # before uvicorn starts accepting: one descriptor per connection
         app.state.services = await open_services(settings)
-        probe = asyncio.create_task(say_whether_ollama_answers(app.state.services.upstream))
+        probe = (
+            asyncio.create_task(say_whether_ollama_answers(app.state.services.upstream))
+            if probe_ollama_at_start
+            else None
+        )
         try:
             yield
         finally:
-            probe.cancel()
+            if probe is not None:
+                probe.cancel()
             await close_services(app.state.services)
 
     app = FastAPI(

@@ -97,7 +97,9 @@ def gateway_settings(data_dir: Path, ollama_url: str, **overrides) -> Settings:
 
 
 def start_gateway(settings: Settings) -> tuple[RunningGateway, ServerThread]:
-    app = create_app(settings)
+    # No start-up probe: it would land, at a moment of its own, among the requests tests count or script at
+    # their Ollama. The gateway as `python main.py` runs it does probe (tests/test_serving.py).
+    app = create_app(settings, probe_ollama_at_start=False)
     server = ServerThread(app, settings.request_header_timeout, settings.request_body_timeout)
     url = server.start()
     assert settings.admin_password is not None, "the tests sign in as the configured admin"
