@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.processes import REPO, clean_environment, running_main
+from tests.processes import REPO, clean_environment, free_port, running_main
 
 PASSWORD_LINE = re.compile(r"password: (\S+)")
 PROTOCOL = "core.server:HeaderTimeoutProtocol"
@@ -162,7 +162,10 @@ def test_uvicorn_importing_the_app_with_a_bad_setting_stops_in_one_line(tmp_path
 # sysfs lets nobody, root included, make a folder in it.
 @pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs Linux's /sys")
 def test_a_data_dir_that_cannot_be_made_stops_start_up_in_one_line_without_a_traceback(tmp_path, ollama):
-    result = _start_main(tmp_path, OLLAMA_URL=ollama.url, DATA_DIR="/sys/ollama-gateway-data")
+    # A port of its own: the folder is found unusable only after the port is taken (core.listening).
+    result = _start_main(
+        tmp_path, OLLAMA_URL=ollama.url, DATA_DIR="/sys/ollama-gateway-data", PORT=str(free_port())
+    )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     [line] = [line for line in result.stderr.splitlines() if "DATA_DIR" in line]
