@@ -17,7 +17,8 @@ from core.settings import MIB
 def size_in_words(size: int, in_mib: bool = False) -> str:
     """A byte count as people configure it: MAX_UPLOAD_MB=25 is 25 MiB and MAX_REQUEST_MB=0.5 is 0.5 MiB,
     and said so; the gateway's own fixed caps are in KiB."""
-    return f"{size / MIB:g} MiB" if in_mib or size >= MIB else f"{size / 1024:g} KiB"
+    # Rounded: MAX_REQUEST_MB=0.01 is a whole number of bytes, 0.00999928 MiB, and was configured as 0.01.
+    return f"{round(size / MIB, 4):g} MiB" if in_mib or size >= MIB else f"{round(size / 1024, 4):g} KiB"
 
 
 class BodyTooLarge(GatewayError):

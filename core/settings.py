@@ -64,11 +64,11 @@ class Settings(BaseSettings):
     )
     data_dir: Path = Field(default=Path("./data"), description="a folder (created if missing)")
     max_upload_mb: float = Field(
-        default=25, gt=0, allow_inf_nan=False, description="a number of MB greater than 0"
+        default=25, gt=0, allow_inf_nan=False, description="a number of MiB greater than 0"
     )
     # JSON bodies on /chat carry base64 images, so several MB must pass; this only stops absurd bodies.
     max_request_mb: float = Field(
-        default=64, gt=0, allow_inf_nan=False, description="a number of MB greater than 0"
+        default=64, gt=0, allow_inf_nan=False, description="a number of MiB greater than 0"
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default=[],

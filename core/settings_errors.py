@@ -34,7 +34,9 @@ def read_settings() -> Settings:
         return Settings()
     except ValidationError as exc:
         raise ConfigurationError(describe_settings_error(exc)) from None
-    except (SettingsError, OSError, UnicodeError) as exc:  # a `.env` that can't be read or parsed
+    except UnicodeError as exc:
+        raise ConfigurationError(f".env: expected UTF-8 text ({exc})") from None
+    except (SettingsError, OSError) as exc:  # a `.env` that can't be read or parsed
         raise ConfigurationError(f".env: {exc}") from None
 
 

@@ -148,12 +148,13 @@ def test_an_upload_over_the_cap_is_told_the_configured_limit_in_mib(make_gateway
     assert response.json() == {"error": "file too large: the limit is 1 MiB"}
 
 
-def test_a_request_body_over_its_cap_is_told_the_limit_in_mib(make_gateway):
-    gateway = make_gateway(max_request_mb=0.5)
+@pytest.mark.parametrize("configured", ["0.5", "0.01"])
+def test_a_request_body_over_its_cap_is_told_the_limit_as_configured_in_mib(make_gateway, configured):
+    gateway = make_gateway(max_request_mb=float(configured))
     with httpx.Client(base_url=gateway.url, headers=gateway.admin_headers(), timeout=60) as http:
         response = http.post("/api/chat", content=b" " * MIB, headers={"Content-Type": "application/json"})
     assert response.status_code == 413
-    assert response.json() == {"error": "request body too large: the limit is 0.5 MiB"}
+    assert response.json() == {"error": f"request body too large: the limit is {configured} MiB"}
 
 
 def test_an_upload_declared_over_the_cap_is_refused_before_its_body_is_sent(make_gateway):
