@@ -1,7 +1,8 @@
 """The README's examples, run exactly as written against a fresh gateway, as a newcomer would: `python
 main.py` in an empty folder with the test Ollama, and the first-start password read off its console.
 
-One shell runs, in the README's order, every `sh` block that talks to the gateway (`$G`) and the Python
+One shell runs, in the README's order, every `sh` block that talks to the gateway (`$G`) or runs `manage.py`
+(from the gateway's folder, as the README says), and the Python
 client examples whose packages the tests install (ollama, openai); LangChain's and the JavaScript ones are
 not run. The only edits are the two a reader makes: the printed password, and the gateway's address (here a
 free port instead of 8000). When the README drifts from the gateway, this test fails.
@@ -23,6 +24,8 @@ ADDRESS = "http://127.0.0.1:8000"
 ADDRESS_LINE = f"G={ADDRESS}"
 PASSWORD_LINE = "PASSWORD='the password printed on first start'"
 RUN_TIMEOUT = 120
+# As the README runs it, from the gateway's folder; here the test's interpreter and the repository's script.
+MANAGE = ".venv/bin/python manage.py"
 BASH = shutil.which("bash") or "/bin/bash"
 
 
@@ -40,7 +43,7 @@ def readme_examples() -> list[Example]:
     return [
         example
         for example in examples
-        if (example.language == "sh" and "$G" in example.code)
+        if (example.language == "sh" and ("$G" in example.code or MANAGE in example.code))
         or (example.language == "python" and re.search(r"^from (ollama|openai) import", example.code, re.M))
     ]
 
@@ -50,9 +53,9 @@ def as_shell(examples: list[Example], url: str, password: str) -> str:
     for example in examples:
         if example.language == "sh":
             lines.append(
-                example.code.replace(ADDRESS_LINE, f"G={url}").replace(
-                    PASSWORD_LINE, f"PASSWORD='{password}'"
-                )
+                example.code.replace(ADDRESS_LINE, f"G={url}")
+                .replace(PASSWORD_LINE, f"PASSWORD='{password}'")
+                .replace(MANAGE, f"{sys.executable} {REPO / 'manage.py'}")
             )
         else:
             # The test's own interpreter: it has the clients the examples import.
@@ -112,6 +115,10 @@ def test_the_readme_examples_run_as_written_against_a_fresh_gateway(fresh_gatewa
     assert '"ollama_reachable":true' in out
     assert f'"version":"{ollama.version}"' in out
     assert '"key":"ogw_' in result.stderr  # the API key, shown once
+    # manage.py, from the gateway's folder: the key it created is the one it revoked, and the reset worked.
+    assert "created key 2 'backup job'" in out
+    assert "revoked key 2" in out
+    assert "reset the password of admin@local" in out
     # What the examples asked of Ollama, in order: nothing went elsewhere, and the chats ran the model.
     chats = [request for request in ollama.requests if request.path in ("/api/chat", "/v1/chat/completions")]
     assert len(chats) >= 5
