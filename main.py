@@ -66,6 +66,8 @@ def create_app(settings: Settings | None = None, *, probe_ollama_at_start: bool 
         finally:
             if probe is not None:
                 probe.cancel()
+                with suppress(asyncio.CancelledError):
+                    await probe
             await close_services(app.state.services)
 
     app = FastAPI(

@@ -14,7 +14,7 @@ from core.errors import GatewayError, error_response
 from core.settings import MIB
 
 
-def size_in_words(size: int, in_mib: bool = False) -> str:
+def _size_in_words(size: int, in_mib: bool = False) -> str:
     """A byte count as people configure it: MAX_UPLOAD_MB=25 is 25 MiB and MAX_REQUEST_MB=0.5 is 0.5 MiB,
     and said so; the gateway's own fixed caps are in KiB."""
     # Rounded: MAX_REQUEST_MB=0.01 is a whole number of bytes, 0.00999928 MiB, and was configured as 0.01.
@@ -27,7 +27,7 @@ class BodyTooLarge(GatewayError):
     ) -> None:
         """`shown_limit`: the limit as configured, when the cap itself allows for framing around it (an
         upload's multipart boundaries): the allowance is the gateway's business, not the person's."""
-        size = size_in_words(limit if shown_limit is None else shown_limit, in_mib)
+        size = _size_in_words(limit if shown_limit is None else shown_limit, in_mib)
         super().__init__(413, f"{what} too large: the limit is {size}")
 
 

@@ -108,12 +108,6 @@ RELAY_ROUTES = [
         tags=("chat",),
     ),
     # Ollama's native API.
-    RelayRoute(
-        "GET", "/api/version", "Ollama's version (no token needed)", access=Access.PUBLIC, tags=("ollama",)
-    ),
-    RelayRoute(
-        "HEAD", "/api/version", "Ollama's version (headers only)", access=Access.PUBLIC, tags=("ollama",)
-    ),
     RelayRoute("GET", "/api/tags", "The models you may use", model_list=OLLAMA_MODEL_LIST, tags=("ollama",)),
     RelayRoute("HEAD", "/api/tags", "The model list (headers only)", tags=("ollama",)),
     RelayRoute(

@@ -65,6 +65,10 @@ class UploadResponse(BaseModel):
     content_type: str
 
 
+class VersionResponse(BaseModel):
+    version: str = Field(description="Ollama's version, as Ollama's own /api/version gives it")
+
+
 class HealthResponse(BaseModel):
     status: str = Field(description="'ok', or 'degraded' when Ollama can't be reached")
     ollama_url: str

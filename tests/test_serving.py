@@ -71,9 +71,9 @@ def test_ollama_down_at_start_is_said_once_as_a_warning_and_the_gateway_starts(t
     with running_main(tmp_path, OLLAMA_URL=down, ADMIN_PASSWORD="serving-test-password") as (url, console, _):
         assert httpx.get(f"{url}/health").json()["ollama_reachable"] is False
         deadline = time.monotonic() + START_TIMEOUT
-        while "not reachable yet" not in console.read_text() and time.monotonic() < deadline:
+        while "Ollama is not reachable" not in console.read_text() and time.monotonic() < deadline:
             time.sleep(0.1)
-        said = [line for line in console.read_text().splitlines() if "not reachable yet" in line]
+        said = [line for line in console.read_text().splitlines() if "Ollama is not reachable" in line]
     assert len(said) == 1
     assert down in said[0]
     assert "Traceback" not in console.read_text()

@@ -69,9 +69,6 @@ def _operation(route: RelayRoute, components: dict[str, Any]) -> dict[str, Any]:
     }
     if route.access is Access.ADMIN:
         operation["description"] = "For admins only: others get 403."
-    if route.access is Access.PUBLIC:
-        operation["security"] = []
-        operation["responses"].pop("401", None)
     if route.param is not None:
         operation["parameters"] = [
             {

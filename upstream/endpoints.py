@@ -37,9 +37,6 @@ PATH_SAFE = "/:@!$&'()*+,;="
 
 
 class Access(Enum):
-    # Ollama serves its version to anyone, and clients ask for it to test a connection (Open WebUI's "verify
-    # connection" among them); the gateway's /health shows it publicly already.
-    PUBLIC = "public"
     USER = "user"
     ADMIN = "admin"
 
@@ -142,9 +139,6 @@ class RelayEndpoints:
         request = Request(scope, receive)
         path = scope["path"]
         try:
-            if route.access is Access.PUBLIC:
-                headers = upstream_request_headers(scope["headers"])
-                return await relay(services.upstream, route.method, route.path, headers=headers)
             user = take_user(scope) or services.authenticator.authenticate(
                 request.headers.get("authorization")
             )
