@@ -259,6 +259,23 @@ def test_no_model_allowed_is_said_on_send_and_a_model_allowed_later_is_picked_up
     assert ollama.requests[-1].model == "llama3.2:1b"
 
 
+def test_a_model_problem_solved_meanwhile_is_no_longer_said_after_the_next_send(page, web, ollama):
+    person = web.services.users.find_by_email("user@example.com").user
+    sign_in(page, web.url, "user@example.com", USER_PASSWORD)
+    send_message(page, "Hello?")
+    expect(last_reply(page)).not_to_be_empty()
+    web.services.users.update(person.id, models=[])
+    page.reload()
+    expect(page.locator("#chat-error")).to_contain_text("No model is available to you yet")
+    # The remembered conversation keeps its model; once the admin allows it again, sending works, and the
+    # problem said at load time goes away instead of standing under every reply.
+    web.services.users.update(person.id, models=["llama3.2:1b"])
+    send_message(page, "Again?")
+    expect(page.locator(".message.assistant .body")).to_have_count(2)
+    expect(last_reply(page)).not_to_be_empty()
+    expect(page.locator("#chat-error")).to_be_hidden()
+
+
 def test_the_browser_finds_the_gateways_icon(page, web):
     response = page.request.get(web.url + "/favicon.ico")
     assert response.status == 200

@@ -18,6 +18,7 @@ const state = {
   attachments: [],
   expiryTimer: null,
   modelsProblem: null, // why there is no model to pick (Ollama down, none allowed), while that holds
+  modelsRefresh: null, // the look at the models under way, if any
 };
 
 // ---- signing in and out
@@ -318,11 +319,11 @@ async function send() {
   const text = $("#message-input").value.trim();
   if ((!text && !state.attachments.length) || state.streaming) return;
   const conversation = state.current;
+  // A standing problem with the models may be over (Ollama came up, an admin allowed a model): look again.
+  if (state.modelsProblem) refreshModels();
   if (!conversation.model) {
-    // Say why there is none, not just that there is none; and look again, since Ollama may have come up
-    // or an admin may have allowed a model since the page loaded.
+    // Say why there is none, not just that there is none.
     showChatError(state.modelsProblem || "Pick a model first.");
-    refreshModels();
     return;
   }
   const { content, images, names } = withAttachments(text, state.attachments);
@@ -413,14 +414,23 @@ async function loadModels() {
   }
 }
 
-async function refreshModels() {
-  state.modelsProblem = await loadModels();
-  if (!state.current.model && state.models.length) {
-    state.current.model = state.models[0].name;
-    save();
-    renderSettings();
-  }
-  showChatError(null);
+// One look at a time, and only for the person who asked: a sign-out meanwhile makes its answer stale.
+function refreshModels() {
+  state.modelsRefresh ??= (async () => {
+    const asker = state.me;
+    const problem = await loadModels();
+    if (state.me !== asker) return;
+    state.modelsProblem = problem;
+    if (!state.current.model && state.models.length) {
+      state.current.model = state.models[0].name;
+      save();
+      renderSettings();
+    }
+    showChatError(null);
+  })().finally(() => {
+    state.modelsRefresh = null;
+  });
+  return state.modelsRefresh;
 }
 
 async function start() {
