@@ -4,7 +4,8 @@ mistake reached by `uvicorn main:app` came with 57 lines of traceback.
 
     OLLAMA_URL='localhost:11434': expected a URL starting with http:// or https://, such as ...
 
-Secrets are never repeated: their value shows as `(hidden)`.
+Secrets are never repeated: their value shows as `(hidden)`, and so do the credentials, query and fragment
+of a URL (`http://(hidden)@gpu-box:11434/?(hidden)`).
 """
 
 import re
@@ -18,9 +19,14 @@ from core.settings import ConfigurationError, Settings
 HIDDEN = "(hidden)"
 # A value longer than this is cut: the line must stay readable.
 MAX_SHOWN_VALUE = 120
-# The password in a URL's user:password@ (OLLAMA_URL's credentials are used, never shown), even in a URL too
-# broken to parse.
-_URL_PASSWORD = re.compile(r"(//[^/@:]*:)[^/@]*@")
+# A URL's credentials and query are used, never shown: OLLAMA_URL may carry `user:password@` or a token in
+# `?api_key=`. A URL that is wrong may be too broken to parse, and a password may hold `/`, `?`, `#`, `:` or
+# `@` itself: so everything before the LAST `@` goes (over-hiding a query's `@` is the safe mistake), then
+# whatever follows the first `?` or `#` after it.
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_QUERY_OR_FRAGMENT = re.compile(r"[?#]")
+# OLLAMA_URL is hidden as a URL even without `://` (`user:password@host`), other values only with it.
+_URL_SETTINGS = frozenset({"ollama_url"})
 
 
 def configuration_error_line(error: ConfigurationError) -> str:
@@ -60,9 +66,26 @@ def _describe(details: Any) -> str:
 def _shown(name: str, value: object) -> str:
     if _is_secret(name):
         return HIDDEN
+    if isinstance(value, str) and (name in _URL_SETTINGS or "://" in value):
+        value = _url_without_secrets(value)
     # repr: quoted, with any line break escaped, so one line whatever was given.
-    shown = repr(_URL_PASSWORD.sub(rf"\1{HIDDEN}@", value) if isinstance(value, str) else value)
+    shown = repr(value)
     return shown if len(shown) <= MAX_SHOWN_VALUE else f"{shown[:MAX_SHOWN_VALUE]}…"
+
+
+def _url_without_secrets(url: str) -> str:
+    """`url` with its credentials shown as `(hidden)@`, a query or fragment as `?(hidden)` or `#(hidden)`."""
+    scheme = _SCHEME.match(url)
+    kept = scheme.group() if scheme else ""
+    rest = url[len(kept) :]
+    _, at, rest = rest.rpartition("@")
+    if at:
+        kept += f"{HIDDEN}@"
+    cut = _QUERY_OR_FRAGMENT.search(rest)
+    if cut is None:
+        return kept + rest
+    hidden = HIDDEN if rest[cut.end() :] else ""
+    return f"{kept}{rest[: cut.start()]}{cut.group()}{hidden}"
 
 
 def _is_secret(name: str) -> bool:

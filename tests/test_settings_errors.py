@@ -143,11 +143,60 @@ def test_a_data_dir_inside_a_file_is_refused(environment, tmp_path):
     assert _mistake().endswith(f"; {a_file} is a file, not a folder")
 
 
-def test_the_password_in_a_wrong_ollama_url_is_hidden(environment):
-    environment.setenv("OLLAMA_URL", "http://bob:s3cret@ollama:11434/?x=1")
+@pytest.mark.parametrize(
+    ("value", "shown", "secrets"),
+    [
+        pytest.param(
+            "http://bob:s3cret@ollama:11434/?x=1",
+            "http://(hidden)@ollama:11434/?(hidden)",
+            ["bob", "s3cret", "x=1"],
+            id="user-and-password",
+        ),
+        pytest.param(
+            "http://ollama:s3cr3t/Pw@gpu-box:11434",
+            "http://(hidden)@gpu-box:11434",
+            ["s3cr3t", "Pw"],
+            id="slash-in-the-password",
+        ),
+        pytest.param(
+            "http://alice@corp.example:hunter2@gpu-box:11434/?x",
+            "http://(hidden)@gpu-box:11434/?(hidden)",
+            ["alice", "corp.example", "hunter2"],
+            id="at-in-the-user",
+        ),
+        pytest.param(
+            "http://user:p@ss@host:11434/?x",
+            "http://(hidden)@host:11434/?(hidden)",
+            ["p@ss", "@ss"],
+            id="at-in-the-password",
+        ),
+        pytest.param(
+            "http://u:pw#s3cret@host:11434",
+            "http://(hidden)@host:11434",
+            ["s3cret"],
+            id="hash-in-the-password",
+        ),
+        pytest.param(
+            "https://gpu-box/ollama?api_key=sk-live-123",
+            "https://gpu-box/ollama?(hidden)",
+            ["api_key", "sk-live-123"],
+            id="token-in-the-query",
+        ),
+        pytest.param(
+            "https://gpu-box/ollama#sk-live-123",
+            "https://gpu-box/ollama#(hidden)",
+            ["sk-live-123"],
+            id="fragment",
+        ),
+        pytest.param("ollama:s3cret@gpu-box:11434", "(hidden)@gpu-box:11434", ["s3cret"], id="no-scheme"),
+    ],
+)
+def test_the_secrets_in_a_wrong_ollama_url_are_hidden(environment, value, shown, secrets):
+    environment.setenv("OLLAMA_URL", value)
     line = _mistake()
-    assert "s3cret" not in line
-    assert line.startswith("OLLAMA_URL='http://bob:(hidden)@ollama:11434/?x=1': expected")
+    assert line.startswith(f"OLLAMA_URL={shown!r}: expected")
+    for secret in secrets:
+        assert secret not in line
 
 
 def test_an_env_file_that_is_not_text_is_one_line(environment, tmp_path):
