@@ -17,6 +17,8 @@ _HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63
 # An origin as browsers send it: scheme://host[:port], nothing after it (RFC 6454).
 _ORIGIN = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*)://(?P<host>\[[0-9a-f:.]+\]|[^\s/?#@:\[\]]+)(:\d{1,5})?")
 ANY_ORIGIN = "*"
+# A quoted part of a library's message, from the first quote to the last (a password may hold a quote).
+_QUOTED = re.compile(r" ?'.*'")
 
 
 def checked_upstream_url(value: str) -> str:
@@ -29,7 +31,10 @@ def checked_upstream_url(value: str) -> str:
     try:
         url = URL(value)
     except ValueError as exc:
-        raise ValueError(str(exc).lower().removeprefix("invalid url: ")) from None
+        # yarl quotes the whole authority, password included, when NFKC turns one of its characters into a
+        # delimiter (a fullwidth slash, U+FF0F, into `/`): the reason is said without what it quotes.
+        reason = _QUOTED.sub("", str(exc).lower().removeprefix("invalid url: "))
+        raise ValueError(reason) from None
     if url.scheme not in ("http", "https") or not url.raw_host:
         raise ValueError
     if any(char.isspace() for char in url.raw_host):

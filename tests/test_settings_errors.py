@@ -199,6 +199,16 @@ def test_the_secrets_in_a_wrong_ollama_url_are_hidden(environment, value, shown,
         assert secret not in line
 
 
+@pytest.mark.parametrize(
+    "value", ["http://user:s3cret@ho\uff0fst", "http://user:s3c'ret\uff0f@host"], ids=["plain", "quote-in-it"]
+)
+def test_the_reason_for_a_broken_ollama_url_never_quotes_its_password(environment, value):
+    environment.setenv("OLLAMA_URL", value)
+    line = _mistake()
+    assert "s3c" not in line
+    assert line.endswith("; netloc contains invalid characters under nfkc normalization")
+
+
 def test_an_env_file_that_is_not_text_is_one_line(environment, tmp_path):
     (tmp_path / ".env").write_bytes(b"PORT=\xff\xfe\n")
     line = _mistake()
