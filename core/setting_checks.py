@@ -39,7 +39,7 @@ def checked_upstream_url(value: str) -> str:
         raise ValueError
     if any(char.isspace() for char in url.raw_host):
         raise ValueError("the host has a space in it")
-    if url.explicit_port and not url.port:
+    if url.explicit_port == 0:  # 0 is falsy: `if url.explicit_port` let it through
         raise ValueError("port 0 is not a port Ollama can listen on")
     if url.query_string or url.fragment or value.endswith(("?", "#")):
         raise ValueError("nothing may follow the path (no ?query or #fragment)")

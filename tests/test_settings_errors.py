@@ -199,6 +199,12 @@ def test_the_secrets_in_a_wrong_ollama_url_are_hidden(environment, value, shown,
         assert secret not in line
 
 
+@pytest.mark.parametrize("value", ["http://ollama:0", "http://ollama:00/base"])
+def test_an_ollama_url_on_port_0_is_refused(environment, value):
+    environment.setenv("OLLAMA_URL", value)
+    assert _mistake().endswith("; port 0 is not a port Ollama can listen on")
+
+
 @pytest.mark.parametrize(
     "value", ["http://user:s3cret@ho\uff0fst", "http://user:s3c'ret\uff0f@host"], ids=["plain", "quote-in-it"]
 )
