@@ -40,7 +40,10 @@ def password_problem(password: str) -> str | None:
     if len(password) > MAX_PASSWORD_LENGTH:
         return f"must be at most {MAX_PASSWORD_LENGTH} characters"
     if is_common_password(password):
-        return "is too common (one of the 10,000 most common passwords, perhaps with digits or symbols added)"
+        return (
+            "is too common (one of the 10,000 most common passwords, "
+            "perhaps with a few digits or symbols added)"
+        )
     return None
 
 

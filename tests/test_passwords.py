@@ -73,6 +73,8 @@ def test_a_real_hash_verifies_and_a_wrong_password_does_not():
         pytest.param("Dragon2024!", "too common", id="common-with-digits-and-a-symbol"),
         pytest.param("12345678!", "too common", id="common-digits-with-a-symbol"),
         pytest.param("ollama123", "too common", id="gateway-default-with-digits"),
+        pytest.param("password1234", "too common", id="common-with-four-digits"),
+        pytest.param("Monkey12345", "too common", id="common-with-the-longest-tail-taken-off"),
         pytest.param("x" * 1025, "at most 1024", id="long"),
         pytest.param("é" * 1025, "at most 1024", id="long-in-bytes-too"),
         pytest.param("x" * 5000, "at most 1024", id="over-passlibs-limit"),
@@ -86,8 +88,26 @@ def test_the_one_password_rule_refuses(password, problem):
 
 @pytest.mark.parametrize(
     "password",
-    ["zq8vk3mw", "x" * 1024, "😀" * 1024, "correct horse battery", "fays-password-1"],
-    ids=["shortest", "longest", "widest", "phrase", "common-word-inside"],
+    [
+        "zq8vk3mw",
+        "x" * 1024,
+        "😀" * 1024,
+        "correct horse battery",
+        "fays-password-1",
+        "Golf-2947-8812-6630-1194",
+        "love84929371&*!@#$%^",
+        "blue 7 391 204 885 613",
+    ],
+    ids=[
+        "shortest",
+        "longest",
+        "widest",
+        "phrase",
+        "common-word-inside",
+        "common-word-then-long-digit-groups",
+        "common-word-then-long-digits-and-symbols",
+        "common-word-then-spaced-digits",
+    ],
 )
 def test_the_one_password_rule_accepts_and_argon2_can_hash_it(password):
     assert passwords.password_problem(password) is None
