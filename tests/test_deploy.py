@@ -16,6 +16,7 @@ deploy-tools`); hadolint and the schema validator come from requirements-dev.txt
 
 import ast
 import errno
+import inspect
 import json
 import os
 import re
@@ -34,6 +35,7 @@ from pathlib import Path
 import httpx
 import jsonschema
 import pytest
+import uvicorn
 import yaml
 
 from core.settings import MIB, Settings
@@ -255,6 +257,8 @@ http {{
     include {folder}/site.conf;
 }}
 """
+# uvicorn's default, which `python main.py` keeps (tests/test_abuse.py checks an idle connection is closed).
+UVICORN_KEEP_ALIVE = inspect.signature(uvicorn.Config).parameters["timeout_keep_alive"].default
 NGINX_TOKEN = re.compile(r'"[^"]*"|[{};]|[^\s{};"]+')
 
 
@@ -390,6 +394,9 @@ def test_nginx_site_fits_the_gateway():
     unit = _unit_environment()
     # nginx reaches the gateway where the unit has it listen, from the one address the gateway trusts.
     assert _site_setting("server", ("upstream ollama_gateway",)) == (f"{unit['HOST']}:{unit['PORT']}",)
+    # nginx lets go of an idle connection before the gateway closes it under nginx's next request.
+    idle = int(_site_setting("keepalive_timeout", ("upstream ollama_gateway",))[0].removesuffix("s"))
+    assert idle < UVICORN_KEEP_ALIVE
     assert unit["TRUSTED_PROXIES"] == unit["HOST"] == "127.0.0.1"
     # Replaced, never appended to: see core/client_address.py.
     forwarded = [
