@@ -15,41 +15,25 @@ from pathlib import Path
 
 import psutil
 
+from bench.nginx_conf import folder_conf
 from bench.procs import HOST, free_port, spawn, stop, wait_for_port
 
-CONFIG = """\
-worker_processes 1;
-worker_rlimit_nofile {nofile};
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log warn;
-
-events {{
-    worker_connections 4096;
+# The relay itself, inside nginx_conf's http block.
+HTTP = """\
+upstream ollama {{
+    server {host}:{upstream_port};
+    keepalive 1024;
 }}
 
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/client_body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
+server {{
+    listen {host}:{port} backlog=4096;
 
-    upstream ollama {{
-        server {host}:{upstream_port};
-        keepalive 1024;
-    }}
-
-    server {{
-        listen {host}:{port} backlog=4096;
-
-        location / {{
-            proxy_pass http://ollama;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_buffering off;
-            proxy_read_timeout 600s;
-        }}
+    location / {{
+        proxy_pass http://ollama;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_buffering off;
+        proxy_read_timeout 600s;
     }}
 }}
 """
@@ -76,12 +60,11 @@ def run_nginx(upstream_port: int) -> Iterator[tuple[int, list[psutil.Process]]]:
     port = free_port()
     conf = tmp / "nginx.conf"
     conf.write_text(
-        CONFIG.format(
-            tmp=tmp,
-            host=HOST,
-            port=port,
-            upstream_port=upstream_port,
-            nofile=resource.getrlimit(resource.RLIMIT_NOFILE)[1],
+        folder_conf(
+            tmp,
+            HTTP.format(host=HOST, port=port, upstream_port=upstream_port),
+            worker_connections=4096,
+            main=f"worker_rlimit_nofile {resource.getrlimit(resource.RLIMIT_NOFILE)[1]};",
         )
     )
     proc = spawn(

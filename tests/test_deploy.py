@@ -38,6 +38,7 @@ import pytest
 import uvicorn
 import yaml
 
+from bench.nginx_conf import folder_conf
 from core.settings import MIB, Settings
 from main import MULTIPART_ALLOWANCE
 from routes.web import WEB_DIR
@@ -237,26 +238,6 @@ def test_gateway_serves_under_memory_deny_write_execute(tmp_path, ollama):
 
 # The nginx site.
 
-# What Debian's /etc/nginx/nginx.conf gives a site, with every file nginx writes in the test's folder.
-NGINX_CONF = """\
-worker_processes 1;
-pid {folder}/nginx.pid;
-error_log {folder}/error.log warn;
-
-events {{
-    worker_connections 64;
-}}
-
-http {{
-    access_log off;
-    client_body_temp_path {folder}/client_body;
-    proxy_temp_path {folder}/proxy;
-    fastcgi_temp_path {folder}/fastcgi;
-    uwsgi_temp_path {folder}/uwsgi;
-    scgi_temp_path {folder}/scgi;
-    include {folder}/site.conf;
-}}
-"""
 # uvicorn's default, which `python main.py` keeps (tests/test_abuse.py checks an idle connection is closed).
 UVICORN_KEEP_ALIVE = inspect.signature(uvicorn.Config).parameters["timeout_keep_alive"].default
 NGINX_TOKEN = re.compile(r'"[^"]*"|[{};]|[^\s{};"]+')
@@ -349,7 +330,8 @@ def _site_with_certificate(text: str, made: Certificate) -> str:
 def _nginx_conf(folder: Path, site: str) -> Path:
     (folder / "site.conf").write_text(site)
     conf = folder / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(folder=folder))
+    # What Debian's /etc/nginx/nginx.conf gives a site, with every file nginx writes in the test's folder.
+    conf.write_text(folder_conf(folder, f"include {folder}/site.conf;", worker_connections=64))
     return conf
 
 
