@@ -25,11 +25,12 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 
 from auth.api_keys import ApiKeyStore
-from auth.passwords import hash_password, password_problem
+from auth.passwords import hash_password
 from auth.throttle import SignInLimits, SignInThrottle
 from auth.users import ROLES, User, UserStore
 from core.database import Database
 from core.errors import GatewayError
+from core.password_rule import password_problem
 from core.settings import ConfigurationError
 from core.settings_errors import read_settings
 from routes.schemas import NewUser

@@ -1,5 +1,5 @@
-"""Passwords: the one rule every password meets, and hashing with Argon2 (through libpass, the maintained fork
-of passlib).
+"""Passwords: hashing with Argon2 (through libpass, the maintained fork of passlib). The rule every password
+meets is `core.password_rule`'s.
 
 Argon2 has no 72-byte limit, unlike bcrypt, and is what current guidance prefers. Each hash or check takes
 about a tenth of a second of CPU and holds 64 MiB while it runs, so the gateway runs at most
@@ -17,34 +17,11 @@ import asyncio
 from anyio import to_thread
 from passlib.context import CryptContext
 
-from auth.common_passwords import is_common_password
-from core.text import is_valid_text
-
-MIN_PASSWORD_LENGTH = 8
-# In characters: 1024 of them take at most 4096 bytes in UTF-8, within passlib's own limit (4096), past which
-# it raises PasswordSizeError, which was a 500 on /admin/users and /me/password (issue 9, item 7).
-MAX_PASSWORD_LENGTH = 1024
+from core.password_rule import MAX_PASSWORD_LENGTH
 
 _context = CryptContext(schemes=["argon2"])
 
 MAX_CONCURRENT_HASHES = 4
-
-
-def password_problem(password: str) -> str | None:
-    """Why a password may not be used, or None if it may. The one rule: the admin API, `/me/password`,
-    `manage.py` and ADMIN_PASSWORD all ask it."""
-    if not is_valid_text(password):
-        return "must be valid text (it holds a lone surrogate, such as \\ud800)"
-    if len(password) < MIN_PASSWORD_LENGTH:
-        return f"must be at least {MIN_PASSWORD_LENGTH} characters"
-    if len(password) > MAX_PASSWORD_LENGTH:
-        return f"must be at most {MAX_PASSWORD_LENGTH} characters"
-    if is_common_password(password):
-        return (
-            "is too common (one of the 10,000 most common passwords, "
-            "perhaps with a few digits or symbols added)"
-        )
-    return None
 
 
 def hash_password(password: str) -> str:

@@ -15,9 +15,9 @@ from typing import Annotated, Self
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from auth.passwords import password_problem
 from core.client_address import IPNetwork, parse_networks
 from core.emails import checked_email
+from core.password_rule import password_problem
 from core.setting_checks import (
     checked_data_folder,
     checked_listen_host,

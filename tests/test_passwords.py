@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from auth import common_passwords, passwords
+from auth import passwords
+from core import common_passwords, password_rule
 
 
 class _CountingContext:
@@ -81,7 +82,7 @@ def test_a_real_hash_verifies_and_a_wrong_password_does_not():
     ],
 )
 def test_the_one_password_rule_refuses(password, problem):
-    found = passwords.password_problem(password)
+    found = password_rule.password_problem(password)
     assert found is not None
     assert problem in found
 
@@ -110,7 +111,7 @@ def test_the_one_password_rule_refuses(password, problem):
     ],
 )
 def test_the_one_password_rule_accepts_and_argon2_can_hash_it(password):
-    assert passwords.password_problem(password) is None
+    assert password_rule.password_problem(password) is None
     assert passwords.verify_password(password, passwords.hash_password(password))
 
 
