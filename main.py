@@ -24,13 +24,13 @@ from core.server import (
     raise_open_file_limit,
     require_gateway_protocol,
 )
-from core.services import close_services, open_services
 from core.settings import MIB, ConfigurationError, Settings
 from core.settings_errors import configuration_error_line, read_settings
 from core.startup_errors import OneLineStartupErrors
 from routes import admin, api_docs, auth, files, health, keys, me, web
 from routes.guard import CredentialsFirst
 from routes.relay import RELAY_ROUTES
+from services import close_services, open_services
 from upstream.docs import install_relay_docs
 from upstream.endpoints import Body, RelayEndpoints
 from upstream.probe import say_whether_ollama_answers

@@ -5,10 +5,9 @@ from functools import partial
 from fastapi import APIRouter, Depends, Response
 from starlette.concurrency import run_in_threadpool
 
-from auth.dependencies import admin_user
-from core.accounts import delete_account
 from core.errors import GatewayError
-from core.services import AppServices
+from routes.accounts import delete_account
+from routes.dependencies import AppServices, admin_user
 from routes.schemas import KeyId, NewUser, OwnedKeyInfo, UserId, UserOut, UserPatch, errors
 
 router = APIRouter(

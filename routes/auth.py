@@ -2,9 +2,9 @@
 
 from fastapi import APIRouter, Request
 
-from auth.credentials import MAX_FIELD_LENGTH, read_credentials
 from core.client_address import client_address
-from core.services import AppServices
+from routes.credentials import MAX_FIELD_LENGTH, read_credentials
+from routes.dependencies import AppServices
 from routes.schemas import LoginRequest, TokenResponse, errors
 
 router = APIRouter(tags=["auth"])

@@ -7,9 +7,8 @@ from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from auth.dependencies import CurrentUser
 from core.errors import GatewayError, Unauthorized
-from core.services import AppServices
+from routes.dependencies import AppServices, CurrentUser
 from routes.schemas import UploadInfo, UploadResponse, errors
 from uploads.store import safe_media_type
 

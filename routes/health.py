@@ -8,7 +8,7 @@ the client's request, and show no secret (not even URL credentials).
 from fastapi import APIRouter
 
 from core.errors import GatewayError
-from core.services import AppServices
+from routes.dependencies import AppServices
 from routes.schemas import HealthResponse, VersionResponse
 from upstream.probe import probe_ollama
 

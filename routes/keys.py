@@ -2,9 +2,8 @@
 
 from fastapi import APIRouter, Response
 
-from auth.dependencies import CurrentUser
 from core.errors import GatewayError
-from core.services import AppServices
+from routes.dependencies import AppServices, CurrentUser
 from routes.schemas import CreatedKey, KeyId, KeyInfo, NewKey, errors
 
 router = APIRouter(tags=["keys"])

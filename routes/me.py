@@ -2,9 +2,8 @@
 
 from fastapi import APIRouter, Request
 
-from auth.dependencies import CurrentUser
 from core.client_address import client_address
-from core.services import AppServices
+from routes.dependencies import AppServices, CurrentUser
 from routes.schemas import PasswordChange, TokenResponse, UserOut, errors
 
 router = APIRouter(tags=["me"])

@@ -6,10 +6,10 @@ from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 from pydantic.json_schema import JsonDict
 
-from auth.credentials import MAX_FIELD_LENGTH
 from core.emails import EMAIL_MAX_LENGTH, checked_email
 from core.password_rule import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH, password_problem
 from core.text import is_valid_text
+from routes.credentials import MAX_FIELD_LENGTH
 
 # Row ids are SQLite integers: a larger number in a path is refused (422), never handed to SQLite.
 MAX_ROW_ID = 2**63 - 1

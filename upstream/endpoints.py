@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from auth.users import User
 from core.errors import Forbidden, GatewayError, error_response
-from core.services import Services
+from routes.dependencies import Services
 from routes.guard import take_user
 from upstream.bodies import (
     BodyRules,

@@ -1,13 +1,13 @@
-"""The long-lived objects one gateway process shares, built once by the app's lifespan."""
+"""The composition root: builds the long-lived objects one gateway process shares (every store and
+client), once, in the app's lifespan (`main.py`), and closes them. Routes receive them as
+`routes.dependencies.Services`.
+"""
 
 import asyncio
-from dataclasses import dataclass
-from typing import Annotated
-
-from fastapi import Depends, Request
 
 from auth.api_keys import ApiKeyStore
 from auth.authenticate import Authenticator
+from auth.bootstrap import ensure_admin, load_secret_key
 from auth.login import PasswordCheck
 from auth.passwords import PasswordHasher
 from auth.policy import ModelPolicy
@@ -17,38 +17,13 @@ from auth.users import UserStore
 from core.database import Database
 from core.private_files import make_tree_private
 from core.settings import ConfigurationError, Settings
+from routes.dependencies import Services
 from uploads.store import UploadStore
 from upstream.client import Upstream, UpstreamTimeouts
 
 
-@dataclass
-class Services:
-    settings: Settings
-    db: Database
-    users: UserStore
-    keys: ApiKeyStore
-    signer: TokenSigner
-    authenticator: Authenticator
-    hasher: PasswordHasher
-    throttle: SignInThrottle
-    passwords: PasswordCheck
-    uploads: UploadStore
-    upstream: Upstream
-    policy: ModelPolicy
-
-
-async def get_services(request: Request) -> Services:
-    # async on purpose: FastAPI runs a plain `def` dependency in a worker thread, a hop per request.
-    return request.app.state.services
-
-
-AppServices = Annotated[Services, Depends(get_services)]
-
-
 def _open_storage(settings: Settings) -> tuple[Database, UserStore, UploadStore, str]:
     """The blocking part of start-up (files, schema, first admin), run in a worker thread."""
-    from auth.bootstrap import ensure_admin, load_secret_key
-
     try:
         # The first to write in DATA_DIR: a folder that can't be made or written is the operator's to fix.
         secret_key = load_secret_key(settings)
