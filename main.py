@@ -29,10 +29,10 @@ from core.settings_errors import configuration_error_line, read_settings
 from core.startup_errors import OneLineStartupErrors
 from routes import admin, api_docs, auth, files, health, keys, me, web
 from routes.guard import CredentialsFirst
-from routes.relay import RELAY_ROUTES
+from routes.ollama import RELAY_ROUTES
+from routes.relay_docs import install_relay_docs
+from routes.relay_endpoints import Body, RelayEndpoints
 from services import close_services, open_services
-from upstream.docs import install_relay_docs
-from upstream.endpoints import Body, RelayEndpoints
 from upstream.probe import say_whether_ollama_answers
 
 __version__ = "0.1.0"

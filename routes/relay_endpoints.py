@@ -3,9 +3,9 @@
 Measured on this project's machines, FastAPI's per-request dependency solving and routing cost more CPU than
 the relay itself (about 40% of a /chat request's time in the gateway), and that cost lands all at once when
 hundreds of streams start together. Relay endpoints are therefore served here, straight from a table
-(`routes.relay`): look up the route, authenticate, check access and the model policy, relay. Everything else
+(`routes.ollama`): look up the route, authenticate, check access and the model policy, relay. Everything else
 (login, uploads, admin) stays on FastAPI. The same table generates these endpoints' OpenAPI documentation
-(`upstream.docs`).
+(`routes.relay_docs`).
 """
 
 import asyncio
@@ -30,7 +30,7 @@ from upstream.bodies import (
     refuse_content_encoding,
 )
 from upstream.headers import upstream_request_headers
-from upstream.relay import relay
+from upstream.passthrough import relay
 
 # RFC 3986 pchar and "/": what may stand unencoded in a request line's path.
 PATH_SAFE = "/:@!$&'()*+,;="

@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from core.errors import OPENAI_PREFIX
-from upstream.endpoints import Access, Body, RelayRoute
+from routes.relay_endpoints import Access, Body, RelayRoute
 
 _OLLAMA_ERROR = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
 _OPENAI_ERROR = {

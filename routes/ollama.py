@@ -1,4 +1,4 @@
-"""Every endpoint that relays to Ollama, served by the fast path in `upstream.endpoints`.
+"""Every endpoint that relays to Ollama, served by the fast path in `routes.relay_endpoints`.
 
 Ollama's native API at the same paths Ollama uses, its OpenAI-compatible API under `/v1`, and the two
 SPA-friendly aliases `/chat` and `/models`. Model management is for admins; every route that names a model,
@@ -8,10 +8,10 @@ and every model list, goes through the model policy.
 import re
 
 from core.errors import GatewayError
+from routes.relay_docs import MODEL_BODY
+from routes.relay_endpoints import OLLAMA_MODEL_LIST, OPENAI_MODEL_LIST, Access, Body, RelayRoute
 from routes.schemas import ChatRequest
 from upstream.bodies import BodyRules, check_chat_messages
-from upstream.docs import MODEL_BODY
-from upstream.endpoints import OLLAMA_MODEL_LIST, OPENAI_MODEL_LIST, Access, Body, RelayRoute
 
 NDJSON_STREAM = {
     "description": "NDJSON stream, one JSON object per line, the last with done:true (one JSON object when "
