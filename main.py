@@ -31,7 +31,7 @@ from routes import admin, api_docs, auth, files, health, keys, me, web
 from routes.guard import CredentialsFirst
 from routes.ollama import RELAY_ROUTES
 from routes.relay_docs import install_relay_docs
-from routes.relay_endpoints import Body, RelayEndpoints
+from routes.relay_endpoints import Body
 from services import close_services, open_services
 from upstream.probe import say_whether_ollama_answers
 
@@ -83,9 +83,8 @@ def create_app(settings: Settings | None = None, *, probe_ollama_at_start: bool 
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     install_error_handlers(app)
-    # Middleware added last runs first: CORS, credentials, the body cap, the relay fast path, then FastAPI.
+    # Middleware added last runs first: CORS, credentials, the body cap, then the router.
     # (Request heads and bodies are timed by the gateway's protocol, core.server.)
-    app.add_middleware(RelayEndpoints, routes=RELAY_ROUTES)
     app.add_middleware(
         BodyLimitMiddleware,
         default_limit=SMALL_JSON_LIMIT,
@@ -118,10 +117,12 @@ def create_app(settings: Settings | None = None, *, probe_ollama_at_start: bool 
             max_age=600,
         )
     app.add_middleware(OneLineStartupErrors)
+    # First: the router tries its routes in order, and these carry nearly all of the traffic.
+    app.router.routes[:0] = RELAY_ROUTES
     for module in (web, api_docs, auth, me, keys, files, admin, health):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
-    install_relay_docs(app, RELAY_ROUTES)
+    install_relay_docs(app)
     return app
 
 

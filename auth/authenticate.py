@@ -1,10 +1,10 @@
 """From an Authorization header to a user: the one place that decides who is calling.
 
-Used by the `CurrentUser` dependency and by the relay fast path alike. A credential is a JWT from `/login` or
-an API key, sent as `Authorization: Bearer <credential>` (what the OpenAI SDKs send as their api_key), or as
-the password of HTTP Basic (for clients that can only put credentials in a URL). A disabled or deleted user's
-credentials stop working at once: the user is read on every request, a token's by the random identity it
-names (never a row id, which could have been given to someone else: issue 9, item 2).
+Used by the credentials guard, the `CurrentUser` dependency and the relay endpoints alike. A credential is a
+JWT from `/login` or an API key, sent as `Authorization: Bearer <credential>` (what the OpenAI SDKs send as
+their api_key), or as the password of HTTP Basic (for clients that can only put credentials in a URL). A
+disabled or deleted user's credentials stop working at once: the user is read on every request, a token's by
+the random identity it names (never a row id, which could have been given to someone else: issue 9, item 2).
 """
 
 import asyncio

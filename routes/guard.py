@@ -2,7 +2,7 @@
 
 FastAPI reads and parses a route's JSON body before it resolves the route's dependencies, so with
 authentication as a dependency alone, a stranger could make the gateway read and parse a body (up to the
-route's cap) without any credential. This pure ASGI guard sits in front of both routers: it authenticates from
+route's cap) without any credential. This pure ASGI guard sits in front of the router: it authenticates from
 the Authorization header, answers 401 at once to anyone without valid credentials, and leaves the user in the
 request's state, where `CurrentUser` or the relay endpoint takes it from (one authentication per request;
 taken, not read, so that a stream held open for minutes does not keep it).

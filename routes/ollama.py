@@ -1,4 +1,4 @@
-"""Every endpoint that relays to Ollama, served by the fast path in `routes.relay_endpoints`.
+"""Every endpoint that relays to Ollama (routes of the app's router, made in `routes.relay_endpoints`).
 
 Ollama's native API at the same paths Ollama uses, its OpenAI-compatible API under `/v1`, and the two
 SPA-friendly aliases `/chat` and `/models`. Model management is for admins; every route that names a model,
@@ -87,7 +87,8 @@ def _admin_call(
 
 
 RELAY_ROUTES = [
-    # The SPA-friendly aliases kept from the original backend.
+    # The calls to models first, the most frequent first: the router tries its routes in order.
+    _model_call("/api/chat", "Chat (NDJSON stream)", NDJSON_STREAM),
     RelayRoute(
         "POST",
         "/chat",
@@ -99,6 +100,17 @@ RELAY_ROUTES = [
         response_doc=NDJSON_STREAM,
         tags=("chat",),
     ),
+    _model_call(
+        "/v1/chat/completions", "Chat completions (SSE when stream is true)", SSE_STREAM, ("openai",)
+    ),
+    _model_call("/api/generate", "Generate a completion (NDJSON stream)", NDJSON_STREAM),
+    _model_call("/api/embed", "Embeddings for one or more inputs"),
+    _model_call("/v1/embeddings", "Embeddings", tags=("openai",)),
+    _model_call("/v1/completions", "Completions (SSE when stream is true)", SSE_STREAM, ("openai",)),
+    _model_call("/v1/responses", "Responses API (SSE when stream is true)", SSE_STREAM, ("openai",)),
+    _model_call("/api/embeddings", "Embedding for one prompt (legacy)"),
+    _model_call("/api/show", "A model's details", rules=MODEL_OR_NAME),
+    # Model lists, filtered by the policy.
     RelayRoute(
         "GET",
         "/models",
@@ -107,17 +119,21 @@ RELAY_ROUTES = [
         model_list=OLLAMA_MODEL_LIST,
         tags=("chat",),
     ),
-    # Ollama's native API.
     RelayRoute("GET", "/api/tags", "The models you may use", model_list=OLLAMA_MODEL_LIST, tags=("ollama",)),
     RelayRoute("HEAD", "/api/tags", "The model list (headers only)", tags=("ollama",)),
     RelayRoute(
         "GET", "/api/ps", "Running models you may use", model_list=OLLAMA_MODEL_LIST, tags=("ollama",)
     ),
-    _model_call("/api/chat", "Chat (NDJSON stream)", NDJSON_STREAM),
-    _model_call("/api/generate", "Generate a completion (NDJSON stream)", NDJSON_STREAM),
-    _model_call("/api/embed", "Embeddings for one or more inputs"),
-    _model_call("/api/embeddings", "Embedding for one prompt (legacy)"),
-    _model_call("/api/show", "A model's details", rules=MODEL_OR_NAME),
+    RelayRoute("GET", "/v1/models", "The models you may use", model_list=OPENAI_MODEL_LIST, tags=("openai",)),
+    RelayRoute(
+        "GET",
+        "/v1/models/{model}",
+        "One model",
+        param_names_model=True,
+        check_param=_check_model_param,
+        tags=("openai",),
+    ),
+    # Model management, for admins.
     _admin_call("POST", "/api/pull", "Pull a model (admins)", PROGRESS_STREAM),
     _admin_call("POST", "/api/push", "Push a model (admins)", PROGRESS_STREAM),
     _admin_call("POST", "/api/create", "Create a model (admins)", PROGRESS_STREAM),
@@ -125,9 +141,8 @@ RELAY_ROUTES = [
     _admin_call("DELETE", "/api/delete", "Delete a model; JSON body {model} (admins)"),
     RelayRoute(
         "HEAD",
-        "/api/blobs/",
+        "/api/blobs/{digest}",
         "Whether Ollama has a blob (admins)",
-        param="digest",
         check_param=_check_digest,
         param_schema=_BLOB_PARAM,
         access=Access.ADMIN,
@@ -135,30 +150,12 @@ RELAY_ROUTES = [
     ),
     RelayRoute(
         "POST",
-        "/api/blobs/",
+        "/api/blobs/{digest}",
         "Upload a blob, streamed through at any size (admins)",
-        param="digest",
         check_param=_check_digest,
         param_schema=_BLOB_PARAM,
         access=Access.ADMIN,
         body=Body.STREAM,
         tags=("ollama: model management",),
-    ),
-    # The OpenAI-compatible API.
-    _model_call(
-        "/v1/chat/completions", "Chat completions (SSE when stream is true)", SSE_STREAM, ("openai",)
-    ),
-    _model_call("/v1/completions", "Completions (SSE when stream is true)", SSE_STREAM, ("openai",)),
-    _model_call("/v1/embeddings", "Embeddings", tags=("openai",)),
-    _model_call("/v1/responses", "Responses API (SSE when stream is true)", SSE_STREAM, ("openai",)),
-    RelayRoute("GET", "/v1/models", "The models you may use", model_list=OPENAI_MODEL_LIST, tags=("openai",)),
-    RelayRoute(
-        "GET",
-        "/v1/models/",
-        "One model",
-        param="model",
-        param_names_model=True,
-        check_param=_check_model_param,
-        tags=("openai",),
     ),
 ]

@@ -1,7 +1,8 @@
-"""OpenAPI documentation for the relay endpoints, generated from their route table.
+"""OpenAPI documentation for the relay endpoints, made from their routes on the app's router.
 
-They are served by the pure-ASGI fast path, which FastAPI's schema generator cannot see, so their entries are
-added to the app's schema here: the same security schemes, and each surface's error shape.
+FastAPI's schema generator documents its own routes only, not a Starlette route with an ASGI endpoint, so
+the entries of the relay routes (`routes.relay_endpoints`) are added to the app's schema here, from what each
+route carries: the same security schemes, and each surface's error shape.
 """
 
 from typing import Any
@@ -53,7 +54,7 @@ MODEL_BODY = {
 
 def _operation(route: RelayRoute, components: dict[str, Any]) -> dict[str, Any]:
     error_schema = _OPENAI_ERROR if route.path.startswith(OPENAI_PREFIX) else _OLLAMA_ERROR
-    slug = route.doc_path.strip("/").replace("/", "_").replace("{", "").replace("}", "") or "root"
+    slug = route.path_format.strip("/").replace("/", "_").replace("{", "").replace("}", "") or "root"
     operation: dict[str, Any] = {
         "summary": route.summary,
         "operationId": f"{route.method.lower()}_{slug}",
@@ -97,15 +98,17 @@ def _operation(route: RelayRoute, components: dict[str, Any]) -> dict[str, Any]:
     return operation
 
 
-def install_relay_docs(app: FastAPI, routes: list[RelayRoute]) -> None:
+def install_relay_docs(app: FastAPI) -> None:
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = generate()
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for route in routes:
-                operations = schema["paths"].setdefault(route.doc_path, {})
+            for route in app.routes:
+                if not isinstance(route, RelayRoute):
+                    continue
+                operations = schema["paths"].setdefault(route.path_format, {})
                 operations[route.method.lower()] = _operation(route, components)
             app.openapi_schema = schema
         return app.openapi_schema

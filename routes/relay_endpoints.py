@@ -1,23 +1,32 @@
-"""The relay endpoints' fast path: pure ASGI, in front of FastAPI's router.
+"""The endpoints that relay to Ollama: routes of the app's own router whose endpoint is a bare ASGI app.
 
-Measured on this project's machines, FastAPI's per-request dependency solving and routing cost more CPU than
-the relay itself (about 40% of a /chat request's time in the gateway), and that cost lands all at once when
-hundreds of streams start together. Relay endpoints are therefore served here, straight from a table
-(`routes.ollama`): look up the route, authenticate, check access and the model policy, relay. Everything else
-(login, uploads, admin) stays on FastAPI. The same table generates these endpoints' OpenAPI documentation
-(`routes.relay_docs`).
+Measured on this project's machines, FastAPI's per-request work (a Request object, dependency solving,
+validation) cost more CPU than the relay itself (about 40% of a /chat request's time in the gateway), and
+that cost lands all at once when hundreds of streams start together. So each relay endpoint is a plain
+Starlette `Route` (`RelayRoute`) whose endpoint is an ASGI app (`RelayEndpoint`): Starlette treats an endpoint
+that is neither a function nor a method as ASGI and calls it with the scope as it is, with nothing to wrap or
+solve. It authenticates (or takes the user `routes.guard` authenticated), checks access and the model
+policy, and relays (`upstream.passthrough`).
+
+Everything else is the app's, as for any route: the router answers 404, and 405 with `Allow` naming every
+method of the path; an error raised here is rendered by the app's handlers (`core.errors`), a locked database
+included. Each route carries what its OpenAPI entry is made of (`routes.relay_docs`). The table of these
+routes is `routes.ollama`.
 """
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 from urllib.parse import quote
 
-from starlette.requests import ClientDisconnect, Request
+from starlette.convertors import PathConvertor, register_url_convertor
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.routing import Match, Route
+from starlette.types import Receive, Scope, Send
 
 from auth.users import User
 from core.errors import Forbidden, GatewayError, error_response
@@ -34,6 +43,18 @@ from upstream.passthrough import relay
 
 # RFC 3986 pchar and "/": what may stand unencoded in a request line's path.
 PATH_SAFE = "/:@!$&'()*+,;="
+
+
+class _RestOfPath(PathConvertor):
+    """The rest of the path, slashes included (model names hold them), never empty: `/v1/models/` names no
+    model, and is not found. Any character: a decoded %0D%0A must reach the check, and be encoded again."""
+
+    regex = r"[\s\S]+"
+
+
+REST_OF_PATH = "rest_of_path"
+register_url_convertor(REST_OF_PATH, _RestOfPath())
+_TRAILING_PARAM = re.compile(r"\{(\w+)\}$")
 
 
 class Access(Enum):
@@ -59,146 +80,180 @@ OLLAMA_MODEL_LIST = ModelList("models", "name")
 OPENAI_MODEL_LIST = ModelList("data", "id")
 
 
-@dataclass(frozen=True)
-class RelayRoute:
-    """A gateway endpoint that forwards to Ollama."""
+class RelayRoute(Route):
+    """A gateway endpoint that forwards to Ollama, for one method.
 
-    method: str
-    path: str  # the exact path, or with `param`, the prefix its parameter follows
-    summary: str
-    upstream_path: str | None = None  # default: the same path
-    param: str | None = None  # the name of a trailing path parameter, for the docs
-    param_names_model: bool = False  # the parameter is a model name (`/v1/models/{model}`)
-    check_param: Callable[[str], None] | None = None
-    access: Access = Access.USER
-    body: Body = Body.NONE
-    # What the gateway reads of a JSON body (the model, mostly). With no rules (admin calls), the body is
-    # still read as one JSON object, like every other.
-    body_rules: BodyRules = field(default_factory=BodyRules)
-    model_list: ModelList | None = None  # the answer is a model list, filtered by the policy
-    request_model: Any = None  # pydantic model describing the body, for the docs
-    body_schema: dict[str, Any] | None = None  # or a JSON schema describing it
-    param_schema: dict[str, Any] | None = None  # the path parameter's JSON schema, for the docs
-    response_doc: dict[str, Any] = field(default_factory=dict)
-    tags: tuple[str, ...] = ()
+    `path` may end with a path parameter (`/v1/models/{model}`): it takes the rest of the path, slashes
+    included, checked by `check_param` and, with `param_names_model`, by the model policy."""
 
-    @property
-    def doc_path(self) -> str:
-        return f"{self.path}{{{self.param}}}" if self.param else self.path
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        summary: str,
+        *,
+        upstream_path: str | None = None,  # default: the same path
+        param_names_model: bool = False,
+        check_param: Callable[[str], None] | None = None,
+        access: Access = Access.USER,
+        body: Body = Body.NONE,
+        # What the gateway reads of a JSON body (the model, mostly). With no rules (admin calls), the body is
+        # still read as one JSON object, like every other.
+        body_rules: BodyRules | None = None,
+        model_list: ModelList | None = None,  # the answer is a model list, filtered by the policy
+        request_model: Any = None,  # pydantic model describing the body, for the docs
+        body_schema: dict[str, Any] | None = None,  # or a JSON schema describing it
+        param_schema: dict[str, Any] | None = None,  # the path parameter's JSON schema, for the docs
+        response_doc: dict[str, Any] | None = None,
+        tags: tuple[str, ...] = (),
+    ) -> None:
+        trailing = _TRAILING_PARAM.search(path)
+        self.param = trailing.group(1) if trailing else None
+        routed = path if trailing is None else f"{path[: trailing.start()]}{{{self.param}:{REST_OF_PATH}}}"
+        super().__init__(routed, endpoint=RelayEndpoint(self), methods=[method], name=f"{method} {path}")
+        # Starlette lets a GET route answer HEAD too; Ollama's HEAD routes are relayed as routes of their own.
+        self.methods = {method}
+        self.method = method
+        self.summary = summary
+        # The parameter as checked, encoded again, goes after the path before it.
+        self.upstream_path = upstream_path or (path if trailing is None else path[: trailing.start()])
+        self.param_names_model = param_names_model
+        self.check_param = check_param
+        self.access = access
+        self.body = body
+        self.body_rules = body_rules or BodyRules()
+        self.model_list = model_list
+        self.request_model = request_model
+        self.body_schema = body_schema
+        self.param_schema = param_schema
+        self.response_doc = response_doc or {}
+        self.tags = tags
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        # What Route.matches decides, for a path without parameters by comparing strings: the router asks
+        # every relay route in turn on every request, and a regex per route was a measurable part of a
+        # short request's CPU.
+        if self.param is not None or scope["type"] != "http" or scope.get("root_path"):
+            return super().matches(scope)
+        if scope["path"] != self.path:
+            return Match.NONE, {}
+        child_scope = {"endpoint": self.endpoint, "path_params": scope.get("path_params", {})}
+        return Match.FULL if scope["method"] == self.method else Match.PARTIAL, child_scope
 
 
-class RelayEndpoints:
-    def __init__(self, app: ASGIApp, routes: list[RelayRoute]) -> None:
-        self.app = app
-        self.exact = {(route.method, route.path): route for route in routes if route.param is None}
-        self.prefixed = [route for route in routes if route.param is not None]
-        self.methods_by_path: dict[str, set[str]] = {}
-        for route in routes:
-            if route.param is None:
-                self.methods_by_path.setdefault(route.path, set()).add(route.method)
+class RelayEndpoint:
+    """The ASGI app behind one `RelayRoute`."""
+
+    __slots__ = ("route",)
+
+    def __init__(self, route: RelayRoute) -> None:
+        self.route = route
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        method, path = scope["method"], scope["path"]
-        route, param = self._match(method, path)
-        if route is not None:
-            try:
-                response = await self._respond(route, param, scope, receive)
-            except asyncio.CancelledError:
-                # Still waiting for Ollama (a model load) when GRACEFUL_SHUTDOWN_SECONDS ran out: say so,
-                # rather than let uvicorn answer a bare 500.
-                await error_response(503, "the gateway is shutting down", path=path)(scope, receive, send)
-                raise
-        elif path in self.methods_by_path:
-            allowed = ", ".join(sorted(self.methods_by_path[path]))
-            response = error_response(405, "method not allowed", {"Allow": allowed}, path=path)
-        else:
-            await self.app(scope, receive, send)
-            return
+        try:
+            response = await self._respond(scope, receive)
+        except asyncio.CancelledError:
+            # Still waiting for Ollama (a model load) when GRACEFUL_SHUTDOWN_SECONDS ran out: say so, rather
+            # than let uvicorn answer a bare 500.
+            await error_response(503, "the gateway is shutting down", path=scope["path"])(
+                scope, receive, send
+            )
+            raise
         await response(scope, receive, send)
 
-    def _match(self, method: str, path: str) -> tuple[RelayRoute | None, str | None]:
-        route = self.exact.get((method, path))
-        if route is not None:
-            return route, None
-        for candidate in self.prefixed:
-            if (
-                candidate.method == method
-                and path.startswith(candidate.path)
-                and len(path) > len(candidate.path)
-            ):
-                return candidate, path[len(candidate.path) :]
-        return None, None
-
-    async def _respond(
-        self, route: RelayRoute, param: str | None, scope: Scope, receive: Receive
-    ) -> Response:
+    async def _respond(self, scope: Scope, receive: Receive) -> Response:
+        route = self.route
         services: Services = scope["app"].state.services
-        request = Request(scope, receive)
-        path = scope["path"]
-        try:
-            user = take_user(scope) or services.authenticator.authenticate(
-                request.headers.get("authorization")
-            )
-            if route.access is Access.ADMIN and not user.is_admin:
-                raise Forbidden("only admins may manage models")
-            if param is not None:
-                if route.check_param is not None:
-                    route.check_param(param)
-                if route.param_names_model:
-                    services.policy.require(user, param)
-            upstream_path = route.upstream_path or route.path
-            if param is not None:
-                # The parameter as checked (decoded), encoded again for the request line: left decoded,
-                # %0D%0A would end that line and let a client write its own headers and requests to Ollama.
-                upstream_path += quote(param, safe=PATH_SAFE)
-            if route.model_list is not None:
-                return await self._filtered_list(services, user, route.model_list, upstream_path)
-            body, length = await self._body(route, request, services, user)
-            if scope.get("query_string"):
-                upstream_path += "?" + scope["query_string"].decode("latin-1")
-            headers = upstream_request_headers(scope["headers"])
-            return await relay(
-                services.upstream, route.method, upstream_path, headers=headers, body=body, length=length
-            )
-        except GatewayError as error:
-            return error_response(error.status, error.message, error.headers, path=path)
-        except ClientDisconnect:
-            # Gone while sending its body: nobody is left to answer, and nothing reached Ollama.
-            return Response(status_code=499)
-
-    async def _body(
-        self, route: RelayRoute, request: Request, services: Services, user: User
-    ) -> tuple[bytes | AsyncIterator[bytes] | None, int | None]:
-        if route.body is Body.STREAM:
-            declared = request.headers.get("content-length")
-            return _passed_through(request.receive), int(
-                declared
-            ) if declared and declared.isdigit() else None
-        if route.body is Body.NONE:
-            return None, None
-        refuse_content_encoding(request.headers.get("content-encoding"))
-        raw = await request.body()
-        rules = route.body_rules
-        fields = await read_body_fields(raw, rules.fields)
-        if rules.model_fields:
-            services.policy.require(user, model_named_in(fields, rules.model_fields))
-        if rules.check is not None:
-            rules.check(fields)
-        return raw, None
-
-    async def _filtered_list(
-        self, services: Services, user: User, model_list: ModelList, upstream_path: str
-    ) -> Response:
-        answer = await services.upstream.fetch_json("GET", upstream_path)
-        if not isinstance(answer, dict) or not isinstance(answer.get(model_list.field), list):
-            raise GatewayError(502, f"Ollama's {upstream_path} answer has no '{model_list.field}' list")
-        answer[model_list.field] = services.policy.visible(
-            user, answer[model_list.field], model_list.name_key
+        head = _RequestHead(scope["headers"])
+        user = take_user(scope) or services.authenticator.authenticate(head.authorization)
+        if route.access is Access.ADMIN and not user.is_admin:
+            raise Forbidden("only admins may manage models")
+        upstream_path = route.upstream_path
+        if route.param is not None:
+            param: str = scope["path_params"][route.param]
+            if route.check_param is not None:
+                route.check_param(param)
+            if route.param_names_model:
+                services.policy.require(user, param)
+            # The parameter as checked (decoded), encoded again for the request line: left decoded, %0D%0A
+            # would end that line and let a client write its own headers and requests to Ollama.
+            upstream_path += quote(param, safe=PATH_SAFE)
+        if route.model_list is not None:
+            return await _filtered_list(services, user, route.model_list, upstream_path)
+        body, length = await _body(route, head, receive, services, user)
+        if scope.get("query_string"):
+            upstream_path += "?" + scope["query_string"].decode("latin-1")
+        headers = upstream_request_headers(scope["headers"])
+        return await relay(
+            services.upstream, route.method, upstream_path, headers=headers, body=body, length=length
         )
-        return JSONResponse(answer)
+
+
+class _RequestHead:
+    """The few request headers the endpoint reads, found in one pass over the scope's (the server gives
+    their names lower-cased). Of a header sent twice, the first counts, as for the credentials guard; but
+    any Content-Encoding other than identity is refused."""
+
+    __slots__ = ("authorization", "content_encoding", "content_length")
+
+    def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
+        self.authorization: str | None = None
+        self.content_encoding: str | None = None
+        self.content_length: str | None = None
+        for name, value in headers:
+            if name == b"authorization":
+                if self.authorization is None:
+                    self.authorization = value.decode("latin-1")
+            elif name == b"content-length":
+                if self.content_length is None:
+                    self.content_length = value.decode("latin-1")
+            elif (
+                name == b"content-encoding"
+                and self.content_encoding is None
+                and value.strip().lower() != b"identity"
+            ):
+                self.content_encoding = value.decode("latin-1")
+
+
+async def _body(
+    route: RelayRoute, head: _RequestHead, receive: Receive, services: Services, user: User
+) -> tuple[bytes | AsyncIterator[bytes] | None, int | None]:
+    if route.body is Body.STREAM:
+        declared = head.content_length
+        return _passed_through(receive), int(declared) if declared and declared.isdigit() else None
+    if route.body is Body.NONE:
+        return None, None
+    refuse_content_encoding(head.content_encoding)
+    raw = await _whole_body(receive)
+    rules = route.body_rules
+    fields = await read_body_fields(raw, rules.fields)
+    if rules.model_fields:
+        services.policy.require(user, model_named_in(fields, rules.model_fields))
+    if rules.check is not None:
+        rules.check(fields)
+    return raw, None
+
+
+async def _filtered_list(
+    services: Services, user: User, model_list: ModelList, upstream_path: str
+) -> Response:
+    answer = await services.upstream.fetch_json("GET", upstream_path)
+    if not isinstance(answer, dict) or not isinstance(answer.get(model_list.field), list):
+        raise GatewayError(502, f"Ollama's {upstream_path} answer has no '{model_list.field}' list")
+    answer[model_list.field] = services.policy.visible(user, answer[model_list.field], model_list.name_key)
+    return JSONResponse(answer)
+
+
+async def _whole_body(receive: Receive) -> bytes:
+    """The request body, read whole (its cap is core.body_limit's)."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientDisconnect  # gone while sending its body: nobody is left to answer
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 async def _passed_through(receive: Receive) -> AsyncIterator[bytes]:
