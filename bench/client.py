@@ -11,6 +11,10 @@ upstream's `options` for its streams:
                "release" on stdin, closes them all; summary
   disconnect   `count` streams one after another, each closed after `after_lines` lines; for each
                {"id": its options.bench_id, "t_close": time.monotonic() just before the close}
+  short        `connections` kept-alive connections, each sending `request` (a whole HTTP/1.1 request, in
+               latin-1) again as soon as the last answer is in, for `warmup` then `seconds` seconds,
+               printing {"event": "counting"} and {"event": "counted"} around the counted seconds; the
+               count of answers, how many were 200, per second, and their latency
 
 Exchange parses any HTTP/1.1 response, not only streams: bench/traffic.py builds the soak's mixed
 traffic on it and serves its own jobs with serve_jobs().
@@ -321,11 +325,114 @@ async def run_disconnect(job: dict) -> dict:
     return {"cuts": cuts}
 
 
+class _KeptAlive(asyncio.Protocol):
+    """One kept-alive connection sending the same short request again and again, each once the previous
+    answer is complete (its body framed by Content-Length or chunked)."""
+
+    stopping = False  # set for all at once when the job ends: each closes after its current answer
+
+    def __init__(self, request: bytes, record) -> None:
+        self.request = request
+        self.record = record
+        self.closed = asyncio.get_running_loop().create_future()
+        self.buffer = b""
+        self.sent_at = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self._send()
+
+    def _send(self) -> None:
+        if self.stopping:
+            self.transport.close()
+            return
+        self.sent_at = time.monotonic()
+        self.transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = self.buffer[:end].decode("latin-1").lower()
+        body = self.buffer[end + 4 :]
+        if "transfer-encoding: chunked" in head:
+            if not body.endswith(b"0\r\n\r\n"):
+                return
+        else:
+            length = next(
+                (
+                    int(line.split(":", 1)[1])
+                    for line in head.split("\r\n")
+                    if line.startswith("content-length:")
+                ),
+                0,
+            )
+            if len(body) < length:
+                return
+        self.buffer = b""
+        self.record(int(head[9:12]), time.monotonic() - self.sent_at)
+        self._send()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+async def run_short(job: dict) -> dict:
+    loop = asyncio.get_running_loop()
+    target = job["target"]
+    request = job["request"].encode("latin-1")
+    counted = {"on": False, "answers": 0, "ok": 0, "reconnects": 0}
+    latencies: list[float] = []
+    stopping = False
+
+    def record(status: int, latency: float) -> None:
+        if counted["on"]:
+            counted["answers"] += 1
+            counted["ok"] += status == 200
+            latencies.append(latency)
+
+    async def keep_sending() -> None:
+        # A server may close a kept-alive connection after so many requests (nginx: 1000): open another.
+        while True:
+            _, protocol = await loop.create_connection(
+                lambda: _KeptAlive(request, record), target["host"], target["port"]
+            )
+            await protocol.closed
+            if stopping:
+                return
+            counted["reconnects"] += 1
+
+    senders = [asyncio.ensure_future(keep_sending()) for _ in range(job["connections"])]
+    await asyncio.sleep(job["warmup"])
+    emit({"event": "counting"})
+    counted["on"] = True
+    t0 = time.monotonic()
+    await asyncio.sleep(job["seconds"])
+    counted["on"] = False
+    elapsed = time.monotonic() - t0
+    emit({"event": "counted"})
+    stopping = True
+    _KeptAlive.stopping = True
+    await asyncio.wait(senders, timeout=job["timeout"])
+    _KeptAlive.stopping = False
+    return {
+        "answers": counted["answers"],
+        "ok": counted["ok"],
+        "reconnects": counted["reconnects"],
+        "seconds": round(elapsed, 3),
+        "per_s": round(counted["answers"] / elapsed, 1),
+        "latency_ms": summarize_ms(latencies),
+    }
+
+
 JOBS = {
     "concurrent": run_concurrent,
     "sequential": run_sequential,
     "hold": run_hold,
     "disconnect": run_disconnect,
+    "short": run_short,
 }
 
 

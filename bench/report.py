@@ -121,7 +121,33 @@ def _disconnect_rows(results: dict) -> list[dict]:
     return rows
 
 
-ROWS = {"streams": _streams_rows, "ttfb": _ttfb_rows, "memory": _memory_rows, "disconnect": _disconnect_rows}
+def _short_rows(results: dict) -> list[dict]:
+    """No target within the run: the gateway's figure is compared with the previous version's."""
+    rows = []
+    nginx = (results.get("nginx") or {}).get("relay_cpu_us_per_request")
+    for name, figures in results.items():
+        latency = figures["latency_ms"] or {}
+        cpu = figures["relay_cpu_us_per_request"]
+        text = (
+            f"{figures['per_s']:.0f} req/s, {figures['ok']}/{figures['answers']} 200, latency "
+            f"p50 {_num(latency.get('p50'), 2)} / p99 {_num(latency.get('p99'), 2)} ms"
+        )
+        if cpu is not None:
+            text += f", relay CPU {cpu:.0f} µs/request"
+        ratio = ""
+        if name.startswith("gateway") and cpu is not None and nginx:
+            ratio = f"CPU/request gateway/nginx {_num(_ratio(cpu, nginx))}"
+        rows.append(_row("short", name, text, ratio))
+    return rows
+
+
+ROWS = {
+    "streams": _streams_rows,
+    "ttfb": _ttfb_rows,
+    "memory": _memory_rows,
+    "disconnect": _disconnect_rows,
+    "short": _short_rows,
+}
 
 
 def summary_rows(results: dict) -> list[dict]:

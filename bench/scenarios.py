@@ -1,4 +1,4 @@
-"""The four workloads, each run against every selected target with relays started fresh for it.
+"""The five workloads, each run against every selected target with relays started fresh for it.
 
 Fresh relays per scenario keep one scenario's leftovers (a grown heap, streams nobody cancelled) out of the
 next one's figures. Each function returns {target name: figures}.
@@ -9,7 +9,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from bench.control import LoadClient, Upstream
+from bench.control import LoadClient, Upstream, request_json
 from bench.procs import CpuMeter, rss_bytes
 from bench.stats import median, summarize_ms
 from bench.targets import Target, open_targets
@@ -26,6 +26,11 @@ HELD_SETTLE = 2.0  # seconds between the last held stream's first byte and readi
 CUT_OPTIONS = {"bench_tokens": 40, "bench_interval": 0.05}
 CUT_AFTER_LINES = 3
 CUT_PAUSE = 0.1  # seconds between a hang-up and the next stream
+SHORT_PATH = "/api/embed"
+SHORT_BODY = json.dumps({"model": "bench", "input": "Say something."}, separators=(",", ":"))
+SHORT_CONNECTIONS = 64
+SHORT_WARMUP = 1.0  # seconds of load before counting: the token cache, the upstream pool
+SHORT_SECONDS = 5.0
 
 
 @dataclass
@@ -218,4 +223,63 @@ def disconnect(bench: Bench) -> dict:
     return figures
 
 
-SCENARIOS = {"streams": streams, "ttfb": ttfb, "memory": memory, "disconnect": disconnect}
+def _short_request(target: Target, headers: dict[str, str]) -> str:
+    head = [
+        f"POST {SHORT_PATH} HTTP/1.1",
+        f"Host: {target.spec()['host']}:{target.port}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(SHORT_BODY)}",
+        *(f"{name}: {value}" for name, value in headers.items()),
+    ]
+    return "\r\n".join(head) + "\r\n\r\n" + SHORT_BODY
+
+
+def _short_runs(target: Target) -> list[tuple[str, dict[str, str]]]:
+    """The gateway twice, signed in with its JWT and with an API key; the references as they are."""
+    if target.name != "gateway":
+        return [(target.name, {})]
+    key = request_json("POST", target.port, "/keys", {"name": "bench"}, target.headers)["key"]
+    return [("gateway (JWT)", target.headers), ("gateway (API key)", {"Authorization": f"Bearer {key}"})]
+
+
+def short(bench: Bench) -> dict:
+    """E: short authenticated requests (POST /api/embed, answered at once upstream) on 64 kept-alive
+    connections, each sending the next as soon as its answer is in: what the relay costs per request."""
+    figures = {}
+    with open_targets(bench.targets, bench.upstream.port) as targets:
+        for target in targets:
+            for name, headers in _short_runs(target):
+                bench.settle()
+                job = {
+                    "kind": "short",
+                    "target": target.spec(),
+                    "request": _short_request(target, headers),
+                    "connections": SHORT_CONNECTIONS,
+                    "warmup": SHORT_WARMUP,
+                    "seconds": SHORT_SECONDS,
+                    "timeout": 10,
+                }
+                bench.client.send(json.dumps(job))
+                bench.client.receive()  # counting
+                groups = {"client": [bench.client.process], "upstream": [bench.upstream.process]}
+                if target.relay:
+                    groups["relay"] = target.relay
+                with CpuMeter(groups) as cpu:
+                    bench.client.receive()  # counted
+                result = bench.client.receive()
+                del result["event"]
+                relay_cpu = cpu.summary.get("relay", {}).get("cpu_s")
+                figures[name] = {
+                    **result,
+                    "cpu": cpu.summary,
+                    "relay_cpu_us_per_request": (
+                        round(1e6 * relay_cpu / result["answers"], 1)
+                        if relay_cpu is not None and result["answers"]
+                        else None
+                    ),
+                }
+                log(f"short {name}: {figures[name]}")
+    return figures
+
+
+SCENARIOS = {"streams": streams, "ttfb": ttfb, "memory": memory, "disconnect": disconnect, "short": short}

@@ -9,6 +9,7 @@ active stream on each tick.
 `bench_tokens` (default 100), `bench_interval` in seconds (default 0.02; 0 writes the whole stream at once)
 and `bench_id`, a label under which a stream cut short by its peer is recorded. The first token goes out with
 the headers, the rest on the ticks, then the final `done` line: bench_tokens + 1 lines in all.
+`POST /api/embed` answers at once with one small embedding, whatever the body: a short request.
 
 Control endpoints for the orchestrator:
   GET  /_bench/stats        {"open_connections": n (not counting the asking one), "active_streams": n}
@@ -54,6 +55,14 @@ TAGS = {
 MAX_HEAD = 65536
 REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 431: b"Request Header Fields Too Large"}
 JSON_TYPE = b"application/json; charset=utf-8"
+EMBEDDING = json.dumps(
+    {
+        "model": "bench",
+        "embeddings": [[0.01 * n for n in range(16)]],
+        "total_duration": 1,
+        "prompt_eval_count": 2,
+    }
+).encode()
 
 
 def http_chunk(payload: bytes) -> bytes:
@@ -221,11 +230,14 @@ class FakeOllama:
             "/api/version": (JSON_TYPE, b'{"version":"0.12.3"}'),
             "/api/tags": (JSON_TYPE, json.dumps(TAGS).encode()),
         }
+        self._posted = {"/api/embed": EMBEDDING}
 
     def dispatch(self, conn: "Connection", request: Request) -> None:
         method, path = request.method, request.path
         if method == "POST" and path == "/api/chat":
             self.chat(conn, request.body)
+        elif method == "POST" and path in self._posted:
+            conn.reply(200, self._posted[path])
         elif method in ("GET", "HEAD") and path in self._static:
             content_type, body = self._static[path]
             conn.reply(200, body, content_type, head_only=method == "HEAD")
