@@ -34,8 +34,9 @@ def test_a_get_on_a_pooled_connection_that_died_is_retried_once(make_gateway):
     with ScriptedUpstream(_answer_once_then_drop_the_next) as upstream:
         gateway = make_gateway(ollama_url=upstream.url)
         with httpx.Client(base_url=gateway.url, headers=gateway.admin_headers()) as http:
-            assert http.get("/api/version").status_code == 200
-            second = http.get("/api/version")
+            # A relayed GET: /api/version answers from the start-up probe, not by relaying.
+            assert http.get("/v1/models/m").status_code == 200
+            second = http.get("/v1/models/m")
     assert second.status_code == 200
     assert upstream.connections == 2
     assert len(upstream.heads) == 3  # the dropped GET went once more, on a fresh connection
