@@ -31,7 +31,7 @@ from routes import admin, api_docs, auth, files, health, keys, me, web
 from routes.guard import CredentialsFirst
 from routes.ollama import RELAY_ROUTES
 from routes.relay_docs import install_relay_docs
-from routes.relay_endpoints import Body
+from routes.relay_endpoints import Body, RelayRoutes
 from services import close_services, open_services
 from upstream.probe import say_whether_ollama_answers
 
@@ -117,8 +117,8 @@ def create_app(settings: Settings | None = None, *, probe_ollama_at_start: bool 
             max_age=600,
         )
     app.add_middleware(OneLineStartupErrors)
-    # First: the router tries its routes in order, and these carry nearly all of the traffic.
-    app.router.routes[:0] = RELAY_ROUTES
+    # First: the router tries its entries in order, and the relay routes carry nearly all of the traffic.
+    app.router.routes.insert(0, RelayRoutes(RELAY_ROUTES))
     for module in (web, api_docs, auth, me, keys, files, admin, health):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")

@@ -87,8 +87,7 @@ def _admin_call(
 
 
 RELAY_ROUTES = [
-    # The calls to models first, the most frequent first: the router tries its routes in order.
-    _model_call("/api/chat", "Chat (NDJSON stream)", NDJSON_STREAM),
+    # The SPA-friendly aliases kept from the original backend.
     RelayRoute(
         "POST",
         "/chat",
@@ -100,17 +99,6 @@ RELAY_ROUTES = [
         response_doc=NDJSON_STREAM,
         tags=("chat",),
     ),
-    _model_call(
-        "/v1/chat/completions", "Chat completions (SSE when stream is true)", SSE_STREAM, ("openai",)
-    ),
-    _model_call("/api/generate", "Generate a completion (NDJSON stream)", NDJSON_STREAM),
-    _model_call("/api/embed", "Embeddings for one or more inputs"),
-    _model_call("/v1/embeddings", "Embeddings", tags=("openai",)),
-    _model_call("/v1/completions", "Completions (SSE when stream is true)", SSE_STREAM, ("openai",)),
-    _model_call("/v1/responses", "Responses API (SSE when stream is true)", SSE_STREAM, ("openai",)),
-    _model_call("/api/embeddings", "Embedding for one prompt (legacy)"),
-    _model_call("/api/show", "A model's details", rules=MODEL_OR_NAME),
-    # Model lists, filtered by the policy.
     RelayRoute(
         "GET",
         "/models",
@@ -119,21 +107,17 @@ RELAY_ROUTES = [
         model_list=OLLAMA_MODEL_LIST,
         tags=("chat",),
     ),
+    # Ollama's native API.
     RelayRoute("GET", "/api/tags", "The models you may use", model_list=OLLAMA_MODEL_LIST, tags=("ollama",)),
     RelayRoute("HEAD", "/api/tags", "The model list (headers only)", tags=("ollama",)),
     RelayRoute(
         "GET", "/api/ps", "Running models you may use", model_list=OLLAMA_MODEL_LIST, tags=("ollama",)
     ),
-    RelayRoute("GET", "/v1/models", "The models you may use", model_list=OPENAI_MODEL_LIST, tags=("openai",)),
-    RelayRoute(
-        "GET",
-        "/v1/models/{model}",
-        "One model",
-        param_names_model=True,
-        check_param=_check_model_param,
-        tags=("openai",),
-    ),
-    # Model management, for admins.
+    _model_call("/api/chat", "Chat (NDJSON stream)", NDJSON_STREAM),
+    _model_call("/api/generate", "Generate a completion (NDJSON stream)", NDJSON_STREAM),
+    _model_call("/api/embed", "Embeddings for one or more inputs"),
+    _model_call("/api/embeddings", "Embedding for one prompt (legacy)"),
+    _model_call("/api/show", "A model's details", rules=MODEL_OR_NAME),
     _admin_call("POST", "/api/pull", "Pull a model (admins)", PROGRESS_STREAM),
     _admin_call("POST", "/api/push", "Push a model (admins)", PROGRESS_STREAM),
     _admin_call("POST", "/api/create", "Create a model (admins)", PROGRESS_STREAM),
@@ -157,5 +141,21 @@ RELAY_ROUTES = [
         access=Access.ADMIN,
         body=Body.STREAM,
         tags=("ollama: model management",),
+    ),
+    # The OpenAI-compatible API.
+    _model_call(
+        "/v1/chat/completions", "Chat completions (SSE when stream is true)", SSE_STREAM, ("openai",)
+    ),
+    _model_call("/v1/completions", "Completions (SSE when stream is true)", SSE_STREAM, ("openai",)),
+    _model_call("/v1/embeddings", "Embeddings", tags=("openai",)),
+    _model_call("/v1/responses", "Responses API (SSE when stream is true)", SSE_STREAM, ("openai",)),
+    RelayRoute("GET", "/v1/models", "The models you may use", model_list=OPENAI_MODEL_LIST, tags=("openai",)),
+    RelayRoute(
+        "GET",
+        "/v1/models/{model}",
+        "One model",
+        param_names_model=True,
+        check_param=_check_model_param,
+        tags=("openai",),
     ),
 ]

@@ -1,8 +1,8 @@
 """OpenAPI documentation for the relay endpoints, made from their routes on the app's router.
 
-FastAPI's schema generator documents its own routes only, not a Starlette route with an ASGI endpoint, so
-the entries of the relay routes (`routes.relay_endpoints`) are added to the app's schema here, from what each
-route carries: the same security schemes, and each surface's error shape.
+FastAPI's schema generator documents its own routes only, not Starlette routes with an ASGI endpoint, so the
+entries of the relay routes (`routes.relay_endpoints`), found on the app's router, are added to the app's
+schema here, from what each route carries: the same security schemes, and each surface's error shape.
 """
 
 from typing import Any
@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from core.errors import OPENAI_PREFIX
-from routes.relay_endpoints import Access, Body, RelayRoute
+from routes.relay_endpoints import Access, Body, RelayRoute, RelayRoutes
 
 _OLLAMA_ERROR = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
 _OPENAI_ERROR = {
@@ -105,9 +105,10 @@ def install_relay_docs(app: FastAPI) -> None:
         if app.openapi_schema is None:
             schema = generate()
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for route in app.routes:
-                if not isinstance(route, RelayRoute):
-                    continue
+            relay_routes = (
+                route for entry in app.routes if isinstance(entry, RelayRoutes) for route in entry.routes
+            )
+            for route in relay_routes:
                 operations = schema["paths"].setdefault(route.path_format, {})
                 operations[route.method.lower()] = _operation(route, components)
             app.openapi_schema = schema

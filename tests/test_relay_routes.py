@@ -9,15 +9,16 @@ from core.body_limit import BodyLimitMiddleware
 from core.startup_errors import OneLineStartupErrors
 from routes.guard import CredentialsFirst
 from routes.ollama import RELAY_ROUTES
-from routes.relay_endpoints import RelayRoute
+from routes.relay_endpoints import RelayRoute, RelayRoutes
 
 DIGEST = "sha256:" + "0" * 64
 
 
-def test_relay_routes_are_the_first_routes_of_the_apps_router(gateway):
-    routes = gateway.app.router.routes
-    assert routes[: len(RELAY_ROUTES)] == RELAY_ROUTES
-    assert [route for route in routes if isinstance(route, RelayRoute)] == RELAY_ROUTES
+def test_relay_routes_are_the_first_entry_of_the_apps_router(gateway):
+    first, *others = gateway.app.router.routes
+    assert isinstance(first, RelayRoutes)
+    assert first.routes == RELAY_ROUTES
+    assert not any(isinstance(route, RelayRoutes | RelayRoute) for route in others)
     # No second router in front of FastAPI's: the middleware is the credentials guard and the body cap.
     assert {middleware.cls for middleware in gateway.app.user_middleware} == {
         OneLineStartupErrors,
