@@ -29,10 +29,10 @@ from auth.passwords import hash_password
 from auth.throttle import SignInLimits, SignInThrottle
 from auth.users import ROLES, User, UserStore
 from core.database import Database
-from core.errors import GatewayError
 from core.password_rule import password_problem
 from core.settings import ConfigurationError
 from core.settings_errors import read_settings
+from core.storage_errors import StorageError
 from routes.schemas import NewUser
 
 
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         db.migrate()
         throttle = SignInThrottle(db, SignInLimits.from_settings(settings))
         args.run(Stores(UserStore(db), ApiKeyStore(db), throttle), args)
-    except (CommandError, GatewayError) as exc:
+    except (CommandError, StorageError) as exc:
         print(f"manage.py: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # a DATA_DIR that can't be created or written

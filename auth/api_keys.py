@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from core.database import Database
-from core.errors import Unauthorized
+from core.storage_errors import NotFound
 
 KEY_PREFIX = "ogw_"
 SHOWN_PREFIX_LENGTH = 12
@@ -101,7 +101,7 @@ class ApiKeyStore:
                 )
         except sqlite3.IntegrityError:
             # The account was removed after its request was authenticated (the key can't name a missing user).
-            raise Unauthorized("this account no longer exists") from None
+            raise NotFound("this account no longer exists") from None
         row = self._db.fetch_one(f"SELECT {_COLUMNS} FROM api_keys WHERE id = ?", (cursor.lastrowid,))
         assert row is not None  # just written, in this process
         return _key_from(row), key

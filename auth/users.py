@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from auth.passwords import hash_password
 from core.database import Database
-from core.errors import GatewayError
+from core.storage_errors import Conflict
 
 ROLES = ("admin", "user")
 
@@ -112,7 +112,7 @@ class UserStore:
     def create_with_hash(
         self, email: str, password_hash: str, role: str, models: list[str] | tuple[str, ...] | None = None
     ) -> User:
-        """Add a user (blocking). Raises 409 if the email is taken."""
+        """Add a user (blocking). Conflict if the email is taken."""
         try:
             with self._db.transaction() as conn:
                 cursor = conn.execute(
@@ -120,7 +120,7 @@ class UserStore:
                     (email, password_hash, role, _models_column(models)),
                 )
         except sqlite3.IntegrityError:
-            raise GatewayError(409, f"a user with the email {email} already exists") from None
+            raise Conflict(f"a user with the email {email} already exists") from None
         assert cursor.lastrowid is not None  # an INSERT sets it
         created = self.get(cursor.lastrowid)
         assert created is not None
@@ -137,7 +137,7 @@ class UserStore:
         password_hash: str | None = None,
     ) -> User | None:
         """Change what is given, in one transaction (blocking); a new password hash also ends every token
-        issued before. Refuses (409) to leave the gateway without an enabled admin."""
+        issued before. Refuses (Conflict) to leave the gateway without an enabled admin."""
         with self._db.transaction() as conn:
             if conn.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone() is None:
                 return None
@@ -156,7 +156,7 @@ class UserStore:
         return self.get(user_id)
 
     def delete(self, user_id: int) -> bool:
-        """Remove a user with their keys and upload records. Refuses (409) to remove the last enabled
+        """Remove a user with their keys and upload records. Refuses (Conflict) to remove the last enabled
         admin."""
         with self._db.transaction() as conn:
             deleted = conn.execute("DELETE FROM users WHERE id = ?", (user_id,)).rowcount
@@ -167,4 +167,4 @@ class UserStore:
 def _require_an_enabled_admin(conn: sqlite3.Connection) -> None:
     """Raised inside the transaction, so the change that would lock everyone out is rolled back."""
     if conn.execute("SELECT 1 FROM users WHERE role = 'admin' AND disabled = 0 LIMIT 1").fetchone() is None:
-        raise GatewayError(409, "the gateway must keep at least one enabled admin")
+        raise Conflict("the gateway must keep at least one enabled admin")

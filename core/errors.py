@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
+from core.storage_errors import Busy, Conflict, NotFound, StorageError
 from core.text import holds_a_lone_surrogate
 
 logger = logging.getLogger("gateway.errors")
@@ -122,6 +123,23 @@ async def _database_error(request: Request, exc: sqlite3.OperationalError) -> JS
     return await _unexpected_error(request, exc)
 
 
+_STORAGE_STATUS: dict[type[StorageError], int] = {NotFound: 404, Conflict: 409, Busy: 503}
+
+
+async def _storage_error(request: Request, exc: StorageError) -> JSONResponse:
+    # The storage layer's own errors (core.storage_errors), said as HTTP; a route that means something more
+    # particular by one (a key for an account removed meanwhile is a 401) catches it itself.
+    status = _STORAGE_STATUS.get(type(exc), 500)
+    if status == 503:
+        logger.warning("database busy on %s %s: %s", request.method, request.url.path, exc)
+        return error_response(
+            503, "the database is busy: try again", {"Retry-After": "1"}, path=request.url.path
+        )
+    if status == 500:
+        return await _unexpected_error(request, exc)
+    return error_response(status, exc.message, path=request.url.path)
+
+
 async def _unstorable_text(request: Request, exc: Exception) -> JSONResponse:
     # Text a client sent that nothing can store or hash (a lone surrogate in its JSON) is the client's error;
     # every field that takes text refuses it (core.text), and this answers for any place that could not.
@@ -150,6 +168,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_exception)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(sqlite3.OperationalError, _database_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StorageError, _storage_error)  # type: ignore[arg-type]
     app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(UnicodeEncodeError, _unstorable_text)
     app.add_exception_handler(Exception, _unexpected_error)

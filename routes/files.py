@@ -1,13 +1,12 @@
 """POST /upload and GET /files/{filename}: files that belong to the user who uploaded them."""
 
-import sqlite3
-
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from core.errors import GatewayError, Unauthorized
+from core.storage_errors import NotFound
 from routes.dependencies import AppServices, CurrentUser
 from routes.schemas import UploadInfo, UploadResponse, errors
 from uploads.store import safe_media_type
@@ -55,7 +54,7 @@ async def upload(request: Request, user: CurrentUser, services: AppServices) -> 
             stored = await run_in_threadpool(
                 services.uploads.save, user.id, file.file, file.filename, file.content_type
             )
-        except sqlite3.IntegrityError:
+        except NotFound:
             # The account was removed while its file was on the way (its record can't name a missing
             # owner, and nothing was kept): its credentials no longer work.
             raise Unauthorized("this account no longer exists") from None

@@ -2,7 +2,8 @@
 
 from fastapi import APIRouter, Response
 
-from core.errors import GatewayError
+from core.errors import GatewayError, Unauthorized
+from core.storage_errors import NotFound
 from routes.dependencies import AppServices, CurrentUser
 from routes.schemas import CreatedKey, KeyId, KeyInfo, NewKey, errors
 
@@ -17,7 +18,11 @@ router = APIRouter(tags=["keys"])
     summary="Create an API key (the full key is shown only in this answer)",
 )
 def create_key(body: NewKey, user: CurrentUser, services: AppServices) -> dict:
-    record, key = services.keys.create(user.id, body.name, body.expires_in_days)
+    try:
+        record, key = services.keys.create(user.id, body.name, body.expires_in_days)
+    except NotFound:
+        # The account was removed after this request was authenticated.
+        raise Unauthorized("this account no longer exists") from None
     return {**record.public(), "key": key}
 
 

@@ -15,6 +15,7 @@ from core.body_limit import BodyTooLarge
 from core.database import Database
 from core.private_files import make_private_directory, open_new_private_file
 from core.settings import MIB
+from core.storage_errors import NotFound
 from uploads.names import is_stored_name, new_stored_name
 
 COPY_CHUNK = MIB
@@ -84,7 +85,8 @@ class UploadStore:
     def save(
         self, owner_id: int, source: BinaryIO, original_name: str | None, content_type: str | None
     ) -> StoredUpload:
-        """Copy an upload into the store (blocking: run it in a worker thread)."""
+        """Copy an upload into the store (blocking: run it in a worker thread). NotFound if the owner is
+        gone."""
         filename = new_stored_name(original_name)
         partial = self.directory / f".partial-{filename}"
         try:
@@ -105,6 +107,10 @@ class UploadStore:
                         (upload.filename, owner_id, upload.original_name, size, upload.content_type),
                     )
                     os.replace(partial, final)
+            except sqlite3.IntegrityError:
+                # The owner was removed while the file was on the way: a record can't name a missing owner.
+                final.unlink(missing_ok=True)
+                raise NotFound("this account no longer exists") from None
             except BaseException:
                 # The record did not commit (a full disk, say): the file it names must not stay either.
                 final.unlink(missing_ok=True)
