@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # apt-get needs root: use sudo when not running as root.
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: run test lint browser deploy-tools bench sweep soak clean
+.PHONY: run test lint browser deploy-tools postgres-tools bench sweep soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,8 +51,20 @@ deploy-tools:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
-test: lint browser deploy-tools
+# The storage tests also run on Postgres (tests/with_postgres.sh): on the server at 127.0.0.1:5432 if one
+# answers, else on a throwaway one started from Debian's PostgreSQL binaries, installed here when missing.
+postgres-tools: $(VENV)/.installed-dev
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! $(BIN)/python -c \
+		"import psycopg; psycopg.connect('postgresql://postgres@127.0.0.1:5432/postgres', connect_timeout=3)" \
+		2>/dev/null; then \
+		echo "Installing Debian's postgresql for the storage tests on Postgres"; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; \
+	fi
+
+test: lint browser deploy-tools postgres-tools
 	$(BIN)/python -m pytest
+	PYTHON=$(BIN)/python bash tests/with_postgres.sh $(BIN)/python -m pytest --database=postgresql -m storage
 
 # On demand, not part of `make test`: see bench/README.md.
 $(VENV)/.installed-bench: requirements.txt requirements-dev.txt requirements-bench.txt | $(BIN)/python

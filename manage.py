@@ -12,9 +12,10 @@ the same settings as the gateway (environment and `.env`). Run it with the proje
 
 Passwords are generated and printed once unless `--password-stdin` reads one from standard input.
 
-Like the gateway, it finds the database through DATA_DIR, `./data` unless set, taken from the folder it is
-run in: it says which database it opened, and only `create-user` may start a new one. Any other command
-refuses when there is none, rather than create an empty one and report "no user" (issue 10, item 5).
+Like the gateway, it finds the database through DATABASE_URL, or else SQLite in DATA_DIR, `./data` unless
+set, taken from the folder it is run in: it says which database it opened, and only `create-user` may start a
+new SQLite one. Any other command refuses when there is none, rather than create an empty one and report "no
+user" (issue 10, item 5).
 """
 
 import argparse
@@ -23,16 +24,17 @@ import sys
 from dataclasses import dataclass
 
 from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 
 from auth.api_keys import ApiKeyStore
 from auth.passwords import hash_password
 from auth.throttle import SignInLimits, SignInThrottle
 from auth.users import ROLES, User, UserStore
-from core.database import Database
 from core.password_rule import password_problem
 from core.settings import ConfigurationError
 from core.settings_errors import read_settings
 from core.storage_errors import StorageError
+from db.engine import Database, database_problem, database_url
 from routes.schemas import NewUser
 
 
@@ -42,6 +44,7 @@ class CommandError(Exception):
 
 @dataclass(frozen=True)
 class Stores:
+    db: Database
     users: UserStore
     keys: ApiKeyStore
     throttle: SignInThrottle
@@ -59,10 +62,10 @@ def _password(args: argparse.Namespace) -> tuple[str, bool]:
 
 
 def _user(users: UserStore, email: str) -> User:
-    stored = users.find_by_email(email)
-    if stored is None:
+    user = users.find_by_email(email)
+    if user is None:
         raise CommandError(f"no user with the email {email}")
-    return stored.user
+    return user
 
 
 def list_users(stores: Stores, _: argparse.Namespace) -> None:
@@ -158,27 +161,30 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigurationError as exc:
         print(f"manage.py: configuration error: {exc}", file=sys.stderr)
         return 1
-    path = settings.database_path.resolve()
-    if not path.is_file() and not args.may_create_database:
+    db = Database(database_url(settings.database_url, settings.data_dir.resolve()))
+    if db.path is not None and not db.path.is_file() and not args.may_create_database:
         print(
-            f"manage.py: no database at {path}; run manage.py from the gateway's folder (a relative "
+            f"manage.py: no database at {db.path}; run manage.py from the gateway's folder (a relative "
             f"DATA_DIR and .env are read from the current folder), or set DATA_DIR to the folder that holds "
-            f"{path.name}",
+            f"{db.path.name}",
             file=sys.stderr,
         )
+        db.close()
         return 1
-    new = "" if path.is_file() else " (none was there: creating it)"
-    print(f"manage.py: database {path}{new}", file=sys.stderr)
-    db = Database(path)
+    new = "" if db.path is None or db.path.is_file() else " (none was there: creating it)"
+    print(f"manage.py: database {db.name}{new}", file=sys.stderr)
     try:
         db.migrate()
         throttle = SignInThrottle(db, SignInLimits.from_settings(settings))
-        args.run(Stores(UserStore(db), ApiKeyStore(db), throttle), args)
+        args.run(Stores(db, UserStore(db), ApiKeyStore(db), throttle), args)
     except (CommandError, StorageError) as exc:
         print(f"manage.py: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # a DATA_DIR that can't be created or written
-        print(f"manage.py: cannot use {path}: {exc}", file=sys.stderr)
+        print(f"manage.py: cannot use {db.name}: {exc}", file=sys.stderr)
+        return 1
+    except SQLAlchemyError as exc:  # a database that can't be reached
+        print(f"manage.py: cannot use the database: {database_problem(exc)}", file=sys.stderr)
         return 1
     finally:
         db.close()

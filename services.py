@@ -5,6 +5,8 @@ client), once, in the app's lifespan (`main.py`), and closes them. Routes receiv
 
 import asyncio
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from auth.api_keys import ApiKeyStore
 from auth.authenticate import Authenticator
 from auth.bootstrap import ensure_admin, load_secret_key
@@ -14,9 +16,9 @@ from auth.policy import ModelPolicy
 from auth.throttle import SignInLimits, SignInThrottle
 from auth.tokens import TokenSigner
 from auth.users import UserStore
-from core.database import Database
 from core.private_files import make_tree_private
 from core.settings import ConfigurationError, Settings
+from db.engine import Database, database_problem, database_url
 from routes.dependencies import Services
 from uploads.store import UploadStore
 from upstream.client import Upstream, UpstreamTimeouts
@@ -32,8 +34,11 @@ def _open_storage(settings: Settings) -> tuple[Database, UserStore, UploadStore,
     except OSError as exc:
         where = str(settings.data_dir)
         raise ConfigurationError(f"DATA_DIR={where!r}: cannot use this folder: {exc}") from None
-    db = Database(settings.database_path)
-    db.migrate()
+    db = Database(database_url(settings.database_url, settings.data_dir))
+    try:
+        db.migrate()
+    except SQLAlchemyError as exc:  # a server that can't be reached, a refused login, a missing database
+        raise ConfigurationError(f"cannot use the database {db.name}: {database_problem(exc)}") from None
     users = UserStore(db)
     ensure_admin(settings, users)
     uploads = UploadStore(settings.uploads_dir, db, settings.max_upload_bytes)
@@ -62,10 +67,10 @@ async def open_services(settings: Settings) -> Services:
         users=users,
         keys=keys,
         signer=signer,
-        authenticator=Authenticator(signer, users, keys),
+        authenticator=Authenticator(db, signer, users, keys),
         hasher=hasher,
         throttle=throttle,
-        passwords=PasswordCheck(users, hasher, throttle),
+        passwords=PasswordCheck(db, users, hasher, throttle),
         uploads=uploads,
         upstream=upstream,
         policy=ModelPolicy(),

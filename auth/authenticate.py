@@ -7,16 +7,18 @@ disabled or deleted user's credentials stop working at once: the user is read on
 the random identity it names (never a row id, which could have been given to someone else: issue 9, item 2).
 """
 
-import asyncio
 import base64
 import binascii
 import logging
-import sqlite3
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from auth.api_keys import ApiKeyStore, looks_like_api_key
 from auth.tokens import InvalidToken, TokenSigner
 from auth.users import User, UserStore
 from core.errors import Unauthorized
+from core.storage_errors import StorageError
+from db.engine import Database
 
 logger = logging.getLogger("gateway.auth")
 
@@ -43,40 +45,43 @@ def token_from_header(authorization: str | None) -> str:
 
 
 class Authenticator:
-    def __init__(self, signer: TokenSigner, users: UserStore, keys: ApiKeyStore) -> None:
+    def __init__(self, db: Database, signer: TokenSigner, users: UserStore, keys: ApiKeyStore) -> None:
+        self._db = db
         self._signer = signer
         self._users = users
         self._keys = keys
 
-    def authenticate(self, authorization: str | None) -> User:
+    async def authenticate(self, authorization: str | None) -> User:
         credential = token_from_header(authorization)
         user = (
-            self._key_owner(credential) if looks_like_api_key(credential) else self._token_owner(credential)
+            await self._key_owner(credential)
+            if looks_like_api_key(credential)
+            else await self._token_owner(credential)
         )
         if user is None or user.disabled:
             raise Unauthorized("invalid or expired token")
         return user
 
-    def _token_owner(self, token: str) -> User | None:
+    async def _token_owner(self, token: str) -> User | None:
         try:
             claims = self._signer.verify(token)
         except InvalidToken:
             return None
-        user = self._users.get_by_identity(claims.subject)
+        user = await self._db.run(self._users.get_by_identity, claims.subject)
         if user is not None and user.token_version != claims.version:
             raise Unauthorized("this token was issued before a password change: sign in again")
         return user
 
-    def _key_owner(self, key: str) -> User | None:
-        record = self._keys.find(key)
+    async def _key_owner(self, key: str) -> User | None:
+        record = await self._db.run(self._keys.find, key)
         if record is None or record.is_expired():
             raise Unauthorized("invalid, expired or revoked API key")
         if self._keys.needs_touch(record.id):
-            asyncio.get_running_loop().run_in_executor(None, self._touch, record.id)
-        return self._users.get(record.user_id)
+            self._db.submit(self._touch, record.id)
+        return await self._db.run(self._users.get, record.user_id)
 
     def _touch(self, key_id: int) -> None:
         try:
             self._keys.touch(key_id)
-        except sqlite3.Error:
+        except (SQLAlchemyError, StorageError):
             logger.warning("could not record the use of API key %s", key_id, exc_info=True)

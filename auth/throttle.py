@@ -34,18 +34,19 @@ import asyncio
 import ipaddress
 import logging
 import math
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
-from anyio import to_thread
+from sqlalchemy import ColumnElement, delete, insert, literal, select, update
+from sqlalchemy.orm import Session
 
-from core.database import Database
 from core.errors import GatewayError
 from core.settings import Settings
+from db.engine import Database
+from db.models import KnownAddress, LoginAttempt, User
 
 logger = logging.getLogger("gateway.auth")
 
@@ -53,7 +54,10 @@ KNOWN_ADDRESS_DAYS = 90
 ATTEMPTS_WINDOW_SECONDS = 60.0  # LOGIN_MAX_ATTEMPTS_PER_ADDRESS is per minute
 IPV6_SUBSCRIBER_PREFIX = 48  # the most one end site is usually given
 # Outcomes that count as failures: a pending attempt may yet fail, and must not let others past meanwhile.
-_FAILURES = "outcome IN ('pending', 'failed')"
+_FAILURES = LoginAttempt.outcome.in_(("pending", "failed"))
+# Reservations and resolutions are one at a time, in every process (db.engine.serialize): counted, then
+# recorded, or two replicas could each let the last allowed attempt through.
+_ATTEMPTS = "login_attempts: count, then record"
 
 T = TypeVar("T")
 
@@ -146,64 +150,73 @@ class SignInThrottle:
 
     async def _write(self, function: Callable[..., T], *args: object) -> T:
         async with self._bookkeeping:
-            return await to_thread.run_sync(function, *args)
+            return await self._db.run(function, *args)
 
     def _reserve(self, email: str, address: str, counted_as: str, kind: str) -> Attempt:
         """One write transaction: count, then record a pending attempt if the limits allow (blocking)."""
         limits = self.limits
+        db = self._db
         now = time.time()
-        with self._db.transaction() as conn:
-            conn.execute(
-                "DELETE FROM login_attempts WHERE at <= ?",
-                (now - max(limits.window_seconds, ATTEMPTS_WINDOW_SECONDS),),
-            )
-            conn.execute(
-                "DELETE FROM known_addresses WHERE last_success <= ?", (now - KNOWN_ADDRESS_DAYS * 86400,)
-            )
-            account = conn.execute("SELECT id FROM users WHERE email = ?", (email,)).fetchone()
-            known = account is not None and self._is_known(conn, account["id"], counted_as)
-            failures = _Counter(conn, now, limits.window_seconds, _FAILURES)
-            waits = [failures.wait("email = ? AND address = ?", (email, counted_as), limits.max_failures)]
+        with db.transaction() as session:
+            db.serialize(session, _ATTEMPTS)
+            oldest = now - max(limits.window_seconds, ATTEMPTS_WINDOW_SECONDS)
+            session.execute(delete(LoginAttempt).where(LoginAttempt.at <= oldest))
+            forgotten = now - KNOWN_ADDRESS_DAYS * 86400
+            session.execute(delete(KnownAddress).where(KnownAddress.last_success <= forgotten))
+            account = session.scalar(select(User.id).where(db.same_email(User.email, email)))
+            known = account is not None and self._is_known(session, account, counted_as)
+            this_email = db.same_email(LoginAttempt.email, email)
+            this_address = LoginAttempt.address == counted_as
+            failures = _Counter(session, now, limits.window_seconds, _FAILURES)
+            waits = [failures.wait(this_email & this_address, limits.max_failures)]
             if not known:
-                waits.append(failures.wait("address = ?", (counted_as,), limits.max_failures_per_address))
-                waits.append(failures.wait("email = ?", (email,), limits.max_failures_per_email))
-            attempts = _Counter(conn, now, ATTEMPTS_WINDOW_SECONDS, "1")
-            waits.append(attempts.wait("address = ?", (counted_as,), limits.max_attempts_per_address))
+                waits.append(failures.wait(this_address, limits.max_failures_per_address))
+                waits.append(failures.wait(this_email, limits.max_failures_per_email))
+            attempts = _Counter(session, now, ATTEMPTS_WINDOW_SECONDS, None)
+            waits.append(attempts.wait(this_address, limits.max_attempts_per_address))
             wait = max(waits)
             if wait > 0:
                 raise TooManyAttempts(wait)
-            cursor = conn.execute(
-                "INSERT INTO login_attempts (email, address, at, outcome) VALUES (?, ?, ?, 'pending')",
-                (email, counted_as, now),
-            )
-        assert cursor.lastrowid is not None
-        return Attempt(cursor.lastrowid, email, address, counted_as, account is not None, kind)
+            attempt = LoginAttempt(email=email, address=counted_as, at=now, outcome="pending")
+            session.add(attempt)
+            session.flush()
+        return Attempt(attempt.id, email, address, counted_as, account is not None, kind)
 
     @staticmethod
-    def _is_known(conn: sqlite3.Connection, user_id: int, counted_as: str) -> bool:
-        row = conn.execute(
-            "SELECT 1 FROM known_addresses WHERE user_id = ? AND address = ?", (user_id, counted_as)
-        ).fetchone()
-        return row is not None
+    def _is_known(session: Session, user_id: int, counted_as: str) -> bool:
+        return session.get(KnownAddress, (user_id, counted_as)) is not None
 
     def _resolve(self, attempt: Attempt) -> None:
-        with self._db.transaction() as conn:
+        db = self._db
+        with db.transaction() as session:
+            db.serialize(session, _ATTEMPTS)
+            this_attempt = update(LoginAttempt).where(LoginAttempt.id == attempt.id)
             if attempt.succeeded_as is None:
-                conn.execute("UPDATE login_attempts SET outcome = 'failed' WHERE id = ?", (attempt.id,))
+                session.execute(this_attempt.values(outcome="failed"))
             else:
-                conn.execute("UPDATE login_attempts SET outcome = 'succeeded' WHERE id = ?", (attempt.id,))
-                conn.execute(
-                    "UPDATE login_attempts SET outcome = 'forgiven'"
-                    " WHERE email = ? AND address = ? AND outcome = 'failed'",
-                    (attempt.email, attempt.counted_as),
+                session.execute(this_attempt.values(outcome="succeeded"))
+                session.execute(
+                    update(LoginAttempt)
+                    .where(
+                        db.same_email(LoginAttempt.email, attempt.email),
+                        LoginAttempt.address == attempt.counted_as,
+                        LoginAttempt.outcome == "failed",
+                    )
+                    .values(outcome="forgiven")
                 )
-                # Through `users`, so that an account removed meanwhile leaves nothing behind.
-                conn.execute(
-                    "INSERT INTO known_addresses (user_id, address, last_success)"
-                    " SELECT id, ?, ? FROM users WHERE id = ?"
-                    " ON CONFLICT (user_id, address) DO UPDATE SET last_success = excluded.last_success",
-                    (attempt.counted_as, time.time(), attempt.succeeded_as),
-                )
+                known = session.get(KnownAddress, (attempt.succeeded_as, attempt.counted_as))
+                if known is not None:
+                    known.last_success = time.time()
+                else:
+                    # Through `users`, so that an account removed meanwhile leaves nothing behind.
+                    session.execute(
+                        insert(KnownAddress).from_select(
+                            ["user_id", "address", "last_success"],
+                            select(User.id, literal(attempt.counted_as), literal(time.time())).where(
+                                User.id == attempt.succeeded_as
+                            ),
+                        )
+                    )
         if attempt.succeeded_as is None:
             # Any string can be typed as an email, a password too by mistake: only an account's is logged.
             who = attempt.email if attempt.account_exists else "an unknown email"
@@ -211,10 +224,13 @@ class SignInThrottle:
 
     def lift_limits_for(self, email: str) -> None:
         """Forgive the email's failures, at every address (blocking): `manage.py reset-password`."""
-        with self._db.transaction() as conn:
-            conn.execute(
-                f"UPDATE login_attempts SET outcome = 'forgiven' WHERE email = ? AND {_FAILURES}",  # noqa: S608
-                (email,),
+        db = self._db
+        with db.transaction() as session:
+            db.serialize(session, _ATTEMPTS)
+            session.execute(
+                update(LoginAttempt)
+                .where(db.same_email(LoginAttempt.email, email), _FAILURES)
+                .values(outcome="forgiven")
             )
 
 
@@ -222,18 +238,18 @@ class SignInThrottle:
 class _Counter:
     """Counts recent attempts matching a condition, within one transaction."""
 
-    conn: sqlite3.Connection
+    session: Session
     now: float
     window: float
-    outcomes: str
+    outcomes: ColumnElement[bool] | None  # None: every attempt, successes too
 
-    def wait(self, condition: str, params: tuple, limit: int) -> float:
+    def wait(self, condition: ColumnElement[bool], limit: int) -> float:
         """Seconds until fewer than `limit` recent attempts match, 0 if that is already so."""
-        recent = self.conn.execute(
-            f"SELECT at FROM login_attempts WHERE {condition} AND {self.outcomes} AND at > ? ORDER BY at",  # noqa: S608
-            (*params, self.now - self.window),
-        ).fetchall()
+        query = select(LoginAttempt.at).where(condition, LoginAttempt.at > self.now - self.window)
+        if self.outcomes is not None:
+            query = query.where(self.outcomes)
+        recent = list(self.session.scalars(query.order_by(LoginAttempt.at)))
         if len(recent) < limit:
             return 0.0
         # Allowed again once enough of the oldest have left the window.
-        return recent[len(recent) - limit]["at"] + self.window - self.now
+        return recent[len(recent) - limit] + self.window - self.now

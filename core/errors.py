@@ -6,7 +6,6 @@ exceptions) and rendered here, so no route formats errors itself and nothing lea
 """
 
 import logging
-import sqlite3
 from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
@@ -112,23 +111,13 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return error_response(422, _describe_validation_error(exc), path=request.url.path)
 
 
-async def _database_error(request: Request, exc: sqlite3.OperationalError) -> JSONResponse:
-    # SQLite has one writer at a time; a write waits for the lock up to the connection's busy timeout, and
-    # past it the client should come back, not be told the gateway broke.
-    if "locked" in str(exc) or "busy" in str(exc):
-        logger.warning("database busy on %s %s: %s", request.method, request.url.path, exc)
-        return error_response(
-            503, "the database is busy: try again", {"Retry-After": "1"}, path=request.url.path
-        )
-    return await _unexpected_error(request, exc)
-
-
 _STORAGE_STATUS: dict[type[StorageError], int] = {NotFound: 404, Conflict: 409, Busy: 503}
 
 
 async def _storage_error(request: Request, exc: StorageError) -> JSONResponse:
     # The storage layer's own errors (core.storage_errors), said as HTTP; a route that means something more
-    # particular by one (a key for an account removed meanwhile is a 401) catches it itself.
+    # particular by one (a key for an account removed meanwhile is a 401) catches it itself. A busy database
+    # (one writer at a time on SQLite, a held lock on Postgres) is not the gateway broken: come back.
     status = _STORAGE_STATUS.get(type(exc), 500)
     if status == 503:
         logger.warning("database busy on %s %s: %s", request.method, request.url.path, exc)
@@ -167,7 +156,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(GatewayError, _gateway_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_exception)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
-    app.add_exception_handler(sqlite3.OperationalError, _database_error)  # type: ignore[arg-type]
     app.add_exception_handler(StorageError, _storage_error)  # type: ignore[arg-type]
     app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(UnicodeEncodeError, _unstorable_text)

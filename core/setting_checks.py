@@ -1,5 +1,5 @@
-"""Checks for the settings whose type says too little: the upstream URL, browser origins, the address to
-listen on and the data folder.
+"""Checks for the settings whose type says too little: the upstream URL, the database URL, browser origins,
+the address to listen on and the data folder.
 
 Each returns the value to use, or raises ValueError: bare when the setting's own description of what it
 expects says all there is to say, with a short reason when there is more (which part is wrong). The
@@ -81,4 +81,26 @@ def checked_data_folder(value: Path) -> Path:
     existing = next((folder for folder in value.absolute().parents if folder.exists()), None)
     if existing is not None and not existing.is_dir():
         raise ValueError(f"{existing} is a file, not a folder")
+    return value
+
+
+POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
+
+
+def checked_database_url(value: str | None) -> str | None:
+    """DATABASE_URL: postgresql://[user[:password]@]host[:port]/database[?options], or nothing (SQLite in
+    DATA_DIR). Only the form is checked here; a server that can't be reached is said at start-up."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    try:
+        url = URL(value)
+    except ValueError as exc:
+        raise ValueError(str(exc).lower().removeprefix("invalid url: ")) from None
+    if url.scheme not in POSTGRES_SCHEMES:
+        raise ValueError
+    if not url.path.strip("/"):
+        raise ValueError("it names no database (postgresql://host/database)")
+    if url.fragment:
+        raise ValueError("nothing may follow the options (no #fragment)")
     return value

@@ -20,6 +20,7 @@ from core.emails import checked_email
 from core.password_rule import password_problem
 from core.setting_checks import (
     checked_data_folder,
+    checked_database_url,
     checked_listen_host,
     checked_origins,
     checked_upstream_url,
@@ -63,6 +64,12 @@ class Settings(BaseSettings):
         default=1440, gt=0, description="a whole number of minutes, at least 1"
     )
     data_dir: Path = Field(default=Path("./data"), description="a folder (created if missing)")
+    # Unset: SQLite in DATA_DIR. Set: every replica shares that Postgres database (db.engine).
+    database_url: str | None = Field(
+        default=None,
+        description="a postgresql:// URL naming a database, such as "
+        "postgresql://gateway@db.internal/gateway, or no value for SQLite in DATA_DIR",
+    )
     max_upload_mb: float = Field(
         default=25, gt=0, allow_inf_nan=False, description="a number of MiB greater than 0"
     )
@@ -153,6 +160,11 @@ class Settings(BaseSettings):
     @classmethod
     def _check_data_dir(cls, value: Path) -> Path:
         return checked_data_folder(value)
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        return checked_database_url(value)
 
     @field_validator("cors_origins", mode="before")
     @classmethod

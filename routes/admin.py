@@ -3,12 +3,12 @@
 from functools import partial
 
 from fastapi import APIRouter, Depends, Response
-from starlette.concurrency import run_in_threadpool
 
+from auth.users import User
 from core.errors import GatewayError
 from routes.accounts import delete_account
 from routes.dependencies import AppServices, admin_user
-from routes.schemas import KeyId, NewUser, OwnedKeyInfo, UserId, UserOut, UserPatch, errors
+from routes.schemas import KeyId, KeyInfo, NewUser, OwnedKeyInfo, UserId, UserOut, UserPatch, errors
 
 router = APIRouter(
     prefix="/admin", tags=["admin"], dependencies=[Depends(admin_user)], responses=errors(401, 403)
@@ -24,25 +24,24 @@ NO_SUCH_USER = "no such user"
     responses=errors(400, 409, 413, 422),
     summary="Add a person",
 )
-async def create_user(body: NewUser, services: AppServices) -> dict:
+async def create_user(body: NewUser, services: AppServices) -> User:
     password_hash = await services.hasher.hash(body.password)
-    user = await run_in_threadpool(
+    return await services.db.run(
         services.users.create_with_hash, body.email, password_hash, body.role, body.models
     )
-    return user.public()
 
 
 @router.get("/users", response_model=list[UserOut], summary="Everyone")
-def list_users(services: AppServices) -> list[dict]:
-    return [user.public() for user in services.users.all()]
+async def list_users(services: AppServices) -> list[User]:
+    return await services.db.run(services.users.all)
 
 
 @router.get("/users/{user_id}", response_model=UserOut, responses=errors(404, 422), summary="One person")
-def get_user(user_id: UserId, services: AppServices) -> dict:
-    user = services.users.get(user_id)
+async def get_user(user_id: UserId, services: AppServices) -> User:
+    user = await services.db.run(services.users.get, user_id)
     if user is None:
         raise GatewayError(404, NO_SUCH_USER)
-    return user.public()
+    return user
 
 
 @router.patch(
@@ -51,10 +50,10 @@ def get_user(user_id: UserId, services: AppServices) -> dict:
     responses=errors(400, 404, 409, 413, 422),
     summary="Change role, model allow-list, disabled or password",
 )
-async def update_user(user_id: UserId, body: UserPatch, services: AppServices) -> dict:
+async def update_user(user_id: UserId, body: UserPatch, services: AppServices) -> User:
     sent = body.model_fields_set
     password_hash = await services.hasher.hash(body.password) if body.password is not None else None
-    user = await run_in_threadpool(
+    user = await services.db.run(
         partial(
             services.users.update,
             user_id,
@@ -67,7 +66,7 @@ async def update_user(user_id: UserId, body: UserPatch, services: AppServices) -
     )
     if user is None:
         raise GatewayError(404, NO_SUCH_USER)
-    return user.public()
+    return user
 
 
 @router.delete(
@@ -76,19 +75,22 @@ async def update_user(user_id: UserId, body: UserPatch, services: AppServices) -
     responses=errors(404, 409, 422),
     summary="Remove a person, their keys and uploads",
 )
-def delete_user(user_id: UserId, services: AppServices) -> Response:
-    if not delete_account(services.users, services.uploads, user_id):
+async def delete_user(user_id: UserId, services: AppServices) -> Response:
+    if not await services.db.run(delete_account, services.users, services.uploads, user_id):
         raise GatewayError(404, NO_SUCH_USER)
     return Response(status_code=204)
 
 
 @router.get("/keys", response_model=list[OwnedKeyInfo], summary="Every API key (no secrets)")
-def list_all_keys(services: AppServices) -> list[dict]:
-    return [{**key.public(), "user_id": key.user_id, "email": email} for key, email in services.keys.all()]
+async def list_all_keys(services: AppServices) -> list[OwnedKeyInfo]:
+    return [
+        OwnedKeyInfo(**KeyInfo.model_validate(key).model_dump(), user_id=key.user_id, email=email)
+        for key, email in await services.db.run(services.keys.all)
+    ]
 
 
 @router.delete("/keys/{key_id}", status_code=204, responses=errors(404, 422), summary="Revoke anyone's key")
-def revoke_any_key(key_id: KeyId, services: AppServices) -> Response:
-    if not services.keys.revoke(key_id):
+async def revoke_any_key(key_id: KeyId, services: AppServices) -> Response:
+    if not await services.db.run(services.keys.revoke, key_id):
         raise GatewayError(404, "no such key")
     return Response(status_code=204)

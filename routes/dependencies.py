@@ -22,9 +22,9 @@ from auth.policy import ModelPolicy
 from auth.throttle import SignInThrottle
 from auth.tokens import TokenSigner
 from auth.users import User, UserStore
-from core.database import Database
 from core.errors import Forbidden
 from core.settings import Settings
+from db.engine import Database
 from routes.guard import take_user
 from uploads.store import UploadStore
 from upstream.client import Upstream
@@ -66,7 +66,7 @@ async def current_user(
     _documented_bearer: Annotated[object, Depends(bearer_scheme)],
 ) -> User:
     # Authenticated already, before the body was read (routes.guard); the fallback serves apps without it.
-    return take_user(request.scope) or services.authenticator.authenticate(
+    return take_user(request.scope) or await services.authenticator.authenticate(
         request.headers.get("authorization")
     )
 

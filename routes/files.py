@@ -7,6 +7,7 @@ from starlette.datastructures import UploadFile
 
 from core.errors import GatewayError, Unauthorized
 from core.storage_errors import NotFound
+from db.models import Upload
 from routes.dependencies import AppServices, CurrentUser
 from routes.schemas import UploadInfo, UploadResponse, errors
 from uploads.store import safe_media_type
@@ -51,6 +52,7 @@ async def upload(request: Request, user: CurrentUser, services: AppServices) -> 
         if not isinstance(file, UploadFile):
             raise GatewayError(400, "send the file as the multipart/form-data field 'file'")
         try:
+            # In anyio's worker threads, not the database's (db.engine): copying a large file takes a while.
             stored = await run_in_threadpool(
                 services.uploads.save, user.id, file.file, file.filename, file.content_type
             )
@@ -73,7 +75,7 @@ async def upload(request: Request, user: CurrentUser, services: AppServices) -> 
     summary="Download one of your uploads",
 )
 async def download(filename: str, user: CurrentUser, services: AppServices) -> FileResponse:
-    stored = services.uploads.find(filename, user.id)
+    stored = await services.db.run(services.uploads.find, filename, user.id)
     path = services.uploads.path_of(stored) if stored else None
     if stored is None or path is None or not path.is_file():
         raise GatewayError(404, "file not found")
@@ -88,8 +90,8 @@ async def download(filename: str, user: CurrentUser, services: AppServices) -> F
 
 
 @router.get("/files", response_model=list[UploadInfo], responses=errors(401), summary="Your uploads")
-def list_uploads(user: CurrentUser, services: AppServices) -> list[dict]:
-    return [upload.public() for upload in services.uploads.of_owner(user.id)]
+async def list_uploads(user: CurrentUser, services: AppServices) -> list[Upload]:
+    return await services.db.run(services.uploads.of_owner, user.id)
 
 
 @router.delete(
@@ -98,7 +100,7 @@ def list_uploads(user: CurrentUser, services: AppServices) -> list[dict]:
     responses=errors(401, 404, 422),
     summary="Delete one of your uploads",
 )
-def delete_upload(filename: str, user: CurrentUser, services: AppServices) -> Response:
-    if not services.uploads.delete(filename, user.id):
+async def delete_upload(filename: str, user: CurrentUser, services: AppServices) -> Response:
+    if not await services.db.run(services.uploads.delete, filename, user.id):
         raise GatewayError(404, "file not found")
     return Response(status_code=204)

@@ -53,7 +53,7 @@ class CredentialsFirst:
             return
         authorization = next((value for name, value in scope["headers"] if name == b"authorization"), None)
         try:
-            user = scope["app"].state.services.authenticator.authenticate(
+            user = await scope["app"].state.services.authenticator.authenticate(
                 authorization.decode("latin-1") if authorization is not None else None
             )
         except GatewayError as refused:

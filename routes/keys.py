@@ -2,6 +2,7 @@
 
 from fastapi import APIRouter, Response
 
+from auth.api_keys import ApiKey
 from core.errors import GatewayError, Unauthorized
 from core.storage_errors import NotFound
 from routes.dependencies import AppServices, CurrentUser
@@ -17,26 +18,26 @@ router = APIRouter(tags=["keys"])
     responses=errors(400, 401, 413, 422),
     summary="Create an API key (the full key is shown only in this answer)",
 )
-def create_key(body: NewKey, user: CurrentUser, services: AppServices) -> dict:
+async def create_key(body: NewKey, user: CurrentUser, services: AppServices) -> CreatedKey:
     try:
-        record, key = services.keys.create(user.id, body.name, body.expires_in_days)
+        record, key = await services.db.run(services.keys.create, user.id, body.name, body.expires_in_days)
     except NotFound:
         # The account was removed after this request was authenticated.
         raise Unauthorized("this account no longer exists") from None
-    return {**record.public(), "key": key}
+    return CreatedKey(**KeyInfo.model_validate(record).model_dump(), key=key)
 
 
 @router.get(
     "/keys", response_model=list[KeyInfo], responses=errors(401), summary="Your API keys (no secrets)"
 )
-def list_keys(user: CurrentUser, services: AppServices) -> list[dict]:
-    return [key.public() for key in services.keys.of_user(user.id)]
+async def list_keys(user: CurrentUser, services: AppServices) -> list[ApiKey]:
+    return await services.db.run(services.keys.of_user, user.id)
 
 
 @router.delete(
     "/keys/{key_id}", status_code=204, responses=errors(401, 404, 422), summary="Revoke one of your keys"
 )
-def revoke_key(key_id: KeyId, user: CurrentUser, services: AppServices) -> Response:
-    if not services.keys.revoke(key_id, user_id=user.id):
+async def revoke_key(key_id: KeyId, user: CurrentUser, services: AppServices) -> Response:
+    if not await services.db.run(services.keys.revoke, key_id, user_id=user.id):
         raise GatewayError(404, "no such key")
     return Response(status_code=204)

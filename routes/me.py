@@ -2,6 +2,7 @@
 
 from fastapi import APIRouter, Request
 
+from auth.users import User
 from core.client_address import client_address
 from routes.dependencies import AppServices, CurrentUser
 from routes.schemas import PasswordChange, TokenResponse, UserOut, errors
@@ -12,8 +13,8 @@ router = APIRouter(tags=["me"])
 @router.get(
     "/me", response_model=UserOut, responses=errors(401), summary="Who you are, and the models you may use"
 )
-async def me(user: CurrentUser) -> dict:
-    return user.public()
+async def me(user: CurrentUser) -> User:
+    return user
 
 
 @router.post(

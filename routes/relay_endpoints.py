@@ -207,7 +207,7 @@ class RelayEndpoint:
         route = self.route
         services: Services = scope["app"].state.services
         head = _RequestHead(scope["headers"])
-        user = take_user(scope) or services.authenticator.authenticate(head.authorization)
+        user = take_user(scope) or await services.authenticator.authenticate(head.authorization)
         if route.access is Access.ADMIN and not user.is_admin:
             raise Forbidden("only admins may manage models")
         upstream_path = route.upstream_path

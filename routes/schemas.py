@@ -115,7 +115,10 @@ _EMAIL_SCHEMA: JsonDict = {"pattern": "^[!-~]+@[!-?A-~]+$", "maxLength": EMAIL_M
 MODELS_DESCRIPTION = "The models this user may use; null: every model"
 
 
+# The shapes the API answers with are read from the stored records themselves (db.models).
 class UserOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     id: int
     email: str
     role: Literal["admin", "user"]
@@ -167,6 +170,8 @@ class NewKey(BaseModel):
 
 
 class KeyInfo(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     id: int
     name: str
     prefix: str = Field(description="The key's first characters, to tell keys apart")
@@ -185,6 +190,8 @@ class OwnedKeyInfo(KeyInfo):
 
 
 class UploadInfo(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     filename: str
     download_path: str
     original_name: str

@@ -7,10 +7,38 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, sync_playwright
 
+from tests import databases
 from tests.browser import CHROMIUM_ARGS, chromium_path
 from tests.fake_ollama import FakeOllama
 from tests.processes import free_port
 from tests.servers import NO_SIGN_IN_LIMITS, RunningGateway, ServerThread, gateway_settings, start_gateway
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--database",
+        choices=("sqlite", "postgresql"),
+        default="sqlite",
+        help="the database every test gateway uses: SQLite in its DATA_DIR, or a schema of its own in a "
+        "throwaway Postgres database (see tests/databases.py; `make test` runs the storage tests on both)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    databases.start(config.getoption("--database"))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    databases.end()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not databases.on_postgres():
+        return
+    only_sqlite = pytest.mark.skip(reason="about SQLite itself (its file, its locks, its older schemas)")
+    for item in items:
+        if item.get_closest_marker("sqlite_only"):
+            item.add_marker(only_sqlite)
 
 
 @pytest.fixture(scope="session")

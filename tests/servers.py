@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from core.server import gateway_protocol
 from core.settings import Settings
 from main import create_app
+from tests.databases import new_database_url
 
 START_TIMEOUT = 15.0
 # Sign-in limits no test reaches: for gateways whose tests sign in (and fail to, on purpose) many times from
@@ -93,6 +94,8 @@ def gateway_settings(data_dir: Path, ollama_url: str, **overrides) -> Settings:
         "admin_password": secrets.token_urlsafe(12),
         **overrides,
     }
+    if "database_url" not in values:
+        values["database_url"] = new_database_url()
     return Settings(_env_file=None, **values)
 
 

@@ -9,6 +9,8 @@ import pytest
 from tests import tokens
 from tests.servers import RunningGateway
 
+pytestmark = pytest.mark.storage
+
 PUBLIC_ROUTES = {
     ("GET", "/"),
     ("HEAD", "/"),
@@ -99,7 +101,7 @@ def test_login_takes_as_long_for_an_unknown_email_as_for_a_wrong_password(gatewa
 def admin_claims(gateway: RunningGateway, **changes) -> dict:
     """Claims as the gateway issues them for its admin: its subject is the identity, never a row id."""
     stored = gateway.services.users.find_by_email(gateway.admin_email)
-    return tokens.claims(**changes) | {"sub": stored.user.identity}
+    return tokens.claims(**changes) | {"sub": stored.identity}
 
 
 def _attack_headers(gateway: RunningGateway) -> dict[str, dict[str, str]]:

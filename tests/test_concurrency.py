@@ -5,15 +5,21 @@ import asyncio
 import json
 import sqlite3
 import time
+from contextlib import contextmanager
 
 import httpx
 import pytest
+from sqlalchemy import NullPool, create_engine, text
+from sqlalchemy.exc import IntegrityError
 
-from core.database import Database
 from core.storage_errors import NotFound
+from db.engine import Database, database_url
 from tests import rawhttp
+from tests.databases import execute, on_postgres
 from tests.servers import NO_SIGN_IN_LIMITS, add_user
 from tests.streams import chat_body
+
+pytestmark = pytest.mark.storage
 
 STREAMS = 300
 
@@ -92,30 +98,47 @@ def test_concurrent_writes_leave_a_consistent_database(make_gateway, ollama):
     assert [r.status_code for r in answers["uploads"]] == [201] * UPLOADS
     assert [r.status_code for r in answers["failed-logins"]] == [401] * FAILED_LOGINS
 
-    with sqlite3.connect(gateway.settings.database_path) as db:
-        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        assert db.execute("PRAGMA foreign_key_check").fetchall() == []
-        assert db.execute("SELECT count(*) FROM users").fetchone()[0] == 1 + NEW_USERS + 1
-        assert db.execute("SELECT count(*) FROM api_keys").fetchone()[0] == KEYS
-        failed = db.execute("SELECT count(*) FROM login_attempts WHERE outcome = 'failed'").fetchone()[0]
-        assert failed == FAILED_LOGINS
-        recorded = {row[0]: row[1] for row in db.execute("SELECT filename, size FROM uploads")}
+    settings = gateway.settings
+    if not on_postgres():
+        assert execute(settings, "PRAGMA integrity_check") == [("ok",)]
+        assert execute(settings, "PRAGMA foreign_key_check") == []
+    assert execute(settings, "SELECT count(*) FROM users") == [(1 + NEW_USERS + 1,)]
+    assert execute(settings, "SELECT count(*) FROM api_keys") == [(KEYS,)]
+    failed = execute(settings, "SELECT count(*) FROM login_attempts WHERE outcome = 'failed'")
+    assert failed == [(FAILED_LOGINS,)]
+    recorded = dict(execute(settings, "SELECT filename, size FROM uploads"))
     stored = {path.name: path.stat().st_size for path in gateway.settings.uploads_dir.iterdir()}
     assert recorded == stored
     assert sorted(recorded.values()) == [n * 1000 for n in range(UPLOADS)]
 
 
+@contextmanager
+def _write_lock_held_elsewhere(settings):
+    """Another process (a backup, `manage.py`, another replica) holding what a new key's write needs, for
+    longer than the busy timeout."""
+    if not on_postgres():
+        holder = sqlite3.connect(settings.database_path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        return
+    engine = create_engine(database_url(settings.database_url, settings.data_dir), poolclass=NullPool)
+    try:
+        with engine.connect() as locking, locking.begin():
+            locking.execute(text("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE"))
+            yield
+    finally:
+        engine.dispose()
+
+
 def test_a_database_locked_past_its_busy_timeout_is_503_not_500(make_gateway, ollama):
     gateway = make_gateway()
     headers = gateway.admin_headers()
-    # Another process (a backup, `manage.py`) holding the write lock for longer than the busy timeout.
-    holder = sqlite3.connect(gateway.settings.database_path, isolation_level=None)
-    try:
-        holder.execute("BEGIN IMMEDIATE")
+    with _write_lock_held_elsewhere(gateway.settings):
         response = httpx.post(f"{gateway.url}/keys", json={"name": "k"}, headers=headers, timeout=30)
-    finally:
-        holder.execute("ROLLBACK")
-        holder.close()
     assert response.status_code == 503
     assert response.headers["retry-after"] == "1"
     assert "busy" in response.json()["error"]
@@ -125,7 +148,7 @@ def test_a_database_locked_past_its_busy_timeout_is_503_not_500(make_gateway, ol
 def test_an_upload_finishing_after_its_owner_was_removed_is_401_and_keeps_nothing(make_gateway, ollama):
     gateway = make_gateway()
     token = add_user(gateway, "leaving@example.com")
-    leaving = gateway.services.users.find_by_email("leaving@example.com").user
+    leaving = gateway.services.users.find_by_email("leaving@example.com")
     part = b'--b\r\nContent-Disposition: form-data; name="file"; filename="late.txt"\r\n\r\n'
     data, closing = b"x" * 100_000, b"\r\n--b--\r\n"
     headers = {
@@ -143,8 +166,7 @@ def test_an_upload_finishing_after_its_owner_was_removed_is_401_and_keeps_nothin
     assert response.status_code == 401
     assert "error" in response.json()
     assert list(gateway.settings.uploads_dir.iterdir()) == []
-    with sqlite3.connect(gateway.settings.database_path) as db:
-        assert db.execute("SELECT count(*) FROM uploads").fetchone()[0] == 0
+    assert execute(gateway.settings, "SELECT count(*) FROM uploads") == [(0,)]
 
 
 def test_a_key_for_an_account_removed_meanwhile_is_401_not_500(make_gateway, ollama):
@@ -152,28 +174,32 @@ def test_a_key_for_an_account_removed_meanwhile_is_401_not_500(make_gateway, oll
     # an admin may remove the account in between.
     gateway = make_gateway()
     add_user(gateway, "gone@example.com")
-    gone = gateway.services.users.find_by_email("gone@example.com").user
+    gone = gateway.services.users.find_by_email("gone@example.com")
     assert gateway.services.users.delete(gone.id)
     with pytest.raises(NotFound):
         gateway.services.keys.create(gone.id, "too late")
     assert gateway.services.keys.of_user(gone.id) == []
 
 
+@pytest.mark.sqlite_only
 def test_a_failed_commit_leaves_the_database_writable(tmp_path):
     # A COMMIT can fail (a full disk, a deferred constraint) and leave SQLite's transaction open, holding the
     # write lock: every later write, from any thread or process, would then wait and fail.
     db = Database(tmp_path / "gateway.sqlite3")
     db.migrate()
-    with pytest.raises(sqlite3.IntegrityError), db.transaction() as conn:
-        conn.execute("PRAGMA defer_foreign_keys = ON")  # the constraint is checked at COMMIT, and fails there
-        conn.execute("INSERT INTO api_keys (user_id, name, prefix, key_hash) VALUES (404, 'k', 'p', 'h')")
-    with db.transaction() as conn:
-        conn.execute("INSERT INTO users (email, password_hash, role) VALUES ('a@b.c', 'x', 'user')")
+    with pytest.raises(IntegrityError), db.transaction() as session:
+        # The constraint is checked at COMMIT, and fails there.
+        session.execute(text("PRAGMA defer_foreign_keys = ON"))
+        session.execute(
+            text("INSERT INTO api_keys (user_id, name, prefix, key_hash) VALUES (404, 'k', 'p', 'h')")
+        )
+    with db.transaction() as session:
+        session.execute(text("INSERT INTO users (email, password_hash, role) VALUES ('a@b.c', 'x', 'user')"))
     other_process = sqlite3.connect(tmp_path / "gateway.sqlite3", timeout=0.1)
     with other_process:
         other_process.execute("INSERT INTO users (email, password_hash, role) VALUES ('d@e.f', 'x', 'user')")
     other_process.close()
-    users, keys = db.fetch_one("SELECT count(*) FROM users"), db.fetch_one("SELECT count(*) FROM api_keys")
-    assert users is not None and users[0] == 2
-    assert keys is not None and keys[0] == 0
+    with db.session() as session:
+        assert session.execute(text("SELECT count(*) FROM users")).scalar_one() == 2
+        assert session.execute(text("SELECT count(*) FROM api_keys")).scalar_one() == 0
     db.close()

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from core.database import MIGRATIONS
+from db.legacy import MIGRATIONS
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""The SQLite layer: connections per thread, and what happens when threads come and go."""
+"""The storage layer on SQLite: connections, failed commits, and the in-place upgrade of databases made by
+the releases before Alembic."""
 
 import io
 import sqlite3
@@ -7,23 +8,31 @@ from contextlib import contextmanager
 
 import psutil
 import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
-from core.database import MIGRATIONS, Database
+from db.engine import Database
+from db.legacy import MIGRATIONS
+from db.migrations import current_revision, head_revision
 from uploads.store import UploadStore
 
 
-def test_connections_of_finished_threads_are_closed(tmp_path):
-    """Worker pools retire idle threads and start new ones all day long (anyio after 10 s idle): each new
-    thread opens a connection, so those of finished threads must not stay open, or descriptors leak."""
+def test_threads_that_come_and_go_leave_no_connection_behind(tmp_path):
+    """Worker pools retire idle threads and start new ones all day long (anyio after 10 s idle): connections
+    come from the engine's pool, so sixty threads leave no more open than the pool holds."""
     db = Database(tmp_path / "gateway.sqlite3")
     db.migrate()
     process = psutil.Process()
     before = process.num_fds()
+
+    def read() -> None:
+        with db.session() as session:
+            session.execute(text("SELECT count(*) FROM users")).scalar_one()
+
     for _ in range(60):
-        worker = threading.Thread(target=db.fetch_one, args=("SELECT COUNT(*) FROM users",))
+        worker = threading.Thread(target=read)
         worker.start()
         worker.join()
-    db.fetch_one("SELECT 1")  # any new use tidies up after finished threads
     assert process.num_fds() - before < 10
     db.close()
 
@@ -33,21 +42,22 @@ class _FailingCommit(Database):
 
     @contextmanager
     def transaction(self):
-        with super().transaction() as conn:
-            yield conn
-            raise sqlite3.OperationalError("database or disk is full")
+        with super().transaction() as session:
+            yield session
+            session.flush()
+            raise OperationalError("COMMIT", {}, sqlite3.OperationalError("database or disk is full"))
 
 
 def test_an_upload_whose_record_fails_to_commit_leaves_no_file(tmp_path):
     working = Database(tmp_path / "gateway.sqlite3")
     working.migrate()
-    with working.transaction() as conn:
-        conn.execute("INSERT INTO users (email, password_hash, role) VALUES ('a@b', 'x', 'admin')")
+    with working.transaction() as session:
+        session.execute(text("INSERT INTO users (email, password_hash, role) VALUES ('a@b', 'x', 'admin')"))
     working.close()
     db = _FailingCommit(tmp_path / "gateway.sqlite3")
     store = UploadStore(tmp_path / "uploads", db, max_bytes=1024)
     store.prepare()
-    with pytest.raises(sqlite3.OperationalError):
+    with pytest.raises(OperationalError):
         store.save(1, io.BytesIO(b"content"), "notes.txt", "text/plain")
     assert list(store.directory.iterdir()) == []
     db.close()
@@ -76,6 +86,12 @@ def _second_release_database(path) -> None:
             " VALUES ('f', 2, 'f.txt', 1, 'text/plain')"
         )
         db.execute("INSERT INTO login_failures (email, address, failed_at) VALUES ('x', 'y', 1.0)")
+    db.close()
+
+
+def _rows(db: Database, sql: str) -> list[tuple]:
+    with db.session() as session:
+        return [tuple(row) for row in session.execute(text(sql))]
 
 
 def test_a_second_release_database_is_upgraded_keeping_every_row(tmp_path):
@@ -83,19 +99,36 @@ def test_a_second_release_database_is_upgraded_keeping_every_row(tmp_path):
     _second_release_database(path)
     db = Database(path)
     db.migrate()
-    conn = db.connection()
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
-    users = conn.execute("SELECT id, email, role, models, token_version, disabled FROM users ORDER BY id")
-    assert [tuple(row) for row in users] == [
+    assert _rows(db, "PRAGMA user_version") == [(len(MIGRATIONS),)]
+    with db.engine.connect() as conn:
+        assert current_revision(conn) == head_revision()
+    assert _rows(db, "SELECT id, email, role, models, token_version, disabled FROM users ORDER BY id") == [
         (1, "ada@example.com", "admin", None, 0, 0),
         (2, "bob@example.com", "user", '["llama3.2:1b"]', 4, 1),
     ]
-    assert [tuple(row) for row in conn.execute("SELECT user_id, name, key_hash FROM api_keys")] == [
-        (2, "job", "h2")
-    ]
-    assert [tuple(row) for row in conn.execute("SELECT owner_id, filename FROM uploads")] == [(2, "f")]
-    assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
-    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1, "back on for everything after"
+    assert _rows(db, "SELECT user_id, name, key_hash FROM api_keys") == [(2, "job", "h2")]
+    assert _rows(db, "SELECT owner_id, filename FROM uploads") == [(2, "f")]
+    assert _rows(db, "PRAGMA foreign_key_check") == []
+    assert _rows(db, "PRAGMA foreign_keys") == [(1,)], "back on for everything after"
+    db.close()
+
+
+def test_a_database_made_by_the_last_release_before_alembic_is_taken_over_as_it_is(tmp_path):
+    path = tmp_path / "gateway.sqlite3"
+    with sqlite3.connect(path) as made:
+        for script in MIGRATIONS:
+            made.executescript(script)
+        made.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
+        made.execute(
+            "INSERT INTO users (email, password_hash, role) VALUES ('ada@example.com', 'h', 'admin')"
+        )
+    made.close()
+    db = Database(path)
+    db.migrate()
+    db.migrate()  # and again at the next start: nothing left to do
+    assert _rows(db, "SELECT email FROM users") == [("ada@example.com",)]
+    with db.engine.connect() as conn:
+        assert current_revision(conn) == head_revision()
     db.close()
 
 
@@ -104,7 +137,7 @@ def test_after_the_upgrade_every_user_has_a_distinct_random_identity(tmp_path):
     _second_release_database(path)
     db = Database(path)
     db.migrate()
-    identities = [row[0] for row in db.fetch_all("SELECT identity FROM users")]
+    identities = [row[0] for row in _rows(db, "SELECT identity FROM users")]
     assert len(identities) == len(set(identities)) == 2
     assert all(len(identity) == 32 and int(identity, 16) >= 0 for identity in identities)
     db.close()
@@ -116,16 +149,19 @@ def test_after_the_upgrade_ids_are_never_reused_and_removals_still_cascade(tmp_p
     db = Database(path)
     db.migrate()
     for table in ("users", "api_keys"):
-        row = db.fetch_one("SELECT sql FROM sqlite_master WHERE name = ?", (table,))
-        assert row is not None
-        assert "AUTOINCREMENT" in row["sql"]
-    with db.transaction() as conn:
-        conn.execute("INSERT INTO users (email, password_hash, role) VALUES ('dee@example.com', 'h', 'user')")
-        newest = conn.execute("SELECT max(id) FROM users").fetchone()[0]
-        conn.execute("DELETE FROM users WHERE id = ?", (newest,))
-        conn.execute("INSERT INTO users (email, password_hash, role) VALUES ('eve@example.com', 'h', 'user')")
-        assert conn.execute("SELECT id FROM users WHERE email = 'eve@example.com'").fetchone()[0] > newest
-        conn.execute("DELETE FROM users WHERE id = 2")  # bob: their key and upload record go with them
-    assert db.fetch_all("SELECT * FROM api_keys") == []
-    assert db.fetch_all("SELECT * FROM uploads") == []
+        [(sql,)] = _rows(db, f"SELECT sql FROM sqlite_master WHERE name = '{table}'")  # noqa: S608
+        assert "AUTOINCREMENT" in sql
+    with db.transaction() as session:
+        insert = "INSERT INTO users (email, password_hash, role) VALUES (:email, 'h', 'user')"
+        session.execute(text(insert), {"email": "dee@example.com"})
+        newest = session.execute(text("SELECT max(id) FROM users")).scalar_one()
+        session.execute(text("DELETE FROM users WHERE id = :id"), {"id": newest})
+        session.execute(text(insert), {"email": "eve@example.com"})
+        eve = session.execute(text("SELECT id FROM users WHERE email = 'eve@example.com'")).scalar_one()
+        assert eve > newest
+        session.execute(
+            text("DELETE FROM users WHERE id = 2")
+        )  # bob: their key and upload record go with them
+    assert _rows(db, "SELECT * FROM api_keys") == []
+    assert _rows(db, "SELECT * FROM uploads") == []
     db.close()

@@ -3,12 +3,13 @@ circle.
 
 The layers, from the ground up:
 
-0. `core`: settings, errors, the database, the server's plumbing. Imports nothing of the project.
-1. `auth`, `uploads`, `upstream`: the domain (people and credentials, stored files, talking to Ollama).
+0. `core`: settings, errors, the server's plumbing. Imports nothing of the project.
+1. `db`: the storage layer (models, engine, migrations).
+2. `auth`, `uploads`, `upstream`: the domain (people and credentials, stored files, talking to Ollama).
    Siblings: one may use another, as long as no two packages end up importing each other.
-2. `routes`: the web layer (routers, their dependencies, the credentials guard, the relay endpoints).
-3. `services`: the composition root, which builds every store and client.
-4. `main`, `manage`: what starts the gateway, and the command-line tool.
+3. `routes`: the web layer (routers, their dependencies, the credentials guard, the relay endpoints).
+4. `services`: the composition root, which builds every store and client.
+5. `main`, `manage`: what starts the gateway, and the command-line tool.
 
 A module may import from its own layer or any layer below it. Tests and the bench stand outside the layers.
 """
@@ -22,6 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS: list[frozenset[str]] = [
     frozenset({"core"}),
+    frozenset({"db"}),
     frozenset({"auth", "uploads", "upstream"}),
     frozenset({"routes"}),
     frozenset({"services"}),

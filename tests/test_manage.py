@@ -11,6 +11,8 @@ import pytest
 
 from tests.processes import REPO, clean_environment
 
+pytestmark = pytest.mark.storage
+
 PASSWORD_LINE = re.compile(r"^password: (\S+)$", re.MULTILINE)
 KEY_LINE = re.compile(r"^key: (ogw_\S+)$", re.MULTILINE)
 
@@ -24,12 +26,17 @@ def manage(gateway, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(REPO / "manage.py"), *args],
         cwd=gateway.settings.data_dir.parent,
-        env=clean_environment(DATA_DIR=str(gateway.settings.data_dir)),
+        env=clean_environment(DATA_DIR=str(gateway.settings.data_dir), **_database_of(gateway)),
         input=stdin,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def _database_of(gateway) -> dict[str, str]:
+    url = gateway.settings.database_url
+    return {"DATABASE_URL": url} if url else {}
 
 
 def login(gateway, email: str, password: str) -> httpx.Response:
@@ -114,6 +121,7 @@ def test_create_and_revoke_a_key(gateway):
     assert httpx.get(f"{gateway.url}/me", headers={"Authorization": f"Bearer {key}"}).status_code == 401
 
 
+@pytest.mark.sqlite_only
 def test_a_data_folder_manage_creates_is_private(tmp_path):
     data_dir = tmp_path / "fresh"
     result = subprocess.run(
@@ -157,6 +165,7 @@ def _manage_from(folder, *args: str, **settings: str) -> subprocess.CompletedPro
     )
 
 
+@pytest.mark.sqlite_only
 def test_every_command_says_which_database_it_opened(gateway, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -167,6 +176,7 @@ def test_every_command_says_which_database_it_opened(gateway, tmp_path):
     assert gateway.admin_email in result.stdout
 
 
+@pytest.mark.sqlite_only
 @pytest.mark.parametrize(
     "args",
     [
@@ -190,6 +200,7 @@ def test_a_command_run_from_another_folder_refuses_to_create_a_database(tmp_path
     assert list(tmp_path.iterdir()) == [], "nothing created"
 
 
+@pytest.mark.sqlite_only
 @pytest.mark.skipif(
     not Path("/sys/kernel").is_dir(), reason="needs Linux's /sys, where nobody can make a folder"
 )

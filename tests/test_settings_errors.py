@@ -16,6 +16,7 @@ WRONG_VALUES = {
     "admin_password": "password123",
     "access_token_expire_minutes": "ten",
     "data_dir": "{a_file}",
+    "database_url": "mysql://gateway@db/gateway",
     "max_upload_mb": "25MB",
     "max_request_mb": "0",
     "cors_origins": "*.example.com",
@@ -116,6 +117,8 @@ def test_a_value_with_a_line_break_stays_on_one_line(environment):
         pytest.param("ADMIN_EMAIL", " admin@local ", "admin@local"),
         pytest.param("MAX_UPLOAD_MB", "0.5", 0.5),
         pytest.param("GRACEFUL_SHUTDOWN_SECONDS", "0", 0),
+        pytest.param("DATABASE_URL", "postgresql://gateway@db.internal:5432/gateway", None),
+        pytest.param("DATABASE_URL", "postgres://gateway:pw@db.internal/gateway?sslmode=require", None),
     ],
 )
 def test_a_right_value_is_accepted(environment, name, value, expected):
@@ -213,6 +216,14 @@ def test_the_reason_for_a_broken_ollama_url_never_quotes_its_password(environmen
     line = _mistake()
     assert "s3c" not in line
     assert line.endswith("; netloc contains invalid characters under nfkc normalization")
+
+
+def test_the_password_in_a_wrong_database_url_is_hidden(environment):
+    environment.setenv("DATABASE_URL", "postgresql://bob:s3cret@db.internal")
+    line = _mistake()
+    assert "s3cret" not in line
+    assert line.startswith("DATABASE_URL='postgresql://bob:(hidden)@db.internal': expected")
+    assert line.endswith("; it names no database (postgresql://host/database)")
 
 
 def test_an_env_file_that_is_not_text_is_one_line(environment, tmp_path):

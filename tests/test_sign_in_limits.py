@@ -18,6 +18,8 @@ from auth import passwords
 from auth.throttle import counting_address
 from tests.servers import RunningGateway
 
+pytestmark = pytest.mark.storage
+
 BOB = "bob@example.com"
 BOB_PASSWORD = "bobs-long-password"
 WRONG = "not-the-password"

@@ -8,10 +8,13 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from core.database import MIGRATIONS
+from db.legacy import MIGRATIONS
 from tests import tokens
+from tests.databases import execute
 from tests.servers import RunningGateway, gateway_settings, start_gateway
 from tests.surfaces import MODEL_LISTS, error_message, model_calls
+
+pytestmark = pytest.mark.storage
 
 ALLOWED = "llama3.2:1b"
 NOT_ALLOWED = "llava:7b"
@@ -256,8 +259,7 @@ def test_a_key_is_shown_once_stored_as_a_hash_and_works_as_bearer_and_basic(team
     assert httpx.get(f"{team.gateway.url}/api/tags", auth=("script", key)).status_code == 200
     database_files = team.gateway.settings.data_dir.glob("gateway.sqlite3*")  # with its write-ahead log
     assert all(key.encode() not in path.read_bytes() for path in database_files)
-    with sqlite3.connect(team.gateway.settings.database_path) as db:
-        (stored,) = db.execute("SELECT key_hash FROM api_keys").fetchone()
+    [(stored,)] = execute(team.gateway.settings, "SELECT key_hash FROM api_keys")
     assert stored == hashlib.sha256(key.encode()).hexdigest()
 
 
@@ -284,8 +286,11 @@ def test_an_expired_key_is_401(team):
     with team.http(team.bob_token()) as bob:
         created = bob.post("/keys", json={"name": "k", "expires_in_days": 1}).json()
     assert created["expires_at"] is not None
-    with sqlite3.connect(team.gateway.settings.database_path) as db:
-        db.execute("UPDATE api_keys SET expires_at = '2020-01-01T00:00:00Z' WHERE id = ?", (created["id"],))
+    execute(
+        team.gateway.settings,
+        "UPDATE api_keys SET expires_at = '2020-01-01T00:00:00Z' WHERE id = :id",
+        {"id": created["id"]},
+    )
     response = httpx.get(f"{team.gateway.url}/models", headers={"Authorization": f"Bearer {created['key']}"})
     assert response.status_code == 401
 
@@ -499,6 +504,7 @@ def test_a_restart_keeps_users_keys_and_uploads(tmp_path, fake_ollama_server):
         server.stop()
 
 
+@pytest.mark.sqlite_only
 def test_an_older_database_is_upgraded_in_place_without_losing_data(tmp_path, fake_ollama_server):
     from auth.passwords import hash_password
 
@@ -535,6 +541,7 @@ def test_an_older_database_is_upgraded_in_place_without_losing_data(tmp_path, fa
         assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
 
 
+@pytest.mark.sqlite_only
 def test_after_upgrading_a_second_release_database_old_tokens_end_and_keys_keep_working(
     tmp_path, fake_ollama_server
 ):

@@ -2,14 +2,16 @@
 
 import os
 import select
-import sqlite3
 
 import httpx
 import pytest
 
 from core.settings import MIB
 from tests import rawhttp
+from tests.databases import execute
 from uploads.names import is_stored_name
+
+pytestmark = pytest.mark.storage
 
 
 def upload(client: httpx.Client, name: str, data: bytes, content_type: str = "text/plain") -> httpx.Response:
@@ -218,8 +220,11 @@ def test_a_declared_content_type_that_is_not_a_media_type_is_stored_generic(clie
 
 def test_an_upload_stored_with_an_unsendable_type_by_an_older_version_still_downloads(client, gateway):
     stored = upload(client, "old.txt", b"old data").json()["filename"]
-    with sqlite3.connect(gateway.settings.database_path) as db:
-        db.execute("UPDATE uploads SET content_type = ? WHERE filename = ?", ("text/plain;\x1cx=y", stored))
+    execute(
+        gateway.settings,
+        "UPDATE uploads SET content_type = :type WHERE filename = :name",
+        {"type": "text/plain;\x1cx=y", "name": stored},
+    )
     download = client.get(f"/files/{stored}")
     assert download.status_code == 200
     assert download.content == b"old data"

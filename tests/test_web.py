@@ -260,7 +260,7 @@ def test_no_model_allowed_is_said_on_send_and_a_model_allowed_later_is_picked_up
 
 
 def test_a_model_problem_solved_meanwhile_is_no_longer_said_after_the_next_send(page, web, ollama):
-    person = web.services.users.find_by_email("user@example.com").user
+    person = web.services.users.find_by_email("user@example.com")
     sign_in(page, web.url, "user@example.com", USER_PASSWORD)
     send_message(page, "Hello?")
     expect(last_reply(page)).not_to_be_empty()
@@ -325,7 +325,7 @@ def test_attachments_go_to_the_model(page, web, ollama, tmp_path):
 def test_an_expired_session_signs_out_with_a_message(page, web):
     admin_sign_in(page, web)
     key = (web.settings.data_dir / "secret_key").read_text()
-    admin = web.services.users.find_by_email(web.admin_email).user
+    admin = web.services.users.find_by_email(web.admin_email)
     short_lived = tokens.signed(tokens.claims(lifetime=2) | {"sub": admin.identity}, key)
     page.evaluate("token => localStorage.setItem('ogw.token', token)", short_lived)
     page.reload()
@@ -368,7 +368,7 @@ def test_an_admin_adds_disables_and_limits_a_user(page, web):
     with page.expect_response(lambda answer: answer.request.method == "PATCH") as saved:
         row.get_by_role("button", name="Save").click()
     assert saved.value.ok
-    stored = web.services.users.find_by_email("new@example.com").user
+    stored = web.services.users.find_by_email("new@example.com")
     assert (stored.role, stored.models, stored.disabled) == ("admin", None, True)
 
 

@@ -6,16 +6,18 @@ a crash or an over-size upload never leaves half a file behind.
 
 import os
 import re
-import sqlite3
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
+
 from core.body_limit import BodyTooLarge
-from core.database import Database
 from core.private_files import make_private_directory, open_new_private_file
 from core.settings import MIB
 from core.storage_errors import NotFound
+from db.engine import Database, affected
+from db.models import Upload
 from uploads.names import is_stored_name, new_stored_name
 
 COPY_CHUNK = MIB
@@ -35,41 +37,6 @@ def safe_media_type(declared: str | None) -> str:
     return DEFAULT_MEDIA_TYPE
 
 
-@dataclass(frozen=True)
-class StoredUpload:
-    filename: str
-    owner_id: int
-    original_name: str
-    size: int
-    content_type: str
-    created_at: str = ""
-
-    @property
-    def download_path(self) -> str:
-        return f"/files/{self.filename}"
-
-    def public(self) -> dict:
-        return {
-            "filename": self.filename,
-            "download_path": self.download_path,
-            "original_name": self.original_name,
-            "size": self.size,
-            "content_type": self.content_type,
-            "created_at": self.created_at,
-        }
-
-
-def _upload_from(row: sqlite3.Row) -> StoredUpload:
-    return StoredUpload(
-        filename=row["filename"],
-        owner_id=row["owner_id"],
-        original_name=row["original_name"],
-        size=row["size"],
-        content_type=row["content_type"],
-        created_at=row["created_at"],
-    )
-
-
 class UploadStore:
     def __init__(self, directory: Path, db: Database, max_bytes: int) -> None:
         self.directory = directory
@@ -84,14 +51,14 @@ class UploadStore:
 
     def save(
         self, owner_id: int, source: BinaryIO, original_name: str | None, content_type: str | None
-    ) -> StoredUpload:
+    ) -> Upload:
         """Copy an upload into the store (blocking: run it in a worker thread). NotFound if the owner is
         gone."""
         filename = new_stored_name(original_name)
         partial = self.directory / f".partial-{filename}"
         try:
             size = self._copy_capped(source, partial)
-            upload = StoredUpload(
+            upload = Upload(
                 filename=filename,
                 owner_id=owner_id,
                 original_name=(original_name or "")[:255],
@@ -100,14 +67,11 @@ class UploadStore:
             )
             final = self.directory / filename
             try:
-                with self._db.transaction() as conn:
-                    conn.execute(
-                        "INSERT INTO uploads (filename, owner_id, original_name, size, content_type)"
-                        " VALUES (?, ?, ?, ?, ?)",
-                        (upload.filename, owner_id, upload.original_name, size, upload.content_type),
-                    )
+                with self._db.transaction() as session:
+                    session.add(upload)
+                    session.flush()
                     os.replace(partial, final)
-            except sqlite3.IntegrityError:
+            except IntegrityError:
                 # The owner was removed while the file was on the way: a record can't name a missing owner.
                 final.unlink(missing_ok=True)
                 raise NotFound("this account no longer exists") from None
@@ -130,32 +94,29 @@ class UploadStore:
                 out.write(chunk)
         return size
 
-    def find(self, filename: str, owner_id: int) -> StoredUpload | None:
+    def find(self, filename: str, owner_id: int) -> Upload | None:
         """The upload of that name belonging to that user, if any (another user's is not found)."""
         if not is_stored_name(filename):
             return None
-        row = self._db.fetch_one(
-            "SELECT * FROM uploads WHERE filename = ? AND owner_id = ?", (filename, owner_id)
-        )
-        return _upload_from(row) if row else None
+        with self._db.session() as session:
+            upload = session.get(Upload, filename)
+        return upload if upload is not None and upload.owner_id == owner_id else None
 
-    def path_of(self, upload: StoredUpload) -> Path:
+    def path_of(self, upload: Upload) -> Path:
         return self.directory / upload.filename
 
-    def of_owner(self, owner_id: int) -> list[StoredUpload]:
-        rows = self._db.fetch_all(
-            "SELECT * FROM uploads WHERE owner_id = ? ORDER BY created_at, filename", (owner_id,)
-        )
-        return [_upload_from(row) for row in rows]
+    def of_owner(self, owner_id: int) -> list[Upload]:
+        query = select(Upload).where(Upload.owner_id == owner_id).order_by(Upload.created_at, Upload.filename)
+        with self._db.session() as session:
+            return list(session.scalars(query))
 
     def delete(self, filename: str, owner_id: int) -> bool:
         """Remove one of the owner's uploads: its record, then its file (blocking)."""
         if not is_stored_name(filename):
             return False
-        with self._db.transaction() as conn:
-            deleted = conn.execute(
-                "DELETE FROM uploads WHERE filename = ? AND owner_id = ?", (filename, owner_id)
-            ).rowcount
+        statement = delete(Upload).where(Upload.filename == filename, Upload.owner_id == owner_id)
+        with self._db.transaction() as session:
+            deleted = affected(session.execute(statement))
         if deleted:
             self.remove_files([filename])
         return bool(deleted)

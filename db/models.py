@@ -1,0 +1,127 @@
+"""Every table, once: the typed models the stores read and write, and the schemas of `/docs` read from.
+
+One set of models for both databases (SQLite, the embedded default, and Postgres, the scale-out one); the
+migrations in `db/migrations` create the same tables on either. Timestamps are kept as the ISO-8601 text the
+API shows (`2026-05-01T12:00:00Z`), as the first releases stored them.
+"""
+
+import secrets
+from datetime import UTC, datetime
+
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Integer, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+STAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+ROLES = ("admin", "user")
+OUTCOMES = ("pending", "failed", "succeeded", "forgiven")
+
+# Emails compare without regard to letter case. SQLite's NOCASE collation does it in the column itself (and
+# its unique index); Postgres has a unique index on lower(email) instead (db.migrations), and the stores
+# compare through `db.engine.Database.same_email`.
+EmailText = Text().with_variant(Text(collation="NOCASE"), "sqlite")
+
+
+def stamp(moment: datetime | None = None) -> str:
+    return (moment or datetime.now(UTC)).strftime(STAMP_FORMAT)
+
+
+def parse_stamp(text: str) -> datetime:
+    return datetime.strptime(text, STAMP_FORMAT).replace(tzinfo=UTC)
+
+
+def new_identity() -> str:
+    """128 random bits, what tokens name (issue 9, item 2)."""
+    return secrets.token_hex(16)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    """A person. `id` names them in the admin API and in the tables that belong to them; `identity`, 128
+    random bits, is what tokens name. Neither is ever given to anyone else: ids are never reused (SQLite's
+    AUTOINCREMENT, Postgres' identity columns) and identities are random."""
+
+    __tablename__ = "users"
+    __table_args__ = ({"sqlite_autoincrement": True},)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    identity: Mapped[str] = mapped_column(Text, unique=True, default=new_identity)
+    email: Mapped[str] = mapped_column(EmailText)
+    password_hash: Mapped[str] = mapped_column(Text)
+    role: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[str] = mapped_column(Text, default=stamp)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    models: Mapped[list[str] | None] = mapped_column(
+        JSON(none_as_null=True), default=None
+    )  # None: every model
+    # A password change bumps it: tokens issued before name an older version and stop working.
+    token_version: Mapped[int] = mapped_column(Integer, default=0)
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+class ApiKey(Base):
+    """A key for scripts; only a SHA-256 hash of the key itself is kept (auth.api_keys)."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = ({"sqlite_autoincrement": True},)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(Text)
+    prefix: Mapped[str] = mapped_column(Text)
+    key_hash: Mapped[str] = mapped_column(Text, unique=True)
+    created_at: Mapped[str] = mapped_column(Text, default=stamp)
+    last_used_at: Mapped[str | None] = mapped_column(Text, default=None)
+    expires_at: Mapped[str | None] = mapped_column(Text, default=None)
+
+    def is_expired(self, now: datetime | None = None) -> bool:
+        return self.expires_at is not None and parse_stamp(self.expires_at) <= (now or datetime.now(UTC))
+
+
+class Upload(Base):
+    """The record of an uploaded file; the file itself is in the uploads folder (uploads.store)."""
+
+    __tablename__ = "uploads"
+
+    filename: Mapped[str] = mapped_column(Text, primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    original_name: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(BigInteger)
+    content_type: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[str] = mapped_column(Text, default=stamp)
+
+    @property
+    def download_path(self) -> str:
+        return f"/files/{self.filename}"
+
+
+class LoginAttempt(Base):
+    """A sign-in attempt, pending until its password check is done (auth.throttle)."""
+
+    __tablename__ = "login_attempts"
+    __table_args__ = ({"sqlite_autoincrement": True},)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    email: Mapped[str] = mapped_column(EmailText)
+    address: Mapped[str] = mapped_column(Text)
+    at: Mapped[float] = mapped_column(Float)
+    outcome: Mapped[str] = mapped_column(Text)
+
+
+class KnownAddress(Base):
+    """An address a person signed in from, remembered for a while (auth.throttle)."""
+
+    __tablename__ = "known_addresses"
+
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    address: Mapped[str] = mapped_column(Text, primary_key=True)
+    last_success: Mapped[float] = mapped_column(Float)
+
+
+# Referenced tables first: the order a copy fills them in (db.copy).
+TABLES = Base.metadata.sorted_tables
