@@ -9,6 +9,7 @@ the same settings as the gateway (environment and `.env`). Run it with the proje
     .venv/bin/python manage.py create-key ada@example.com "nightly job" --expires-days 90
     .venv/bin/python manage.py keys
     .venv/bin/python manage.py revoke-key 3
+    .venv/bin/python manage.py copy-database --to postgresql://gateway@db.internal/gateway
 
 Passwords are generated and printed once unless `--password-stdin` reads one from standard input.
 
@@ -16,12 +17,16 @@ Like the gateway, it finds the database through DATABASE_URL, or else SQLite in 
 set, taken from the folder it is run in: it says which database it opened, and only `create-user` may start a
 new SQLite one. Any other command refuses when there is none, rather than create an empty one and report "no
 user" (issue 10, item 5).
+
+`copy-database --to URL` copies everything (users, keys, upload records, sign-in limits' state) from that
+database into an empty one, such as a new Postgres database for several replicas; then set DATABASE_URL to it.
 """
 
 import argparse
 import secrets
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
@@ -31,9 +36,11 @@ from auth.passwords import hash_password
 from auth.throttle import SignInLimits, SignInThrottle
 from auth.users import ROLES, User, UserStore
 from core.password_rule import password_problem
+from core.setting_checks import checked_database_url
 from core.settings import ConfigurationError
 from core.settings_errors import read_settings
 from core.storage_errors import StorageError
+from db.copy import copy_database
 from db.engine import Database, database_problem, database_url
 from routes.schemas import NewUser
 
@@ -120,6 +127,22 @@ def revoke_key(stores: Stores, args: argparse.Namespace) -> None:
     print(f"revoked key {args.key_id}")
 
 
+def copy_to(stores: Stores, args: argparse.Namespace) -> None:
+    try:
+        target = Database(database_url(checked_database_url(args.to), Path()))
+    except ValueError as exc:
+        raise CommandError(
+            f"--to {args.to!r}: expected a postgresql:// URL naming a database {exc}"
+        ) from None
+    try:
+        copied = copy_database(stores.db, target)
+    finally:
+        target.close()
+    counts = ", ".join(f"{count} {table}" for table, count in copied.items())
+    print(f"copied {counts} to {target.name}")
+    print("Set DATABASE_URL to it, and start the gateway (uploaded files stay in DATA_DIR/uploads).")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="manage.py", description=__doc__.split("\n\n")[0])
     parser.set_defaults(may_create_database=False)
@@ -151,6 +174,10 @@ def _parser() -> argparse.ArgumentParser:
     revoke = commands.add_parser("revoke-key", help="revoke an API key by its id")
     revoke.add_argument("key_id", type=int)
     revoke.set_defaults(run=revoke_key)
+
+    copy = commands.add_parser("copy-database", help="copy everything into another (empty) database")
+    copy.add_argument("--to", required=True, metavar="URL", help="postgresql://user@host/database")
+    copy.set_defaults(run=copy_to)
     return parser
 
 

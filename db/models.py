@@ -123,5 +123,8 @@ class KnownAddress(Base):
     last_success: Mapped[float] = mapped_column(Float)
 
 
-# Referenced tables first: the order a copy fills them in (db.copy).
-TABLES = Base.metadata.sorted_tables
+# The order a copy fills them in (db.copy): referenced tables first.
+TABLES = [
+    Base.metadata.tables[name]
+    for name in ("users", "api_keys", "uploads", "login_attempts", "known_addresses")
+]

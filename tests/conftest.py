@@ -33,12 +33,16 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if not databases.on_postgres():
-        return
-    only_sqlite = pytest.mark.skip(reason="about SQLite itself (its file, its locks, its older schemas)")
+    if databases.on_postgres():
+        skip, reason = "sqlite_only", "about SQLite itself (its file, its locks, its older schemas)"
+    else:
+        skip, reason = (
+            "postgres_only",
+            "needs Postgres: runs in make test's Postgres pass (--database=postgresql)",
+        )
     for item in items:
-        if item.get_closest_marker("sqlite_only"):
-            item.add_marker(only_sqlite)
+        if item.get_closest_marker(skip):
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session")
