@@ -10,6 +10,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from auth.api_keys import ApiKeyStore
 from auth.authenticate import Authenticator
 from auth.bootstrap import ensure_admin, load_secret_key
+from auth.cache import CredentialCache
 from auth.login import PasswordCheck
 from auth.passwords import PasswordHasher
 from auth.policy import ModelPolicy
@@ -18,6 +19,7 @@ from auth.tokens import TokenSigner
 from auth.users import UserStore
 from core.private_files import make_tree_private
 from core.settings import ConfigurationError, Settings
+from db.changes import watch_changes
 from db.engine import Database, database_problem, database_url
 from routes.dependencies import Services
 from uploads.store import UploadStore
@@ -58,7 +60,10 @@ async def open_services(settings: Settings) -> Services:
     )
 
     signer = TokenSigner(secret_key, settings.access_token_expire_minutes * 60)
-    keys = ApiKeyStore(db)
+    watcher = await asyncio.to_thread(watch_changes, db)
+    cache = CredentialCache(watcher)
+    users.on_change = cache.forget_all
+    keys = ApiKeyStore(db, on_change=cache.forget_all)
     hasher = PasswordHasher()
     throttle = SignInThrottle(db, SignInLimits.from_settings(settings))
     return Services(
@@ -67,16 +72,18 @@ async def open_services(settings: Settings) -> Services:
         users=users,
         keys=keys,
         signer=signer,
-        authenticator=Authenticator(db, signer, users, keys),
+        authenticator=Authenticator(db, signer, users, keys, cache),
         hasher=hasher,
         throttle=throttle,
         passwords=PasswordCheck(db, users, hasher, throttle),
         uploads=uploads,
         upstream=upstream,
         policy=ModelPolicy(),
+        changes=watcher,
     )
 
 
 async def close_services(services: Services) -> None:
     await services.upstream.close()
+    services.changes.close()
     services.db.close()

@@ -74,6 +74,15 @@ class ApiKeyStore:
         with self._db.session() as session:
             return session.scalars(select(ApiKey).where(ApiKey.key_hash == key_hash(key))).one_or_none()
 
+    def find_with_owner(self, key: str) -> tuple[ApiKey, User] | None:
+        """The key's record and its owner, in one round trip (authentication)."""
+        query = (
+            select(ApiKey, User).join(User, User.id == ApiKey.user_id).where(ApiKey.key_hash == key_hash(key))
+        )
+        with self._db.session() as session:
+            row = session.execute(query).one_or_none()
+        return (row[0], row[1]) if row is not None else None
+
     def of_user(self, user_id: int) -> list[ApiKey]:
         with self._db.session() as session:
             return list(session.scalars(select(ApiKey).where(ApiKey.user_id == user_id).order_by(ApiKey.id)))
@@ -91,6 +100,7 @@ class ApiKeyStore:
             statement = statement.where(ApiKey.user_id == user_id)
         with self._db.transaction() as session:
             deleted = affected(session.execute(statement))
+            self._db.announce_credentials_changed(session)
         self._touched.pop(key_id, None)
         self.on_change()
         return bool(deleted)

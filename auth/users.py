@@ -108,6 +108,7 @@ class UserStore:
                 user.token_version += 1
             session.flush()
             _require_an_enabled_admin(session)
+            self._db.announce_credentials_changed(session)
         self.on_change()
         return user
 
@@ -118,6 +119,7 @@ class UserStore:
             self._db.serialize(session, _ADMINS)
             deleted = affected(session.execute(delete(User).where(User.id == user_id)))
             _require_an_enabled_admin(session)
+            self._db.announce_credentials_changed(session)
         self.on_change()
         return bool(deleted)
 

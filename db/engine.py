@@ -41,6 +41,7 @@ from sqlalchemy import (
     event,
     func,
     select,
+    text,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
@@ -55,6 +56,8 @@ BUSY_TIMEOUT_SECONDS = 5.0
 # Threads for database work, and connections for them (as many again for callers outside the pool).
 POOL_SIZE = 8
 SQLITE_FILE = "gateway.sqlite3"
+# Where Postgres tells every process that credentials changed (db.changes).
+CREDENTIALS_CHANNEL = "gateway_credentials"
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -175,6 +178,12 @@ class Database:
         read, then write (the last admin, sign-in limits). SQLite's writers are one at a time already."""
         if not self.is_sqlite:
             session.execute(select(func.pg_advisory_xact_lock(zlib.crc32(name.encode()))))
+
+    def announce_credentials_changed(self, session: Session) -> None:
+        """Tell every other process, when this transaction commits, that credentials changed, so that their
+        authentication caches forget them (db.changes). On SQLite the others see the commit itself."""
+        if not self.is_sqlite:
+            session.execute(text(f"NOTIFY {CREDENTIALS_CHANNEL}"))
 
     def same_email(self, column: Any, email: str) -> ColumnElement[bool]:
         """`column` holds `email`, whatever the letter case (see db.models.EmailText)."""

@@ -24,6 +24,7 @@ from auth.tokens import TokenSigner
 from auth.users import User, UserStore
 from core.errors import Forbidden
 from core.settings import Settings
+from db.changes import ChangeWatcher
 from db.engine import Database
 from routes.guard import take_user
 from uploads.store import UploadStore
@@ -44,6 +45,7 @@ class Services:
     uploads: UploadStore
     upstream: Upstream
     policy: ModelPolicy
+    changes: ChangeWatcher
 
 
 async def get_services(request: Request) -> Services:
