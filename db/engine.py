@@ -108,7 +108,9 @@ class Database:
             self.engine = create_engine(
                 self.url.difference_update_query(["options"]),
                 connect_args={"options": f"{options} {lock_timeout}".strip(), "connect_timeout": 5},
-                pool_pre_ping=True,
+                # No ping before each use: it would double every round trip. A connection the server dropped
+                # fails once (503, come back: `_is_busy`), then SQLAlchemy replaces its pooled connections.
+                pool_recycle=3600,
                 **pool,
             )
         self._write_lock = threading.Lock()
