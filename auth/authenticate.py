@@ -3,7 +3,8 @@
 Used by the credentials guard, the `CurrentUser` dependency and the relay endpoints alike. A credential is a
 JWT from `/login` or an API key, sent as `Authorization: Bearer <credential>` (what the OpenAI SDKs send as
 their api_key), or as the password of HTTP Basic (for clients that can only put credentials in a URL). A
-token's user is found by the random identity it names (never a row id, which could have been given to someone else: issue 9, item 2).
+token's user is found by the random identity it names (never a row id, which could have been given to someone
+else: issue 9, item 2).
 
 Who a credential belongs to comes from the cache (auth.cache) when it is known there, with no database round
 trip; a disabled or removed user's credentials, a revoked key, a token from before a password change stop
