@@ -1,12 +1,11 @@
 """The relay endpoints are routes of the app's one router: its 404 and 405, its error handlers, its docs."""
 
-import sqlite3
-
 import httpx
 import pytest
 
 from core.body_limit import BodyLimitMiddleware
 from core.startup_errors import OneLineStartupErrors
+from core.storage_errors import Busy
 from routes.guard import CredentialsFirst
 from routes.ollama import RELAY_ROUTES
 from routes.relay_endpoints import RelayRoute, RelayRoutes
@@ -54,7 +53,7 @@ def test_relay_path_parameter_is_never_empty(client, ollama):
 
 class _LockedPolicy:
     def require(self, user, model):
-        raise sqlite3.OperationalError("database is locked")
+        raise Busy("database is locked")
 
 
 @pytest.mark.parametrize(

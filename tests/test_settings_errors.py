@@ -16,7 +16,7 @@ WRONG_VALUES = {
     "admin_password": "password123",
     "access_token_expire_minutes": "ten",
     "data_dir": "{a_file}",
-    "database_url": "mysql://gateway@db/gateway",
+    "database_url": "mysql://db/gateway",
     "max_upload_mb": "25MB",
     "max_request_mb": "0",
     "cors_origins": "*.example.com",
@@ -222,7 +222,8 @@ def test_the_password_in_a_wrong_database_url_is_hidden(environment):
     environment.setenv("DATABASE_URL", "postgresql://bob:s3cret@db.internal")
     line = _mistake()
     assert "s3cret" not in line
-    assert line.startswith("DATABASE_URL='postgresql://bob:(hidden)@db.internal': expected")
+    # As OLLAMA_URL's: the whole of who signs in is hidden, the user's name with the password.
+    assert line.startswith("DATABASE_URL='postgresql://(hidden)@db.internal': expected")
     assert line.endswith("; it names no database (postgresql://host/database)")
 
 
