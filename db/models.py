@@ -19,6 +19,9 @@ OUTCOMES = ("pending", "failed", "succeeded", "forgiven")
 # its unique index); Postgres has a unique index on lower(email) instead (db.migrations), and the stores
 # compare through `db.engine.Database.same_email`.
 EmailText = Text().with_variant(Text(collation="NOCASE"), "sqlite")
+# Row ids are 64-bit, as SQLite's are and as the API accepts (routes.schemas.MAX_ROW_ID): on Postgres a
+# BIGINT, or a larger id in a path would be bound as a 32-bit integer and fail (500) instead of not matching.
+RowId = BigInteger().with_variant(Integer(), "sqlite")
 
 
 def stamp(moment: datetime | None = None) -> str:
@@ -46,7 +49,7 @@ class User(Base):
     __tablename__ = "users"
     __table_args__ = ({"sqlite_autoincrement": True},)
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[int] = mapped_column(RowId, primary_key=True)
     identity: Mapped[str] = mapped_column(Text, unique=True, default=new_identity)
     email: Mapped[str] = mapped_column(EmailText)
     password_hash: Mapped[str] = mapped_column(Text)
@@ -70,8 +73,8 @@ class ApiKey(Base):
     __tablename__ = "api_keys"
     __table_args__ = ({"sqlite_autoincrement": True},)
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    id: Mapped[int] = mapped_column(RowId, primary_key=True)
+    user_id: Mapped[int] = mapped_column(RowId, ForeignKey("users.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(Text)
     prefix: Mapped[str] = mapped_column(Text)
     key_hash: Mapped[str] = mapped_column(Text, unique=True)
@@ -89,7 +92,7 @@ class Upload(Base):
     __tablename__ = "uploads"
 
     filename: Mapped[str] = mapped_column(Text, primary_key=True)
-    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    owner_id: Mapped[int] = mapped_column(RowId, ForeignKey("users.id", ondelete="CASCADE"))
     original_name: Mapped[str] = mapped_column(Text)
     size: Mapped[int] = mapped_column(BigInteger)
     content_type: Mapped[str] = mapped_column(Text)
@@ -106,7 +109,7 @@ class LoginAttempt(Base):
     __tablename__ = "login_attempts"
     __table_args__ = ({"sqlite_autoincrement": True},)
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[int] = mapped_column(RowId, primary_key=True)
     email: Mapped[str] = mapped_column(EmailText)
     address: Mapped[str] = mapped_column(Text)
     at: Mapped[float] = mapped_column(Float)
@@ -118,7 +121,7 @@ class KnownAddress(Base):
 
     __tablename__ = "known_addresses"
 
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    user_id: Mapped[int] = mapped_column(RowId, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
     address: Mapped[str] = mapped_column(Text, primary_key=True)
     last_success: Mapped[float] = mapped_column(Float)
 

@@ -22,6 +22,8 @@ from core.settings import Settings
 from main import create_app
 from tests.servers import NO_SIGN_IN_LIMITS, gateway_settings, start_gateway
 
+pytestmark = pytest.mark.storage
+
 # The description as the gateway serves it at /openapi.json, read from an app that is never started, so that
 # each operation is its own sub-test (the gateway under fuzz is started by the fixture below).
 _SPEC = create_app(Settings(_env_file=None)).openapi()

@@ -10,6 +10,8 @@ from playwright.sync_api import Browser, Page, expect
 from tests import tokens
 from tests.browser import screenshot, send_message, sign_in
 
+pytestmark = pytest.mark.storage
+
 USER_PASSWORD = "users-long-password"
 
 

@@ -28,7 +28,7 @@ def upgrade() -> None:
         return
     op.create_table(
         "users",
-        sa.Column("id", sa.Integer, sa.Identity(), primary_key=True),
+        sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
         sa.Column("identity", sa.Text, nullable=False, unique=True, server_default=_RANDOM_IDENTITY),
         sa.Column("email", sa.Text, nullable=False),
         sa.Column("password_hash", sa.Text, nullable=False),
@@ -42,8 +42,8 @@ def upgrade() -> None:
     op.create_index("users_email_key", "users", [sa.text("lower(email)")], unique=True)
     op.create_table(
         "api_keys",
-        sa.Column("id", sa.Integer, sa.Identity(), primary_key=True),
-        sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+        sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+        sa.Column("user_id", sa.BigInteger, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
         sa.Column("name", sa.Text, nullable=False),
         sa.Column("prefix", sa.Text, nullable=False),
         sa.Column("key_hash", sa.Text, nullable=False, unique=True),
@@ -55,7 +55,7 @@ def upgrade() -> None:
     op.create_table(
         "uploads",
         sa.Column("filename", sa.Text, primary_key=True),
-        sa.Column("owner_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+        sa.Column("owner_id", sa.BigInteger, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
         sa.Column("original_name", sa.Text, nullable=False),
         sa.Column("size", sa.BigInteger, nullable=False),
         sa.Column("content_type", sa.Text, nullable=False),
@@ -64,7 +64,7 @@ def upgrade() -> None:
     op.create_index("uploads_by_owner", "uploads", ["owner_id"])
     op.create_table(
         "login_attempts",
-        sa.Column("id", sa.Integer, sa.Identity(), primary_key=True),
+        sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
         sa.Column("email", sa.Text, nullable=False),
         sa.Column("address", sa.Text, nullable=False),
         sa.Column("at", sa.Float, nullable=False),
@@ -78,7 +78,7 @@ def upgrade() -> None:
     op.create_index("login_attempts_by_time", "login_attempts", ["at"])
     op.create_table(
         "known_addresses",
-        sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+        sa.Column("user_id", sa.BigInteger, sa.ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
         sa.Column("address", sa.Text, primary_key=True),
         sa.Column("last_success", sa.Float, nullable=False),
     )
