@@ -38,7 +38,7 @@ from auth.users import ROLES, User, UserStore
 from core.password_rule import password_problem
 from core.setting_checks import checked_database_url
 from core.settings import ConfigurationError
-from core.settings_errors import read_settings
+from core.settings_errors import configuration_error_line, read_settings
 from core.storage_errors import StorageError
 from db.copy import copy_database
 from db.engine import Database, database_problem, database_url
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = read_settings()
     except ConfigurationError as exc:
-        print(f"manage.py: configuration error: {exc}", file=sys.stderr)
+        print(configuration_error_line(exc, "manage.py"), file=sys.stderr)
         return 1
     db = Database(database_url(settings.database_url, settings.data_dir.resolve()))
     if db.path is not None and not db.path.is_file() and not args.may_create_database:

@@ -29,9 +29,10 @@ _QUERY_OR_FRAGMENT = re.compile(r"[?#]")
 _URL_SETTINGS = frozenset({"ollama_url"})
 
 
-def configuration_error_line(error: ConfigurationError) -> str:
-    """What the gateway prints, alone, when it can't start because of `error`."""
-    return f"ollama-gateway: configuration error: {error}"
+def configuration_error_line(error: ConfigurationError, program: str = "ollama-gateway") -> str:
+    """What the gateway (or `manage.py`, as `program`) prints, alone, when it can't start because of
+    `error`."""
+    return f"{program}: configuration error: {error}"
 
 
 def read_settings() -> Settings:
