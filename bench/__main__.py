@@ -5,15 +5,16 @@ upstream, each its own process, so the figures compare relays, not whoever ran i
 """
 
 import argparse
+import contextlib
 import shlex
 import sys
 import time
 
-from bench import gateway, nginx, report
+from bench import baseline, gateway, nginx, report
 from bench.control import LoadClient, Upstream
 from bench.procs import REPO_ROOT, raise_fd_limit, run_until_interrupted
 from bench.scenarios import SCENARIOS, Bench, log
-from bench.targets import NAMES
+from bench.targets import NAMES, Baseline
 
 
 def choices(allowed: tuple[str, ...]):
@@ -39,6 +40,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=300, help="sequential requests in scenario ttfb")
     parser.add_argument("--held", type=int, default=1000, help="streams held open in scenario memory")
     parser.add_argument("--disconnects", type=int, default=50, help="hang-ups in scenario disconnect")
+    parser.add_argument(
+        "--baseline",
+        metavar="REVISION",
+        help="scenario short also runs the gateway as it was at this commit, alternating rounds with today's",
+    )
     parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "out" / "results.json"))
     return parser.parse_args(argv)
 
@@ -51,7 +57,13 @@ def main(argv: list[str]) -> int:
     raise_fd_limit()
     started = time.monotonic()
     results = {}
-    with Upstream() as upstream, LoadClient() as client:
+    with contextlib.ExitStack() as stack:
+        earlier = None
+        if args.baseline and "gateway" in args.targets:
+            name = baseline.short_name(args.baseline)
+            earlier = Baseline(name, stack.enter_context(baseline.unpacked(name)))
+        upstream = stack.enter_context(Upstream())
+        client = stack.enter_context(LoadClient())
         bench = Bench(
             upstream=upstream,
             client=client,
@@ -61,6 +73,7 @@ def main(argv: list[str]) -> int:
             requests=args.requests,
             held=args.held,
             disconnects=args.disconnects,
+            baseline=earlier,
         )
         for name in args.scenarios:
             log(f"== {name}")

@@ -26,12 +26,15 @@ def available() -> bool:
 
 @contextlib.contextmanager
 def run_gateway(
-    upstream_port: int, settings: dict[str, str] | None = None, keep_log: Path | None = None
+    upstream_port: int,
+    settings: dict[str, str] | None = None,
+    keep_log: Path | None = None,
+    root: Path = REPO_ROOT,
 ) -> Iterator[tuple[int, str, list[psutil.Process]]]:
     """Yields the gateway's port, a bearer token for it and its processes.
 
     `settings` adds to or overrides its environment; `keep_log` is where to copy its log when it stops
-    (the data dir, log included, is deleted).
+    (the data dir, log included, is deleted); `root` is the source tree to run (an earlier version's).
     """
     tmp = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     data_dir = tmp / "data"
@@ -54,7 +57,7 @@ def run_gateway(
     ]  # fmt: skip
     log_path = tmp / "gateway.log"
     with log_path.open("wb") as log:
-        proc = spawn(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = spawn(argv, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             _wait_healthy(port, proc, log_path)
             login = {"email": ADMIN_EMAIL, "password": password}

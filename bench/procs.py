@@ -30,9 +30,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def spawn(argv: list[str], **kwargs) -> subprocess.Popen:
-    """Starts a child in the repo root with the fd limit raised, whatever the parent's limit was."""
-    return subprocess.Popen(argv, cwd=REPO_ROOT, preexec_fn=raise_fd_limit, **kwargs)
+def spawn(argv: list[str], cwd: Path = REPO_ROOT, **kwargs) -> subprocess.Popen:
+    """Starts a child (in the repo root unless told) with the fd limit raised, whatever the parent's was."""
+    return subprocess.Popen(argv, cwd=cwd, preexec_fn=raise_fd_limit, **kwargs)
 
 
 def spawn_python_module(module: str) -> subprocess.Popen:

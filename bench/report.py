@@ -122,7 +122,8 @@ def _disconnect_rows(results: dict) -> list[dict]:
 
 
 def _short_rows(results: dict) -> list[dict]:
-    """No target within the run: the gateway's figure is compared with the previous version's."""
+    """No target within the run: the gateway's figure is compared with an earlier version's, measured in
+    the same run when there is one (`--baseline`)."""
     rows = []
     nginx = (results.get("nginx") or {}).get("relay_cpu_us_per_request")
     for name, figures in results.items():
@@ -134,11 +135,29 @@ def _short_rows(results: dict) -> list[dict]:
         )
         if cpu is not None:
             text += f", relay CPU {cpu:.0f} µs/request"
-        ratio = ""
+        if len(figures.get("rounds", [])) > 1:
+            text += f" (median of {len(figures['rounds'])} rounds)"
+        ratios = []
         if name.startswith("gateway") and cpu is not None and nginx:
-            ratio = f"CPU/request gateway/nginx {_num(_ratio(cpu, nginx))}"
-        rows.append(_row("short", name, text, ratio))
+            ratios.append(f"CPU/request gateway/nginx {_num(_ratio(cpu, nginx))}")
+        if (earlier := _earlier_version(results, name)) is not None:
+            ratios.append(
+                f"**now/before: req/s {_num(_ratio(figures['per_s'], earlier['per_s']), 2)}, CPU/request "
+                f"{_num(_ratio(cpu, earlier['relay_cpu_us_per_request']), 2)}**"
+            )
+        rows.append(_row("short", name, text, "; ".join(ratios)))
     return rows
+
+
+def _earlier_version(results: dict, name: str) -> dict | None:
+    """For "gateway (JWT)", the figures of "gateway <commit> (JWT)", the baseline's same run, if measured."""
+    if not name.startswith("gateway ("):
+        return None
+    credential = name.removeprefix("gateway ")
+    for other, figures in results.items():
+        if other != name and other.startswith("gateway ") and other.endswith(" " + credential):
+            return figures
+    return None
 
 
 ROWS = {

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from bench.control import LoadClient, Upstream, request_json
 from bench.procs import CpuMeter, rss_bytes
 from bench.stats import median, summarize_ms
-from bench.targets import Target, open_targets
+from bench.targets import Baseline, Target, open_targets
 
 STREAM_INTERVAL = 0.02  # 50 tokens/s, a GPU-like pace
 STREAM_OPTIONS = {"bench_tokens": 100, "bench_interval": STREAM_INTERVAL}
@@ -43,6 +43,7 @@ class Bench:
     requests: int
     held: int
     disconnects: int
+    baseline: Baseline | None = None
 
     def settle(self) -> None:
         """Waits for the previous run's streams to end upstream, so runs do not overlap."""
@@ -235,51 +236,72 @@ def _short_request(target: Target, headers: dict[str, str]) -> str:
 
 
 def _short_runs(target: Target) -> list[tuple[str, dict[str, str]]]:
-    """The gateway twice, signed in with its JWT and with an API key; the references as they are."""
-    if target.name != "gateway":
+    """A gateway twice, signed in with its JWT and with an API key; the references as they are."""
+    if not target.name.startswith("gateway"):
         return [(target.name, {})]
     key = request_json("POST", target.port, "/keys", {"name": "bench"}, target.headers)["key"]
-    return [("gateway (JWT)", target.headers), ("gateway (API key)", {"Authorization": f"Bearer {key}"})]
+    return [
+        (f"{target.name} (JWT)", target.headers),
+        (f"{target.name} (API key)", {"Authorization": f"Bearer {key}"}),
+    ]
+
+
+def _short_run(bench: Bench, target: Target, headers: dict[str, str]) -> dict:
+    bench.settle()
+    job = {
+        "kind": "short",
+        "target": target.spec(),
+        "request": _short_request(target, headers),
+        "connections": SHORT_CONNECTIONS,
+        "warmup": SHORT_WARMUP,
+        "seconds": SHORT_SECONDS,
+        "timeout": 10,
+    }
+    bench.client.send(json.dumps(job))
+    bench.client.receive()  # counting
+    groups = {"client": [bench.client.process], "upstream": [bench.upstream.process]}
+    if target.relay:
+        groups["relay"] = target.relay
+    with CpuMeter(groups) as cpu:
+        bench.client.receive()  # counted
+    result = bench.client.receive()
+    del result["event"]
+    relay_cpu = cpu.summary.get("relay", {}).get("cpu_s")
+    return {
+        **result,
+        "cpu": cpu.summary,
+        "relay_cpu_us_per_request": (
+            round(1e6 * relay_cpu / result["answers"], 1)
+            if relay_cpu is not None and result["answers"]
+            else None
+        ),
+    }
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median CPU per request (requests per second when there is no relay), with every
+    round's two figures beside it."""
+    key = "relay_cpu_us_per_request" if runs[0]["relay_cpu_us_per_request"] is not None else "per_s"
+    middle = sorted(runs, key=lambda run: run[key])[(len(runs) - 1) // 2]
+    rounds = [{name: run[name] for name in ("per_s", "relay_cpu_us_per_request")} for run in runs]
+    return {**middle, "rounds": rounds}
 
 
 def short(bench: Bench) -> dict:
     """E: short authenticated requests (POST /api/embed, answered at once upstream) on 64 kept-alive
-    connections, each sending the next as soon as its answer is in: what the relay costs per request."""
-    figures = {}
-    with open_targets(bench.targets, bench.upstream.port) as targets:
-        for target in targets:
-            for name, headers in _short_runs(target):
-                bench.settle()
-                job = {
-                    "kind": "short",
-                    "target": target.spec(),
-                    "request": _short_request(target, headers),
-                    "connections": SHORT_CONNECTIONS,
-                    "warmup": SHORT_WARMUP,
-                    "seconds": SHORT_SECONDS,
-                    "timeout": 10,
-                }
-                bench.client.send(json.dumps(job))
-                bench.client.receive()  # counting
-                groups = {"client": [bench.client.process], "upstream": [bench.upstream.process]}
-                if target.relay:
-                    groups["relay"] = target.relay
-                with CpuMeter(groups) as cpu:
-                    bench.client.receive()  # counted
-                result = bench.client.receive()
-                del result["event"]
-                relay_cpu = cpu.summary.get("relay", {}).get("cpu_s")
-                figures[name] = {
-                    **result,
-                    "cpu": cpu.summary,
-                    "relay_cpu_us_per_request": (
-                        round(1e6 * relay_cpu / result["answers"], 1)
-                        if relay_cpu is not None and result["answers"]
-                        else None
-                    ),
-                }
-                log(f"short {name}: {figures[name]}")
-    return figures
+    connections, each sending the next as soon as its answer is in: what the relay costs per request.
+
+    With a baseline (an earlier gateway), every run is repeated `rounds` times, in the reverse order every
+    other round, so that the two versions share the machine's drift; the median is reported."""
+    with open_targets(bench.targets, bench.upstream.port, bench.baseline) as targets:
+        runs = [(name, target, headers) for target in targets for name, headers in _short_runs(target)]
+        rounds = bench.rounds if bench.baseline is not None else 1
+        measured: dict[str, list[dict]] = {name: [] for name, _, _ in runs}
+        for turn in range(rounds):
+            for name, target, headers in runs if turn % 2 == 0 else runs[::-1]:
+                measured[name].append(_short_run(bench, target, headers))
+                log(f"short {name}, round {turn + 1}: {measured[name][-1]}")
+    return {name: _median_run(results) for name, results in measured.items()}
 
 
 SCENARIOS = {"streams": streams, "ttfb": ttfb, "memory": memory, "disconnect": disconnect, "short": short}

@@ -3,6 +3,7 @@
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import psutil
 
@@ -27,9 +28,20 @@ class Target:
         return {"host": HOST, "port": self.port, "path": self.path, "headers": self.headers}
 
 
+@dataclass
+class Baseline:
+    """An earlier version of the gateway to run beside this one: its short hash and its unpacked files."""
+
+    name: str
+    root: Path
+
+
 @contextlib.contextmanager
-def open_targets(names: list[str], upstream_port: int) -> Iterator[list[Target]]:
-    """Starts fresh relays for the named targets, in the given order, and stops them afterwards."""
+def open_targets(
+    names: list[str], upstream_port: int, baseline: Baseline | None = None
+) -> Iterator[list[Target]]:
+    """Starts fresh relays for the named targets, in the given order, and stops them afterwards; with a
+    baseline, the earlier gateway too, right after this one."""
     with contextlib.ExitStack() as stack:
         targets = []
         for name in names:
@@ -42,4 +54,10 @@ def open_targets(names: list[str], upstream_port: int) -> Iterator[list[Target]]
                 port, token, processes = stack.enter_context(run_gateway(upstream_port))
                 auth = {"Authorization": f"Bearer {token}"}
                 targets.append(Target("gateway", port, "/chat", headers=auth, relay=processes))
+                if baseline is not None:
+                    earlier = run_gateway(upstream_port, root=baseline.root)
+                    port, token, processes = stack.enter_context(earlier)
+                    auth = {"Authorization": f"Bearer {token}"}
+                    name = f"gateway {baseline.name}"
+                    targets.append(Target(name, port, "/chat", headers=auth, relay=processes))
         yield targets
