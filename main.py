@@ -31,7 +31,7 @@ from routes import admin, api_docs, auth, files, health, keys, me, web
 from routes.guard import CredentialsFirst
 from routes.ollama import RELAY_ROUTES
 from routes.relay_docs import install_relay_docs
-from routes.relay_endpoints import Body, RelayRoutes
+from routes.relay_endpoints import Body, RelayRoutes, RelayRoutesFirst
 from services import close_services, open_services
 from upstream.probe import say_whether_ollama_answers
 
@@ -83,7 +83,9 @@ def create_app(settings: Settings | None = None, *, probe_ollama_at_start: bool 
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     install_error_handlers(app)
-    # Middleware added last runs first: CORS, credentials, the body cap, then the router.
+    relay_routes = RelayRoutes(RELAY_ROUTES)
+    # Middleware added last runs first: CORS, credentials, the body cap, the relay endpoints, then the router.
+    app.add_middleware(RelayRoutesFirst, routes=relay_routes)
     # (Request heads and bodies are timed by the gateway's protocol, core.server.)
     app.add_middleware(
         BodyLimitMiddleware,
@@ -118,7 +120,7 @@ def create_app(settings: Settings | None = None, *, probe_ollama_at_start: bool 
         )
     app.add_middleware(OneLineStartupErrors)
     # First: the router tries its entries in order, and the relay routes carry nearly all of the traffic.
-    app.router.routes.insert(0, RelayRoutes(RELAY_ROUTES))
+    app.router.routes.insert(0, relay_routes)
     for module in (web, api_docs, auth, me, keys, files, admin, health):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")

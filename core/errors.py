@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
+from starlette.types import Receive, Scope
 
 from core.storage_errors import Busy, Conflict, NotFound, StorageError
 from core.text import holds_a_lone_surrogate
@@ -148,6 +149,19 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     # The client learns only that it failed; the details go to the log for the operator.
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal server error", path=request.url.path)
+
+
+async def rendered_by_the_app(scope: Scope, receive: Receive, exc: Exception) -> Response:
+    """The answer the app's handlers give `exc`, for code that runs outside FastAPI's exception middleware
+    (the credentials guard, a relay endpoint called first: routes.relay_endpoints): one rendering for
+    every error, wherever it was raised. Looked up as Starlette does: by status, then by class."""
+    handlers = scope["app"].exception_handlers
+    handler = handlers.get(exc.status_code) if isinstance(exc, StarletteHTTPException) else None
+    if handler is None:
+        handler = next((handlers[cls] for cls in type(exc).__mro__ if cls in handlers), None)
+    if handler is None:
+        raise exc
+    return await handler(Request(scope, receive), exc)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -14,7 +14,8 @@ preflights (OPTIONS).
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from auth.users import User
-from core.errors import GatewayError, error_response
+from core.errors import GatewayError, error_response, rendered_by_the_app
+from core.storage_errors import StorageError
 
 # `/api/version` as in Ollama, which serves it (and `HEAD /`) to anyone: clients use it to test a connection.
 PUBLIC_PATHS = frozenset(
@@ -61,6 +62,11 @@ class CredentialsFirst:
             # dropped, for a limited time: core.server).
             answer = error_response(refused.status, refused.message, refused.headers, path=scope["path"])
             await answer(scope, receive, send)
+            return
+        except StorageError as failed:
+            # A locked database while looking the credential up: the app's 503, not a 500 (this guard runs
+            # outside FastAPI's exception middleware).
+            await (await rendered_by_the_app(scope, receive, failed))(scope, receive, send)
             return
         scope.setdefault("state", {})[USER_STATE_KEY] = user
         await self.app(scope, receive, send)

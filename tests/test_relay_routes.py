@@ -8,7 +8,7 @@ from core.startup_errors import OneLineStartupErrors
 from core.storage_errors import Busy
 from routes.guard import CredentialsFirst
 from routes.ollama import RELAY_ROUTES
-from routes.relay_endpoints import RelayRoute, RelayRoutes
+from routes.relay_endpoints import RelayRoute, RelayRoutes, RelayRoutesFirst
 
 DIGEST = "sha256:" + "0" * 64
 
@@ -17,13 +17,11 @@ def test_relay_routes_are_the_first_entry_of_the_apps_router(gateway):
     first, *others = gateway.app.router.routes
     assert isinstance(first, RelayRoutes)
     assert first.routes == RELAY_ROUTES
-    assert not any(isinstance(route, RelayRoutes | RelayRoute) for route in others)
-    # No second router in front of FastAPI's: the middleware is the credentials guard and the body cap.
-    assert {middleware.cls for middleware in gateway.app.user_middleware} == {
-        OneLineStartupErrors,
-        CredentialsFirst,
-        BodyLimitMiddleware,
-    }
+    assert not any(isinstance(route, RelayRoute | RelayRoutes) for route in others)
+    # No second routing table: the middleware that calls a relay endpoint first asks the router's own entry.
+    middleware = {entry.cls: entry for entry in gateway.app.user_middleware}
+    assert set(middleware) == {OneLineStartupErrors, CredentialsFirst, BodyLimitMiddleware, RelayRoutesFirst}
+    assert middleware[RelayRoutesFirst].kwargs["routes"] is first
 
 
 @pytest.mark.parametrize(
@@ -84,3 +82,21 @@ def test_relay_routes_are_documented_from_the_routes_themselves(gateway):
         operation = paths[route.path_format][route.method.lower()]
         assert operation["summary"] == route.summary
     assert [parameter["name"] for parameter in paths["/v1/models/{model}"]["get"]["parameters"]] == ["model"]
+
+
+class _LockedAuthenticator:
+    async def authenticate(self, authorization):
+        raise Busy("database is locked")
+
+
+@pytest.mark.parametrize("path", ["/me", "/api/chat", "/v1/models"])
+def test_locked_database_while_checking_credentials_is_503(make_gateway, ollama, path):
+    # The credentials guard runs in front of FastAPI's exception middleware; it still answers with the
+    # app's handler for a busy database, not a 500.
+    gateway = make_gateway()
+    headers = gateway.admin_headers()
+    gateway.services.authenticator = _LockedAuthenticator()
+    response = httpx.post(f"{gateway.url}{path}", json={}, headers=headers)
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert not ollama.requests
