@@ -14,9 +14,31 @@ fake resolved, so tests can check which model "Ollama" actually ran.
 Behaviour is steered per request through the body's `options` object (`fake_tokens`, `fake_interval`,
 `fake_load`, `fake_error_after`, `fake_reset_after`, `fake_hang_after`, `fake_garbage`, `fake_echo`), so
 concurrent tests sharing one server never interfere. OpenAI-style bodies may carry the same `options` object.
+
+Each instance schedules model runs as Ollama does (server/sched.go, llm/llama_server.go); see `Scheduler`:
+
+- A model that is not loaded takes `load_seconds` to load. Requests for a model being loaded wait for that one
+  load. `max_loaded_models` unloads the least recently used idle model to make room, or waits for one to go
+  idle (Ollama's OLLAMA_MAX_LOADED_MODELS). `/api/ps` lists the loaded models only. A new instance and
+  `reset()` start with the default models loaded; `unload()` and `unload_all()` let a test start cold.
+- A loaded model runs at most `num_parallel` requests at once (OLLAMA_NUM_PARALLEL; `model_parallel` per
+  model). The others wait, unseen and without any limit, in a FIFO: strict arrival order, and a client that
+  disconnects leaves it at once. The default, `None`, is unlimited, which keeps tests that share the session's
+  fake independent of each other.
+- Nothing is sent, not even headers, before a request has its runner and its slot and its prompt is evaluated
+  (`prompt_eval_per_token` seconds per prompt token). `fake_load` is extra time one request spends before it
+  gets its runner, on top of any model load: it counts in `load_duration` and holds no slot.
+- The final counters are measured, as Ollama measures them: `load_duration` from the handler's start until
+  the runner is obtained, then the wait for a slot, then `prompt_eval_duration`, then `eval_duration` (about
+  `fake_interval` per token). So `total_duration - load_duration - prompt_eval_duration - eval_duration` is
+  the time the request waited for a slot, which its `RecordedRequest` also holds as `slot_wait`. The /v1
+  surfaces and the embedding endpoints use the same slots; pulls, pushes and creates use none.
+- `model_stats(name)` tells a test, from its own thread, a model's loads, in-flight count, queue length and
+  the most requests ever seen in flight at once; `wait_until()` blocks until a condition on them holds.
 """
 
 import asyncio
+import contextlib
 import copy
 import hashlib
 import itertools
@@ -25,7 +47,8 @@ import random
 import re
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -47,6 +70,9 @@ JSON_UTF8 = "application/json; charset=utf-8"
 MAX_BODY_BYTES = 1 << 30
 BLOB_READ_CHUNK = 1 << 16
 EMBEDDING_SIZE = 16
+# Ollama's defaults: a model stays loaded 5 minutes after its last request (OLLAMA_KEEP_ALIVE); num_ctx.
+KEEP_ALIVE = timedelta(minutes=5)
+CONTEXT_LENGTH = 4096
 # Several hundred tests may connect at once; the default backlog of 128 would stall some of them.
 LISTEN_BACKLOG = 1024
 # Hung handlers are cancelled after this grace period when the server stops.
@@ -66,6 +92,10 @@ class RecordedRequest:
     headers: dict[str, str]
     body: bytes
     model: str | None = None  # the model the request named, as Ollama resolved it (None: none was read)
+    # When the request got one of its model's slots (time.monotonic()), and how long it waited for it after
+    # obtaining the runner; both None while it has none, and for good if it never ran.
+    slot_at: float | None = None
+    slot_wait: float | None = None
 
 
 RECORDED = web.RequestKey("recorded", RecordedRequest)
@@ -279,22 +309,39 @@ def default_models() -> list[dict[str, Any]]:
     ]
 
 
-def timings(started: float, knobs: Knobs, prompt_tokens: int, eval_count: int) -> dict[str, int]:
-    """Ollama's final counters, in nanoseconds, consistent with the time the fake actually took."""
-    total = int((time.monotonic() - started) * 1e9)
-    load = int(knobs.load * 1e9)
-    evaluation = int(knobs.interval * eval_count * 1e9)
-    return {
-        "total_duration": total,
-        "load_duration": load,
-        "prompt_eval_count": prompt_tokens,
-        "prompt_eval_duration": max(total - load - evaluation, 0),
-        "eval_count": eval_count,
-        "eval_duration": evaluation,
-    }
+def nanoseconds(seconds: float) -> int:
+    return round(seconds * 1e9)
 
 
-def chat_reply(model: str, tokens: list[str], knobs: Knobs, started: float, prompt_tokens: int) -> Reply:
+@dataclass
+class Run:
+    """One model request on its way through the scheduler, with the moments Ollama's counters are made of.
+
+    `model` is the model's full name, the scheduler's key; the times are `time.monotonic()`.
+    """
+
+    model: str
+    prompt_tokens: int
+    started: float
+    loaded_at: float = 0.0  # the runner was obtained (server/routes.go's checkpointLoaded)
+    slot_at: float = 0.0  # one of the runner's slots was acquired (llm/llama_server.go's semaphore)
+    prompt_done_at: float = 0.0
+
+    def counters(self, eval_count: int) -> dict[str, int]:
+        """Ollama's final counters, in nanoseconds, as of now: the phases add up to the total, except for the
+        wait for a slot, which only `total_duration` includes."""
+        now = time.monotonic()
+        return {
+            "total_duration": nanoseconds(now - self.started),
+            "load_duration": nanoseconds(self.loaded_at - self.started),
+            "prompt_eval_count": self.prompt_tokens,
+            "prompt_eval_duration": nanoseconds(self.prompt_done_at - self.slot_at),
+            "eval_count": eval_count,
+            "eval_duration": nanoseconds(now - self.prompt_done_at),
+        }
+
+
+def chat_reply(model: str, tokens: list[str], run: Run) -> Reply:
     def message(content: str) -> dict[str, Any]:
         return {
             "model": model,
@@ -303,8 +350,7 @@ def chat_reply(model: str, tokens: list[str], knobs: Knobs, started: float, prom
         }
 
     def final(content: str) -> dict[str, Any]:
-        counters = timings(started, knobs, prompt_tokens, len(tokens))
-        return {**message(content), "done": True, "done_reason": "stop", **counters}
+        return {**message(content), "done": True, "done_reason": "stop", **run.counters(len(tokens))}
 
     return Reply(
         content_type=NDJSON,
@@ -316,12 +362,12 @@ def chat_reply(model: str, tokens: list[str], knobs: Knobs, started: float, prom
     )
 
 
-def generate_reply(model: str, tokens: list[str], knobs: Knobs, started: float, prompt_tokens: int) -> Reply:
+def generate_reply(model: str, tokens: list[str], run: Run) -> Reply:
     def response(text: str) -> dict[str, Any]:
         return {"model": model, "created_at": now_rfc3339(), "response": text}
 
     def final(text: str) -> dict[str, Any]:
-        counters = timings(started, knobs, prompt_tokens, len(tokens))
+        counters = run.counters(len(tokens))
         return {**response(text), "done": True, "done_reason": "stop", "context": [1, 2, 3], **counters}
 
     return Reply(
@@ -569,14 +615,232 @@ async def hang_forever() -> None:
     await asyncio.Event().wait()
 
 
+@dataclass(frozen=True)
+class ModelStats:
+    """One model's scheduling state on one fake Ollama, as a snapshot."""
+
+    loaded: bool
+    loading: bool
+    loads: int  # loads completed since the instance started or was reset (the default models start loaded)
+    in_flight: int  # requests holding a slot
+    queued: int  # requests waiting for a slot
+    max_in_flight: int  # the most requests ever seen holding a slot at once
+
+
+@dataclass(eq=False)
+class ModelRunner:
+    """One model's runner: whether it is loaded, and its slots with the FIFO of requests waiting for one."""
+
+    loaded: bool = False
+    loading: "asyncio.Task[None] | None" = None
+    loads: int = 0
+    # Requests anywhere in the scheduler for this model, from asking for the runner to their end (Ollama's
+    # refCount): a runner is idle, and may be unloaded to make room, only when there are none.
+    users: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
+    waiters: deque["asyncio.Future[None]"] = field(default_factory=deque)
+    last_used: float = 0.0  # time.monotonic(), for the least-recently-used choice
+    idle_since: float = field(default_factory=time.time)  # wall clock, for /api/ps's expires_at
+
+    def stats(self) -> ModelStats:
+        return ModelStats(
+            loaded=self.loaded,
+            loading=self.loading is not None,
+            loads=self.loads,
+            in_flight=self.in_flight,
+            queued=len(self.waiters),
+            max_in_flight=self.max_in_flight,
+        )
+
+
+class Scheduler:
+    """Ollama's scheduler for one fake instance: model loads (server/sched.go) and each runner's slots
+    (llm/llama_server.go, a FIFO semaphore of OLLAMA_NUM_PARALLEL).
+
+    Everything changes on the fake's event loop, always under `changed`, which is notified at every change:
+    the test's thread reads consistent snapshots and can wait for a state (`FakeOllama.wait_until`). Limits
+    are passed in by the caller at each step, so a test may change its fake's settings between requests.
+    """
+
+    def __init__(self, loaded: Iterable[str], load_tasks: "set[asyncio.Task[None]]") -> None:
+        # Reentrant, so a predicate given to `wait_until` may take snapshots itself.
+        self.changed = threading.Condition(threading.RLock())
+        self._runners: dict[str, ModelRunner] = {name: ModelRunner(loaded=True) for name in loaded}
+        self._load_tasks = load_tasks  # the instance's, so stopping it can cancel loads under way
+        self._went_idle: asyncio.Event | None = None
+
+    # -- read from any thread ------------------------------------------------------------------------------
+
+    def stats(self, name: str) -> ModelStats:
+        with self.changed:
+            runner = self._runners.get(name)
+            return (runner or ModelRunner()).stats()
+
+    def loaded(self) -> dict[str, float]:
+        """The loaded models, each with when it last went idle (wall clock)."""
+        with self.changed:
+            return {name: runner.idle_since for name, runner in self._runners.items() if runner.loaded}
+
+    def unload(self, names: Iterable[str] | None = None) -> None:
+        """Mark models unloaded (all of them when `names` is None), as if their keep-alive had expired: the
+        next request loads them again. Requests already running finish undisturbed, a load under way still
+        completes, and a load waiting for room under `max_loaded_models` only looks again when a model goes
+        idle or a load ends."""
+        wanted = None if names is None else set(names)
+        with self.changed:
+            for name, runner in self._runners.items():
+                if wanted is None or name in wanted:
+                    runner.loaded = False
+            self.changed.notify_all()
+
+    # -- on the event loop ---------------------------------------------------------------------------------
+
+    async def enter(self, name: str, load_seconds: float, max_loaded: int | None) -> ModelRunner:
+        """Count a request as a user of the model's runner and return the runner once it is loaded; every
+        request arriving during a load waits for that same load. Each call must be paired with `leave`."""
+        with self.changed:
+            runner = self._runners.setdefault(name, ModelRunner())
+            runner.users += 1
+            runner.last_used = time.monotonic()
+            self.changed.notify_all()
+        try:
+            while True:
+                with self.changed:
+                    if runner.loaded:
+                        return runner
+                    if runner.loading is None:
+                        runner.loading = asyncio.ensure_future(self._load(runner, load_seconds, max_loaded))
+                        self._load_tasks.add(runner.loading)
+                        runner.loading.add_done_callback(self._load_tasks.discard)
+                        self.changed.notify_all()
+                    loading = runner.loading
+                # Shielded: a client that goes away stops waiting, but not the load the others wait for.
+                await asyncio.shield(loading)
+        except BaseException:
+            self.leave(runner)
+            raise
+
+    def leave(self, runner: ModelRunner) -> None:
+        with self.changed:
+            runner.users -= 1
+            runner.last_used = time.monotonic()
+            if runner.users == 0:
+                runner.idle_since = time.time()
+                self._wake_loaders()
+            self.changed.notify_all()
+
+    async def acquire(self, runner: ModelRunner, slots: int | None) -> None:
+        """Take one of the runner's `slots` (None: unlimited), after every request that asked before."""
+        with self.changed:
+            if not runner.waiters and (slots is None or runner.in_flight < slots):
+                self._occupy(runner)
+                return
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            runner.waiters.append(waiter)
+            self.changed.notify_all()
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            with self.changed:
+                granted = waiter.done() and not waiter.cancelled()
+                if waiter in runner.waiters:  # `release` may have dropped it already, as cancelled
+                    runner.waiters.remove(waiter)
+                    self.changed.notify_all()
+            if granted:
+                # The slot was handed over just as the client went: pass it on.
+                self.release(runner, slots)
+            raise
+
+    def release(self, runner: ModelRunner, slots: int | None) -> None:
+        """Give a slot back; the longest waiter, if any, gets it."""
+        with self.changed:
+            runner.in_flight -= 1
+            while runner.waiters and (slots is None or runner.in_flight < slots):
+                waiter = runner.waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    self._occupy(runner)
+            self.changed.notify_all()
+
+    def _wake_loaders(self) -> None:
+        """Let loads waiting for room look again: a model went idle, or a load ended."""
+        if self._went_idle is not None:
+            self._went_idle.set()
+            self._went_idle = None
+
+    @staticmethod
+    def _occupy(runner: ModelRunner) -> None:
+        runner.in_flight += 1
+        runner.max_in_flight = max(runner.max_in_flight, runner.in_flight)
+
+    async def _load(self, runner: ModelRunner, seconds: float, max_loaded: int | None) -> None:
+        try:
+            await self._make_room(runner, max_loaded)
+            await asyncio.sleep(seconds)
+            with self.changed:
+                runner.loaded = True
+                runner.loads += 1
+        finally:
+            with self.changed:
+                runner.loading = None
+                self._wake_loaders()
+                self.changed.notify_all()
+
+    async def _make_room(self, runner: ModelRunner, max_loaded: int | None) -> None:
+        """Unload the least recently used idle models until `runner` fits, waiting for one to go idle if
+        none is; as Ollama, a load never interrupts requests running on another model."""
+        if max_loaded is None:
+            return
+        while True:
+            with self.changed:
+                others = [other for other in self._runners.values() if other is not runner]
+                resident = [other for other in others if other.loaded or other.loading is not None]
+                if len(resident) < max_loaded:
+                    return
+                idle = [other for other in resident if other.users == 0 and other.loading is None]
+                if idle:
+                    min(idle, key=lambda other: other.last_used).loaded = False
+                    self.changed.notify_all()
+                    continue
+                if self._went_idle is None:
+                    self._went_idle = asyncio.Event()
+                went_idle = self._went_idle
+            await went_idle.wait()
+
+
 class FakeOllama:
     """A fake Ollama on 127.0.0.1:<free port>, served from a background thread.
 
     Use `start()`/`stop()` (or `with FakeOllama() as fake:`), point the gateway at `url`, then inspect
     `requests` and `streams`. `reset()` between tests restores the defaults.
+
+    The scheduling settings (see the module's docstring) are the keyword arguments, kept as attributes of the
+    same names that a test may change while the fake runs; `reset()` restores the values given here.
+    `model_parallel` maps a model's full name (as /api/tags lists it) to its own slot count.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        num_parallel: int | None = None,
+        model_parallel: dict[str, int] | None = None,
+        load_seconds: float = 0.0,
+        max_loaded_models: int | None = None,
+        prompt_eval_per_token: float = 0.0,
+    ) -> None:
+        self._scheduling: dict[str, Any] = {
+            "num_parallel": num_parallel,
+            "model_parallel": dict(model_parallel or {}),
+            "load_seconds": load_seconds,
+            "max_loaded_models": max_loaded_models,
+            "prompt_eval_per_token": prompt_eval_per_token,
+        }
+        self.num_parallel = num_parallel
+        self.model_parallel = dict(model_parallel or {})
+        self.load_seconds = load_seconds
+        self.max_loaded_models = max_loaded_models
+        self.prompt_eval_per_token = prompt_eval_per_token
         self.url = ""
         self.host_header = ""
         self.requests: list[RecordedRequest] = []
@@ -595,6 +859,9 @@ class FakeOllama:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
         self._startup_error: BaseException | None = None
+        # Touched on the server's loop only.
+        self._load_tasks: set[asyncio.Task[None]] = set()
+        self._scheduler = Scheduler((entry["name"] for entry in self.models), self._load_tasks)
 
     # -- lifecycle, called from the test's thread --------------------------------------------------------
 
@@ -629,11 +896,16 @@ class FakeOllama:
         self.stop()
 
     def reset(self) -> None:
-        """Forget what was recorded and restore the default models, version, blobs and busy flag."""
+        """Forget what was recorded and restore the default models (loaded), version, blobs, busy flag and
+        scheduling settings. Requests still running from before keep their slots on a scheduler of their own,
+        so they hold no later request back and count in no later `model_stats`."""
         with self._lock:
             self.requests.clear()
             self.streams.clear()
         self.models = default_models()
+        for name, value in self._scheduling.items():
+            setattr(self, name, copy.copy(value))
+        self._scheduler = Scheduler((entry["name"] for entry in self.models), self._load_tasks)
         self.version = DEFAULT_VERSION
         self.blobs = {}
         self.blob_bytes_received = 0
@@ -655,6 +927,42 @@ class FakeOllama:
         if not isinstance(options, dict):
             options = {}
         return Knobs.from_body({**body, "options": {**self.default_options, **options}})
+
+    # -- scheduling, read and steered from the test's thread -------------------------------------------------
+
+    def model_stats(self, name: str) -> ModelStats:
+        """`name`'s loads, slots and queue (a name without a tag means `:latest`)."""
+        return self._scheduler.stats(self._model_key(name))
+
+    def unload(self, name: str) -> None:
+        """Unload one model, as if its keep-alive had expired (requests running on it finish first)."""
+        self._scheduler.unload([self._model_key(name)])
+
+    def unload_all(self) -> None:
+        """Unload every model, so that a test starts cold."""
+        self._scheduler.unload()
+
+    def wait_until(self, condition: Callable[[], bool], timeout: float) -> None:
+        """Block until `condition()` holds, checked at each change of the scheduler's state (and every few
+        ms, for conditions on anything else): `wait_until(lambda: fake.model_stats(m).queued == 2, 1.0)`."""
+        deadline = time.monotonic() + timeout
+        changed = self._scheduler.changed
+        with changed:
+            while not condition():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("the fake Ollama never reached the awaited state")
+                changed.wait(min(remaining, 0.01))
+
+    def _model_key(self, name: str) -> str:
+        """The scheduler's key for a model: its full name, as Ollama resolves a name without a tag."""
+        entry = self._find_model(name)
+        if entry is not None:
+            return str(entry["name"])
+        return name if ":" in name else f"{name}:latest"
+
+    def _slots_of(self, model: str) -> int | None:
+        return self.model_parallel.get(model, self.num_parallel)
 
     def set_busy(self, busy: bool) -> None:
         """Answer every /api/* and /v1/* request with Ollama's 503 "queue full" error."""
@@ -706,6 +1014,9 @@ class FakeOllama:
             await self._stopping.wait()
         finally:
             await runner.cleanup()
+            for task in list(self._load_tasks):
+                task.cancel()
+            await asyncio.gather(*self._load_tasks, return_exceptions=True)
 
     # -- the application -----------------------------------------------------------------------------------
 
@@ -803,17 +1114,60 @@ class FakeOllama:
 
     # -- answering with generated content ----------------------------------------------------------------
 
+    def _model_run(self, model: str, prompt_tokens: int, started: float) -> Run:
+        return Run(model=self._model_key(model), prompt_tokens=prompt_tokens, started=started)
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, request: web.Request, knobs: Knobs, run: Run | None) -> AsyncIterator[None]:
+        """Hold a request back as Ollama does before its first byte, and keep its slot for the block.
+
+        A model run waits for its model's runner (loading it if need be), then its `fake_load`, then its turn
+        for one of the runner's slots, then its prompt's evaluation. Anything else (pull, push, create) only
+        waits its `fake_load`. The slot is given back however the block ends, cancellation included.
+        """
+        if run is None:
+            if knobs.load > 0:
+                await asyncio.sleep(knobs.load)
+            yield
+            return
+        scheduler = self._scheduler  # the one the request began with, even if the test resets the fake
+        runner = await scheduler.enter(run.model, self.load_seconds, self.max_loaded_models)
+        try:
+            if knobs.load > 0:
+                await asyncio.sleep(knobs.load)
+            run.loaded_at = time.monotonic()
+            await scheduler.acquire(runner, self._slots_of(run.model))
+            try:
+                run.slot_at = time.monotonic()
+                recorded = request.get(RECORDED)
+                if recorded is not None:
+                    recorded.slot_at, recorded.slot_wait = run.slot_at, run.slot_at - run.loaded_at
+                if self.prompt_eval_per_token > 0:
+                    await asyncio.sleep(self.prompt_eval_per_token * run.prompt_tokens)
+                run.prompt_done_at = time.monotonic()
+                yield
+            finally:
+                scheduler.release(runner, self._slots_of(run.model))
+        finally:
+            scheduler.leave(runner)
+
     async def _answer(
-        self, request: web.Request, model: str, knobs: Knobs, streaming: bool, reply: Reply
+        self,
+        request: web.Request,
+        model: str,
+        knobs: Knobs,
+        streaming: bool,
+        reply: Reply,
+        run: Run | None,
     ) -> web.StreamResponse:
         if knobs.garbage:
             return garbage_response()
         if streaming:
-            return await self._stream(request, model, knobs, reply)
-        return await self._whole(request, knobs, reply)
+            return await self._stream(request, model, knobs, reply, run)
+        return await self._whole(request, knobs, reply, run)
 
     async def _stream(
-        self, request: web.Request, model: str, knobs: Knobs, reply: Reply
+        self, request: web.Request, model: str, knobs: Knobs, reply: Reply, run: Run | None
     ) -> web.StreamResponse:
         record = StreamRecord(path=request.path, model=model, started_at=time.monotonic())
         with self._stream_added:
@@ -821,10 +1175,10 @@ class FakeOllama:
             self._stream_added.notify_all()
         response = web.StreamResponse(headers={"Content-Type": reply.content_type})
         try:
-            # Ollama sends nothing, not even headers, until the model is loaded and the prompt evaluated.
-            await asyncio.sleep(knobs.load)
-            await response.prepare(request)
-            await self._write_reply(request, response, record, knobs, reply)
+            # Ollama sends nothing, not even headers, until the request runs and its prompt is evaluated.
+            async with self._turn(request, knobs, run):
+                await response.prepare(request)
+                await self._write_reply(request, response, record, knobs, reply)
         except asyncio.CancelledError:
             record.client_gone_at = time.monotonic()
             raise
@@ -872,22 +1226,24 @@ class FakeOllama:
         else:
             await hang_forever()
 
-    @staticmethod
-    async def _whole(request: web.Request, knobs: Knobs, reply: Reply) -> web.StreamResponse:
+    async def _whole(
+        self, request: web.Request, knobs: Knobs, reply: Reply, run: Run | None
+    ) -> web.StreamResponse:
         """The answer to `"stream": false`: the same work and faults, delivered as one object."""
         fault_at = knobs.fault_index(len(reply.items))
         produced = len(reply.items) if fault_at is None else fault_at
-        await asyncio.sleep(knobs.load + knobs.interval * produced)
-        if knobs.fault == "error":
-            raise ApiError(500, MODEL_ERROR_MESSAGE)
-        if knobs.fault == "reset":
-            abort_connection(request)
-            return web.Response()
-        if knobs.fault == "hang":
-            await hang_forever()
-        if reply.on_success is not None:
-            reply.on_success()
-        return json_response(reply.whole())
+        async with self._turn(request, knobs, run):
+            await asyncio.sleep(knobs.interval * produced)
+            if knobs.fault == "error":
+                raise ApiError(500, MODEL_ERROR_MESSAGE)
+            if knobs.fault == "reset":
+                abort_connection(request)
+                return web.Response()
+            if knobs.fault == "hang":
+                await hang_forever()
+            if reply.on_success is not None:
+                reply.on_success()
+            return json_response(reply.whole())
 
     # -- Ollama's native API -------------------------------------------------------------------------------
 
@@ -901,16 +1257,22 @@ class FakeOllama:
         return json_response({"models": self.models})
 
     async def _ps(self, request: web.Request) -> web.Response:
-        expires_at = (datetime.now(UTC) + timedelta(minutes=5)).isoformat()
+        """The loaded models, the one expiring last first, as Ollama lists them; a model being loaded is not
+        listed yet (Ollama's /api/ps blocks until the load ends)."""
+        loaded = self._scheduler.loaded()
         running = [
             {
                 **{key: entry[key] for key in ("name", "model", "size", "digest", "details") if key in entry},
-                "expires_at": expires_at,
+                "expires_at": datetime.fromtimestamp(loaded[entry["name"]], UTC) + KEEP_ALIVE,
                 "size_vram": entry.get("size", 0),
-                "context_length": 4096,
+                "context_length": CONTEXT_LENGTH,
             }
             for entry in self.models
+            if entry.get("name") in loaded
         ]
+        running.sort(key=lambda model: model["expires_at"], reverse=True)
+        for model in running:
+            model["expires_at"] = model["expires_at"].isoformat()
         return json_response({"models": running})
 
     async def _show(self, request: web.Request) -> web.Response:
@@ -948,20 +1310,23 @@ class FakeOllama:
         messages = [message for message in body.get("messages") or [] if isinstance(message, dict)]
         last = text_of(messages[-1].get("content")) if messages else ""
         prompt = " ".join(text_of(message.get("content")) for message in messages)
-        reply = chat_reply(model, knobs.content(last), knobs, started, count_prompt_tokens(prompt))
-        return await self._answer(request, model, knobs, body.get("stream") is not False, reply)
+        run = self._model_run(model, count_prompt_tokens(prompt), started)
+        reply = chat_reply(model, knobs.content(last), run)
+        return await self._answer(request, model, knobs, body.get("stream") is not False, reply, run)
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         started, body, model, knobs = await self._model_request(request, GENERATE_REQUEST)
         prompt = str(body.get("prompt") or "")
-        reply = generate_reply(model, knobs.content(prompt), knobs, started, count_prompt_tokens(prompt))
-        return await self._answer(request, model, knobs, body.get("stream") is not False, reply)
+        run = self._model_run(model, count_prompt_tokens(prompt), started)
+        reply = generate_reply(model, knobs.content(prompt), run)
+        return await self._answer(request, model, knobs, body.get("stream") is not False, reply, run)
 
     async def _embed(self, request: web.Request) -> web.Response:
         started, body, model, knobs = await self._model_request(request, EMBED_REQUEST)
-        await asyncio.sleep(knobs.load)
         inputs = embedding_inputs(body.get("input"))
-        counters = timings(started, knobs, sum(count_prompt_tokens(text) for text in inputs), 0)
+        run = self._model_run(model, sum(count_prompt_tokens(text) for text in inputs), started)
+        async with self._turn(request, knobs, run):
+            counters = run.counters(0)
         return json_response(
             {
                 "model": model,
@@ -973,11 +1338,10 @@ class FakeOllama:
         )
 
     async def _embeddings(self, request: web.Request) -> web.Response:
-        body = await read_json(request, EMBEDDING_REQUEST)
-        self._known_model(request, body, EMBEDDING_REQUEST)
-        await asyncio.sleep(self._knobs(body).load)
-        prompt = body.get("prompt")
-        return json_response({"embedding": fake_embedding(str(prompt)) if prompt else []})
+        started, body, model, knobs = await self._model_request(request, EMBEDDING_REQUEST)
+        prompt = str(body.get("prompt") or "")
+        async with self._turn(request, knobs, self._model_run(model, count_prompt_tokens(prompt), started)):
+            return json_response({"embedding": fake_embedding(prompt) if prompt else []})
 
     async def _pull(self, request: web.Request) -> web.StreamResponse:
         body = await read_json(request, PULL_REQUEST)
@@ -1006,7 +1370,7 @@ class FakeOllama:
     ) -> web.StreamResponse:
         reply = progress_reply(kind, name, on_success)
         streaming = body.get("stream") is not False
-        return await self._answer(request, name, self._knobs(body), streaming, reply)
+        return await self._answer(request, name, self._knobs(body), streaming, reply, None)
 
     async def _copy(self, request: web.Request) -> web.Response:
         body = await read_json(request, COPY_REQUEST)
@@ -1064,46 +1428,43 @@ class FakeOllama:
     # -- the OpenAI-compatible API -------------------------------------------------------------------------
 
     async def _openai_chat(self, request: web.Request) -> web.StreamResponse:
-        body = await read_json(request, OPENAI_CHAT_REQUEST)
-        model = self._known_model(request, body, OPENAI_CHAT_REQUEST)
-        knobs = self._knobs(body)
+        started, body, model, knobs = await self._model_request(request, OPENAI_CHAT_REQUEST)
         messages = [message for message in body.get("messages") or [] if isinstance(message, dict)]
         last = text_of(messages[-1].get("content")) if messages else ""
         prompt = " ".join(text_of(message.get("content")) for message in messages)
         stream_options = body.get("stream_options")
         include_usage = isinstance(stream_options, dict) and bool(stream_options.get("include_usage"))
-        reply = openai_chat_reply(model, knobs.content(last), count_prompt_tokens(prompt), include_usage)
-        return await self._answer(request, model, knobs, body.get("stream") is True, reply)
+        run = self._model_run(model, count_prompt_tokens(prompt), started)
+        reply = openai_chat_reply(model, knobs.content(last), run.prompt_tokens, include_usage)
+        return await self._answer(request, model, knobs, body.get("stream") is True, reply, run)
 
     async def _openai_completions(self, request: web.Request) -> web.StreamResponse:
-        body = await read_json(request, OPENAI_COMPLETION_REQUEST)
-        model = self._known_model(request, body, OPENAI_COMPLETION_REQUEST)
-        knobs = self._knobs(body)
+        started, body, model, knobs = await self._model_request(request, OPENAI_COMPLETION_REQUEST)
         prompt = str(body.get("prompt") or "")
-        reply = openai_completion_reply(model, knobs.content(prompt), count_prompt_tokens(prompt))
-        return await self._answer(request, model, knobs, body.get("stream") is True, reply)
+        run = self._model_run(model, count_prompt_tokens(prompt), started)
+        reply = openai_completion_reply(model, knobs.content(prompt), run.prompt_tokens)
+        return await self._answer(request, model, knobs, body.get("stream") is True, reply, run)
 
     async def _openai_responses(self, request: web.Request) -> web.StreamResponse:
-        body = await read_json(request, OPENAI_RESPONSES_REQUEST)
-        model = self._known_model(request, body, OPENAI_RESPONSES_REQUEST)
-        knobs = self._knobs(body)
+        started, body, model, knobs = await self._model_request(request, OPENAI_RESPONSES_REQUEST)
         given = body.get("input")
         if isinstance(given, list) and given:
             last = given[-1]
             given = text_of(last.get("content")) if isinstance(last, dict) else str(last)
         text = given if isinstance(given, str) else ""
-        reply = responses_reply(model, knobs.content(text), count_prompt_tokens(text))
-        return await self._answer(request, model, knobs, body.get("stream") is True, reply)
+        run = self._model_run(model, count_prompt_tokens(text), started)
+        reply = responses_reply(model, knobs.content(text), run.prompt_tokens)
+        return await self._answer(request, model, knobs, body.get("stream") is True, reply, run)
 
     async def _openai_embeddings(self, request: web.Request) -> web.Response:
-        body = await read_json(request, OPENAI_EMBED_REQUEST)
-        model = self._known_model(request, body, OPENAI_EMBED_REQUEST)
+        started, body, model, knobs = await self._model_request(request, OPENAI_EMBED_REQUEST)
         inputs = embedding_inputs(body.get("input"))
-        data = [
-            {"object": "embedding", "embedding": fake_embedding(text), "index": index}
-            for index, text in enumerate(inputs)
-        ]
         tokens = sum(count_prompt_tokens(text) for text in inputs)
+        async with self._turn(request, knobs, self._model_run(model, tokens, started)):
+            data = [
+                {"object": "embedding", "embedding": fake_embedding(text), "index": index}
+                for index, text in enumerate(inputs)
+            ]
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         return json_response({"object": "list", "data": data, "model": model, "usage": usage})
 
