@@ -5,6 +5,7 @@
 """
 
 import asyncio
+import gc
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -56,6 +57,11 @@ def create_app(settings: Settings | None = None, *, probe_ollama_at_start: bool 
         require_gateway_protocol()
         raise_open_file_limit()  # before uvicorn starts accepting: one descriptor per connection
         app.state.services = await open_services(settings)
+        # What start-up built (modules, SQLAlchemy's and pydantic's tables) lives as long as the process;
+        # left in the collector's oldest generation, every full collection walked it again, a pause of
+        # ~30 ms under load (the short requests' p99 doubled). Frozen, the collector skips it.
+        gc.collect()
+        gc.freeze()
         probe = (
             asyncio.create_task(say_whether_ollama_answers(app.state.services.upstream))
             if probe_ollama_at_start
@@ -69,6 +75,7 @@ def create_app(settings: Settings | None = None, *, probe_ollama_at_start: bool 
                 with suppress(asyncio.CancelledError):
                     await probe
             await close_services(app.state.services)
+            gc.unfreeze()  # an app made and stopped in a longer-lived process (tests) leaves nothing pinned
 
     app = FastAPI(
         title="ollama-gateway",
