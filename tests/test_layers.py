@@ -7,9 +7,10 @@ The layers, from the ground up:
 1. `db`: the storage layer (models, engine, migrations).
 2. `auth`, `uploads`, `upstream`: the domain (people and credentials, stored files, talking to Ollama).
    Siblings: one may use another, as long as no two packages end up importing each other.
-3. `routes`: the web layer (routers, their dependencies, the credentials guard, the relay endpoints).
-4. `services`: the composition root, which builds every store and client.
-5. `main`, `manage`: what starts the gateway, and the command-line tool.
+3. `fleet`: the Ollama hosts, their slots and the fair queue in front of them (uses `upstream` to ask them).
+4. `routes`: the web layer (routers, their dependencies, the credentials guard, the relay endpoints).
+5. `services`: the composition root, which builds every store and client.
+6. `main`, `manage`: what starts the gateway, and the command-line tool.
 
 A module may import from its own layer or any layer below it. Tests and the bench stand outside the layers.
 """
@@ -25,6 +26,7 @@ LAYERS: list[frozenset[str]] = [
     frozenset({"core"}),
     frozenset({"db"}),
     frozenset({"auth", "uploads", "upstream"}),
+    frozenset({"fleet"}),
     frozenset({"routes"}),
     frozenset({"services"}),
     frozenset({"main", "manage"}),

@@ -1,0 +1,381 @@
+"""The admission point: every request that runs a model gets a slot on a host here, or waits here for one.
+
+Ollama's own queue is first-come-first-served and, for a loaded model, unbounded (notes: ollama-scheduling):
+a person who sends 50 requests at once makes everyone behind them wait. So the gateway never sends a
+(host, model) more requests than its slots, and holds the rest here, where it can choose who goes next:
+- bands first: every waiting interactive request goes before any batch one;
+- inside a band, people by the slot-time they have received: the waiting person with the least goes next
+  (start-time fair queueing over people, costed in slot-seconds). Each dispatch charges an estimate (the
+  model's recent average); when the request ends, Ollama's real durations correct it. A person who starts
+  waiting again begins at the band's current virtual time, so time spent idle is not saved up for a burst;
+- one person's requests keep their order.
+Dispatch is work-conserving and immediate: `release` hands the freed slot to the next waiter in the same
+call, and `refresh` does so for slots that appeared elsewhere (a host back, slots learned or raised).
+
+A (host, model) whose slots are unknown takes every request at once, as before this queue existed; its
+in-flight count is still kept (shown, and used to prefer the least loaded host).
+
+The scheduler only counts and orders. Which hosts may serve a model, and how many slots each has, it asks
+of `candidates` (fleet.hosts); talking to Ollama is the relay's.
+"""
+
+import asyncio
+import itertools
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from enum import IntEnum
+
+
+class Band(IntEnum):
+    """Lower goes first."""
+
+    INTERACTIVE = 0
+    BATCH = 1
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A host that can serve a model: healthy, enabled, and holding the model."""
+
+    host: str
+    loaded: bool
+    # Requests it runs at once for this model; None: not known, so not limited.
+    slots: int | None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per person and per API key; None: no limit."""
+
+    user_inflight: int | None = None
+    user_waiting: int | None = 64
+    key_inflight: int | None = None
+    key_waiting: int | None = None
+    # Seconds a request may wait for a slot, by band.
+    interactive_timeout: float = 120.0
+    batch_timeout: float = 1800.0
+
+    def timeout(self, band: Band) -> float:
+        return self.interactive_timeout if band is Band.INTERACTIVE else self.batch_timeout
+
+
+class Refused(Exception):
+    """Not admitted. `status` is 429 (a cap: too many waiting) or 503 (waited too long, shutting down)."""
+
+    def __init__(self, status: int, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class Ask:
+    """What a request asks for: a slot for `model`, counted against `user` (and `key`), in `band`."""
+
+    user: str
+    model: str
+    band: Band = Band.INTERACTIVE
+    key: str | None = None
+    # Hosts not to use (one that just failed this request).
+    avoid: frozenset[str] = frozenset()
+
+
+@dataclass(eq=False)
+class Grant:
+    """A slot held on `host` for `model`; give it back with `Scheduler.release`, once, on every path."""
+
+    host: str
+    model: str
+    ask: Ask
+    charged: float  # the slot-seconds charged at dispatch
+    waited: float  # seconds spent waiting here
+    started: float  # clock time when granted
+    released: bool = False
+
+
+@dataclass(eq=False)
+class _Waiter:
+    ask: Ask
+    future: asyncio.Future[Grant]
+    since: float
+    order: int
+
+
+DEFAULT_COST = 1.0  # slot-seconds charged for a model not yet measured
+COST_SMOOTHING = 0.2  # weight of the newest request in a model's running average
+
+
+class Scheduler:
+    def __init__(
+        self,
+        candidates: Callable[[str], Iterable[Candidate]],
+        limits: Limits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._candidates = candidates
+        self.limits = limits or Limits()
+        self._clock = clock
+        self._rng = rng or random.Random()  # noqa: S311 (breaking ties between hosts, not a secret)
+        self._inflight: dict[tuple[str, str], int] = {}
+        self._user_inflight: dict[str, int] = {}
+        self._key_inflight: dict[str, int] = {}
+        self._user_waiting: dict[str, int] = {}
+        self._key_waiting: dict[str, int] = {}
+        # model -> band -> person -> their requests waiting, in order; emptied entries are dropped.
+        self._queues: dict[str, dict[Band, dict[str, deque[_Waiter]]]] = {}
+        # (band, person) -> the slot-time they have received, in the band's virtual time.
+        self._vtime: dict[tuple[Band, str], float] = {}
+        self._band_vtime: dict[Band, float] = dict.fromkeys(Band, 0.0)
+        self._cost: dict[str, float] = {}
+        self._order = itertools.count()
+        self._closed = False
+
+    # -- asking and giving back ------------------------------------------------------------------------------
+
+    async def acquire(self, ask: Ask) -> Grant:
+        """A slot for `ask`: at once if one is free for it, else when its turn comes.
+
+        Raises Refused. Cancelled while waiting (the client went away), the request leaves the queue at once;
+        a slot granted in that same instant is given back."""
+        if self._closed:
+            raise Refused(503, "the gateway is shutting down", retry_after=1)
+        waiter = _Waiter(ask, asyncio.get_running_loop().create_future(), self._clock(), next(self._order))
+        self._enqueue(waiter)
+        self._dispatch(ask.model)
+        if waiter.future.done():
+            return waiter.future.result()
+        try:
+            self._check_waiting_caps(ask)
+        except Refused:
+            self._remove(waiter)
+            raise
+        timeout = self.limits.timeout(ask.band)
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
+        except TimeoutError:
+            if _granted(waiter.future):  # in the very instant the time ran out
+                return waiter.future.result()
+            self._remove(waiter)
+            message = f"no slot for {ask.model} came free within {timeout:g} s"
+            raise Refused(503, message, _retry_after(self._cost_of(ask.model))) from None
+        except asyncio.CancelledError:
+            if _granted(waiter.future):
+                self.release(waiter.future.result(), slot_seconds=0.0)
+            else:
+                self._remove(waiter)
+            raise
+
+    def release(self, grant: Grant, slot_seconds: float | None = None) -> None:
+        """Give the slot back. `slot_seconds`: what the request really used (Ollama's prompt evaluation and
+        generation), which corrects the person's charge; None: the time the slot was held."""
+        if grant.released:
+            return
+        grant.released = True
+        used = slot_seconds if slot_seconds is not None else max(self._clock() - grant.started, 0.0)
+        ask = grant.ask
+        slot = (grant.host, grant.model)
+        _decrement(self._inflight, slot)
+        _decrement(self._user_inflight, ask.user)
+        if ask.key is not None:
+            _decrement(self._key_inflight, ask.key)
+        vkey = (ask.band, ask.user)
+        self._vtime[vkey] = self._vtime.get(vkey, 0.0) + used - grant.charged
+        previous = self._cost.get(grant.model)
+        self._cost[grant.model] = (
+            used if previous is None else (1 - COST_SMOOTHING) * previous + COST_SMOOTHING * used
+        )
+        self._dispatch(grant.model)
+
+    def refresh(self, models: Iterable[str] | None = None) -> None:
+        """Slots may have appeared (a host back, added or raised; slots learned): dispatch who can go."""
+        for model in list(self._queues if models is None else models):
+            self._dispatch(model)
+
+    def close(self) -> None:
+        """Refuse every waiter (503) and every new request: the gateway is stopping."""
+        self._closed = True
+        for model in list(self._queues):
+            for people in self._queues.pop(model).values():
+                for waiting in people.values():
+                    for waiter in waiting:
+                        self._forget_waiting(waiter.ask)
+                        if not waiter.future.done():
+                            waiter.future.set_exception(Refused(503, "the gateway is shutting down", 1))
+
+    # -- what it shows -------------------------------------------------------------------------------------
+
+    def inflight(self, host: str, model: str) -> int:
+        return self._inflight.get((host, model), 0)
+
+    def inflight_by_slot(self) -> dict[tuple[str, str], int]:
+        return {slot: count for slot, count in self._inflight.items() if count}
+
+    def waiting(self, model: str | None = None) -> dict[str, int]:
+        """Requests waiting, by band label (for one model, or all)."""
+        counts = dict.fromkeys((band.label for band in Band), 0)
+        for name, bands in self._queues.items():
+            if model is None or name == model:
+                for band, people in bands.items():
+                    counts[band.label] += sum(len(waiting) for waiting in people.values())
+        return counts
+
+    def waiting_models(self) -> dict[str, int]:
+        return {model: sum(self.waiting(model).values()) for model in self._queues}
+
+    def estimated_cost(self, model: str) -> float:
+        return self._cost_of(model)
+
+    # -- inside ----------------------------------------------------------------------------------------------
+
+    def _cost_of(self, model: str) -> float:
+        return self._cost.get(model, DEFAULT_COST)
+
+    def _has_waiters(self, model: str) -> bool:
+        return model in self._queues
+
+    def _within_inflight_caps(self, ask: Ask) -> bool:
+        limits = self.limits
+        if limits.user_inflight is not None and self._user_inflight.get(ask.user, 0) >= limits.user_inflight:
+            return False
+        if ask.key is not None and limits.key_inflight is not None:
+            return self._key_inflight.get(ask.key, 0) < limits.key_inflight
+        return True
+
+    def _check_waiting_caps(self, ask: Ask) -> None:
+        limits = self.limits
+        retry = _retry_after(self._cost_of(ask.model))
+        if limits.user_waiting is not None and self._user_waiting.get(ask.user, 0) >= limits.user_waiting:
+            raise Refused(429, f"you already have {limits.user_waiting} requests waiting", retry)
+        if (
+            ask.key is not None
+            and limits.key_waiting is not None
+            and self._key_waiting.get(ask.key, 0) >= limits.key_waiting
+        ):
+            raise Refused(429, f"this API key already has {limits.key_waiting} requests waiting", retry)
+
+    def _pick_host(self, ask: Ask) -> str | None:
+        """The best host with a free slot for the model: loaded there first, then one that can load it, then
+        the least loaded; ties broken at random. None: every slot is taken."""
+        best: list[str] = []
+        best_rank: tuple[int, float] | None = None
+        for candidate in self._candidates(ask.model):
+            if candidate.host in ask.avoid:
+                continue
+            inflight = self._inflight.get((candidate.host, ask.model), 0)
+            if candidate.slots is not None and inflight >= candidate.slots:
+                continue
+            load = inflight / candidate.slots if candidate.slots else float(inflight)
+            rank = (0 if candidate.loaded else 1, load)
+            if best_rank is None or rank < best_rank:
+                best, best_rank = [candidate.host], rank
+            elif rank == best_rank:
+                best.append(candidate.host)
+        if not best:
+            return None
+        return best[0] if len(best) == 1 else self._rng.choice(best)
+
+    def _grant(self, ask: Ask, host: str, since: float) -> Grant:
+        now = self._clock()
+        slot = (host, ask.model)
+        self._inflight[slot] = self._inflight.get(slot, 0) + 1
+        self._user_inflight[ask.user] = self._user_inflight.get(ask.user, 0) + 1
+        if ask.key is not None:
+            self._key_inflight[ask.key] = self._key_inflight.get(ask.key, 0) + 1
+        vkey = (ask.band, ask.user)
+        # Idle time is not saved up: a person's virtual time is at least the band's.
+        start = max(self._vtime.get(vkey, 0.0), self._band_vtime[ask.band])
+        self._band_vtime[ask.band] = start
+        charged = self._cost_of(ask.model)
+        self._vtime[vkey] = start + charged
+        return Grant(host, ask.model, ask, charged=charged, waited=now - since, started=now)
+
+    def _enqueue(self, waiter: _Waiter) -> None:
+        ask = waiter.ask
+        people = self._queues.setdefault(ask.model, {}).setdefault(ask.band, {})
+        if ask.user not in people:
+            # Starting to wait again: time spent idle is not saved up for a burst.
+            vkey = (ask.band, ask.user)
+            self._vtime[vkey] = max(self._vtime.get(vkey, 0.0), self._band_vtime[ask.band])
+        people.setdefault(ask.user, deque()).append(waiter)
+        self._user_waiting[ask.user] = self._user_waiting.get(ask.user, 0) + 1
+        if ask.key is not None:
+            self._key_waiting[ask.key] = self._key_waiting.get(ask.key, 0) + 1
+
+    def _forget_waiting(self, ask: Ask) -> None:
+        _decrement(self._user_waiting, ask.user)
+        if ask.key is not None:
+            _decrement(self._key_waiting, ask.key)
+
+    def _remove(self, waiter: _Waiter) -> None:
+        ask = waiter.ask
+        bands = self._queues.get(ask.model, {})
+        waiting = bands.get(ask.band, {}).get(ask.user)
+        if waiting is None or waiter not in waiting:
+            return
+        waiting.remove(waiter)
+        self._forget_waiting(ask)
+        if not waiting:
+            del bands[ask.band][ask.user]
+            if not bands[ask.band]:
+                del bands[ask.band]
+            if not bands:
+                del self._queues[ask.model]
+
+    def _dispatch(self, model: str) -> None:
+        """While the model has waiters and a slot is free for the next of them, grant it."""
+        while True:
+            bands = self._queues.get(model)
+            if not bands:
+                return
+            chosen = self._next_waiter(bands)
+            if chosen is None:
+                return
+            waiter, host = chosen
+            self._remove(waiter)
+            waiter.future.set_result(self._grant(waiter.ask, host, since=waiter.since))
+
+    def _next_waiter(self, bands: dict[Band, dict[str, deque[_Waiter]]]) -> tuple[_Waiter, str] | None:
+        """Interactive before batch; in a band, the person with the least slot-time received (then whoever
+        has waited longest), their oldest request first."""
+        for band in sorted(bands):
+            people = bands[band]
+            vtime = self._vtime
+            ranked = sorted(people, key=lambda user: (vtime.get((band, user), 0.0), people[user][0].order))
+            for user in ranked:
+                waiter = people[user][0]
+                if not self._within_inflight_caps(waiter.ask):
+                    continue
+                host = self._pick_host(waiter.ask)
+                if host is not None:
+                    return waiter, host
+                # No slot for this person's request means none for anyone's (same model); a request that
+                # avoids a host is the exception, so keep looking only past those.
+                if not waiter.ask.avoid:
+                    return None
+        return None
+
+
+def _granted(future: asyncio.Future[Grant]) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None
+
+
+def _decrement(counts: dict, key: object) -> None:
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
+
+
+def _retry_after(cost: float) -> int:
+    """Seconds to suggest before trying again: about one request's time, at least one."""
+    return max(1, round(cost))
