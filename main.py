@@ -49,7 +49,8 @@ SMALL_JSON_LIMITS = {"/login": 16 * 1024, "/me/password": 32 * 1024, "/keys": 4 
 
 def create_app(settings: Settings | None = None, *, probe_ollama_at_start: bool = True) -> FastAPI:
     """`probe_ollama_at_start`: ask Ollama's version once, in the background, to warn when it is not
-    reachable (upstream.probe). Tests that script every byte Ollama sees turn it off."""
+    reachable (upstream.probe), and check every host now and then (fleet.hosts). Tests that script every
+    byte Ollama sees turn it off."""
     settings = settings or read_settings()
 
     @asynccontextmanager
@@ -62,6 +63,8 @@ def create_app(settings: Settings | None = None, *, probe_ollama_at_start: bool 
         # ~30 ms under load (the short requests' p99 doubled). Frozen, the collector skips it.
         gc.collect()
         gc.freeze()
+        if probe_ollama_at_start:
+            app.state.services.fleet.start()
         probe = (
             asyncio.create_task(say_whether_ollama_answers(app.state.services.upstream))
             if probe_ollama_at_start

@@ -21,9 +21,12 @@ from core.private_files import make_tree_private
 from core.settings import ConfigurationError, Settings
 from db.changes import watch_changes
 from db.engine import Database, database_problem, database_url
+from fleet.admission import Fleet
+from fleet.hosts import Hosts, environment_hosts
+from fleet.scheduler import Limits
 from routes.dependencies import Services
 from uploads.store import UploadStore
-from upstream.client import Upstream, UpstreamTimeouts
+from upstream.client import UpstreamTimeouts
 
 
 def _open_storage(settings: Settings) -> tuple[Database, UserStore, UploadStore, str]:
@@ -50,14 +53,15 @@ def _open_storage(settings: Settings) -> tuple[Database, UserStore, UploadStore,
 
 async def open_services(settings: Settings) -> Services:
     db, users, uploads, secret_key = await asyncio.to_thread(_open_storage, settings)
-    upstream = Upstream(
-        settings.ollama_url,
-        UpstreamTimeouts(
-            connect=settings.upstream_connect_timeout,
-            first_byte=settings.upstream_first_byte_timeout,
-            idle=settings.upstream_idle_timeout,
-        ),
+    timeouts = UpstreamTimeouts(
+        connect=settings.upstream_connect_timeout,
+        first_byte=settings.upstream_first_byte_timeout,
+        idle=settings.upstream_idle_timeout,
     )
+    hosts = Hosts(timeouts)
+    for config in environment_hosts(settings.ollama_urls, settings.ollama_parallel):
+        hosts.add(config)
+    fleet = Fleet(hosts, queue_limits(settings), settings.host_check_seconds)
 
     signer = TokenSigner(secret_key, settings.access_token_expire_minutes * 60)
     watcher = await asyncio.to_thread(watch_changes, db)
@@ -77,13 +81,29 @@ async def open_services(settings: Settings) -> Services:
         throttle=throttle,
         passwords=PasswordCheck(db, users, hasher, throttle),
         uploads=uploads,
-        upstream=upstream,
+        fleet=fleet,
+        # The first of OLLAMA_URL's hosts answers /health and /api/version (upstream.probe).
+        upstream=next(iter(hosts)).upstream,
         policy=ModelPolicy(),
         changes=watcher,
     )
 
 
+def queue_limits(settings: Settings) -> Limits:
+    def limit(value: int) -> int | None:
+        return value or None  # 0: no limit
+
+    return Limits(
+        user_inflight=limit(settings.max_inflight_per_user),
+        user_waiting=limit(settings.max_waiting_per_user),
+        key_inflight=limit(settings.max_inflight_per_key),
+        key_waiting=limit(settings.max_waiting_per_key),
+        interactive_timeout=settings.queue_timeout_interactive,
+        batch_timeout=settings.queue_timeout_batch,
+    )
+
+
 async def close_services(services: Services) -> None:
-    await services.upstream.close()
+    await services.fleet.close()
     services.changes.close()
     services.db.close()

@@ -31,6 +31,7 @@ MIN_SECRET_KEY_LENGTH = 32
 
 _SECONDS = "a number of seconds greater than 0"
 _COUNT = "a whole number of at least 1"
+_COUNT_OR_ZERO = "a whole number, 0 for no limit"
 
 
 class ConfigurationError(Exception):
@@ -47,10 +48,17 @@ class Settings(BaseSettings):
         validate_default=True,
     )
 
+    # One Ollama host or several, comma-separated (a comma inside a password is written %2C).
     ollama_url: str = Field(
         default="http://localhost:11434",
-        description="a URL starting with http:// or https://, such as http://localhost:11434",
+        description="one URL starting with http:// or https://, such as http://localhost:11434, or several "
+        "separated by commas",
     )
+    # Requests each of OLLAMA_URL's hosts runs at once per loaded model (its OLLAMA_NUM_PARALLEL). Unset, the
+    # gateway learns it from Ollama's timings (fleet.learning).
+    ollama_parallel: int | None = Field(default=None, gt=0, description=_COUNT + ", or no value to learn it")
+    # Seconds between checks of every host (its models, the loaded ones, whether it answers).
+    host_check_seconds: float = Field(default=10, gt=0, allow_inf_nan=False, description=_SECONDS)
     secret_key: SecretStr | None = Field(
         default=None,
         description=f"at least {MIN_SECRET_KEY_LENGTH} characters, or no value to have one generated",
@@ -117,6 +125,15 @@ class Settings(BaseSettings):
     # an upload at a reasonable speed always finishes and a client trickling bytes is cut off
     # (core.server).
     request_body_timeout: float = Field(default=60, gt=0, allow_inf_nan=False, description=_SECONDS)
+    # The fair queue (fleet.scheduler): seconds a request may wait for a slot, by band; requests one person
+    # (or one API key) may have waiting, and running (0: no limit). Past the waiting limit: 429.
+    queue_timeout_interactive: float = Field(default=120, gt=0, allow_inf_nan=False, description=_SECONDS)
+    queue_timeout_batch: float = Field(default=1800, gt=0, allow_inf_nan=False, description=_SECONDS)
+    max_waiting_per_user: int = Field(default=64, ge=0, description=_COUNT_OR_ZERO)
+    max_inflight_per_user: int = Field(default=0, ge=0, description=_COUNT_OR_ZERO)
+    max_waiting_per_key: int = Field(default=0, ge=0, description=_COUNT_OR_ZERO)
+    max_inflight_per_key: int = Field(default=0, ge=0, description=_COUNT_OR_ZERO)
+
     # On SIGTERM, requests already running (streams included) get this long to finish; then they are cut.
     graceful_shutdown_seconds: float = Field(
         default=30, ge=0, allow_inf_nan=False, description="a number of seconds, 0 or more"
@@ -131,7 +148,10 @@ class Settings(BaseSettings):
     @field_validator("ollama_url")
     @classmethod
     def _check_ollama_url(cls, value: str) -> str:
-        return checked_upstream_url(value)
+        urls = [checked_upstream_url(url) for url in value.split(",") if url.strip()]
+        if not urls:
+            raise ValueError
+        return ",".join(urls)
 
     @field_validator("secret_key")
     @classmethod
@@ -193,6 +213,10 @@ class Settings(BaseSettings):
                 f"than LOGIN_MAX_FAILURES ({self.login_max_failures})"
             )
         return self
+
+    @property
+    def ollama_urls(self) -> list[str]:
+        return self.ollama_url.split(",")
 
     @property
     def max_upload_bytes(self) -> int:

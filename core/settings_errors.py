@@ -68,7 +68,8 @@ def _shown(name: str, value: object) -> str:
     if _is_secret(name):
         return HIDDEN
     if isinstance(value, str) and (name in _URL_SETTINGS or "://" in value):
-        value = _url_without_secrets(value)
+        # OLLAMA_URL may list several hosts: each one's credentials are its own.
+        value = ",".join(_url_without_secrets(url) for url in value.split(","))
     # repr: quoted, with any line break escaped, so one line whatever was given.
     shown = repr(value)
     return shown if len(shown) <= MAX_SHOWN_VALUE else f"{shown[:MAX_SHOWN_VALUE]}…"

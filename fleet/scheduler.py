@@ -98,6 +98,7 @@ class Grant:
     charged: float  # the slot-seconds charged at dispatch
     waited: float  # seconds spent waiting here
     started: float  # clock time when granted
+    running: int = 1  # requests in flight to this (host, model) once granted, this one included
     released: bool = False
 
 
@@ -140,6 +141,14 @@ class Scheduler:
         self._closed = False
 
     # -- asking and giving back ------------------------------------------------------------------------------
+
+    def try_acquire(self, ask: Ask) -> Grant | None:
+        """A slot for `ask` if one is free for it right now and nobody waits for the model; else None (then
+        `acquire`). The common case, without a future or a task."""
+        if self._closed or ask.model in self._queues or not self._within_inflight_caps(ask):
+            return None
+        host = self._pick_host(ask)
+        return None if host is None else self._grant(ask, host, since=self._clock())
 
     async def acquire(self, ask: Ask) -> Grant:
         """A slot for `ask`: at once if one is free for it, else when its turn comes.
@@ -296,7 +305,8 @@ class Scheduler:
         self._band_vtime[ask.band] = start
         charged = self._cost_of(ask.model)
         self._vtime[vkey] = start + charged
-        return Grant(host, ask.model, ask, charged=charged, waited=now - since, started=now)
+        waited = now - since
+        return Grant(host, ask.model, ask, charged, waited, started=now, running=self._inflight[slot])
 
     def _enqueue(self, waiter: _Waiter) -> None:
         ask = waiter.ask

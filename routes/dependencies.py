@@ -26,6 +26,7 @@ from core.errors import Forbidden
 from core.settings import Settings
 from db.changes import ChangeWatcher
 from db.engine import Database
+from fleet.admission import Fleet
 from routes.guard import take_user
 from uploads.store import UploadStore
 from upstream.client import Upstream
@@ -43,6 +44,7 @@ class Services:
     throttle: SignInThrottle
     passwords: PasswordCheck
     uploads: UploadStore
+    fleet: Fleet
     upstream: Upstream
     policy: ModelPolicy
     changes: ChangeWatcher

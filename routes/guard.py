@@ -32,12 +32,19 @@ PUBLIC_PATHS = frozenset(
 )
 PUBLIC_PREFIXES = ("/static/",)
 USER_STATE_KEY = "user"
+API_KEY_STATE_KEY = "api_key"
 
 
 def take_user(scope: Scope) -> User | None:
     """The user the guard authenticated for this request, if any; removed from the scope."""
     user = scope.get("state", {}).pop(USER_STATE_KEY, None)
     return user if isinstance(user, User) else None
+
+
+def take_api_key(scope: Scope) -> str | None:
+    """The id of the API key the request came with, if it came with one (its caps count per key)."""
+    key = scope.get("state", {}).pop(API_KEY_STATE_KEY, None)
+    return key if isinstance(key, str) else None
 
 
 def is_public(method: str, path: str) -> bool:

@@ -61,9 +61,17 @@ def _model_call(
     response_doc: dict | None = None,
     tags: tuple[str, ...] = ("ollama",),
     rules: BodyRules = MODEL_ONLY,
+    runs_model: bool = True,
 ) -> RelayRoute:
     return RelayRoute(
-        "POST", path, summary, body=Body.JSON, body_rules=rules, response_doc=response_doc or {}, tags=tags
+        "POST",
+        path,
+        summary,
+        body=Body.JSON,
+        body_rules=rules,
+        response_doc=response_doc or {},
+        tags=tags,
+        runs_model=runs_model,
     )
 
 
@@ -95,6 +103,7 @@ RELAY_ROUTES = [
         upstream_path="/api/chat",
         body=Body.JSON,
         body_rules=CHAT,
+        runs_model=True,
         request_model=ChatRequest,
         response_doc=NDJSON_STREAM,
         tags=("chat",),
@@ -117,7 +126,7 @@ RELAY_ROUTES = [
     _model_call("/api/generate", "Generate a completion (NDJSON stream)", NDJSON_STREAM),
     _model_call("/api/embed", "Embeddings for one or more inputs"),
     _model_call("/api/embeddings", "Embedding for one prompt (legacy)"),
-    _model_call("/api/show", "A model's details", rules=MODEL_OR_NAME),
+    _model_call("/api/show", "A model's details", rules=MODEL_OR_NAME, runs_model=False),
     _admin_call("POST", "/api/pull", "Pull a model (admins)", PROGRESS_STREAM),
     _admin_call("POST", "/api/push", "Push a model (admins)", PROGRESS_STREAM),
     _admin_call("POST", "/api/create", "Create a model (admins)", PROGRESS_STREAM),

@@ -33,8 +33,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from auth.users import User
 from core.errors import Forbidden, GatewayError, error_response, rendered_by_the_app
+from fleet.hosts import canonical_model
+from fleet.scheduler import Ask, Band
 from routes.dependencies import Services
-from routes.guard import take_user
+from routes.dispatch import admitted_relay, host_holding, merged_list, named_host
+from routes.guard import take_api_key, take_user
 from upstream.bodies import (
     BodyRules,
     model_named_in,
@@ -104,6 +107,7 @@ class RelayRoute(Route):
         # still read as one JSON object, like every other.
         body_rules: BodyRules | None = None,
         model_list: ModelList | None = None,  # the answer is a model list, filtered by the policy
+        runs_model: bool = False,  # a model call: admitted by the fleet's fair queue (routes.dispatch)
         request_model: Any = None,  # pydantic model describing the body, for the docs
         body_schema: dict[str, Any] | None = None,  # or a JSON schema describing it
         param_schema: dict[str, Any] | None = None,  # the path parameter's JSON schema, for the docs
@@ -126,6 +130,7 @@ class RelayRoute(Route):
         self.body = body
         self.body_rules = body_rules or BodyRules()
         self.model_list = model_list
+        self.runs_model = runs_model
         self.request_model = request_model
         self.body_schema = body_schema
         self.param_schema = param_schema
@@ -228,13 +233,22 @@ class RelayEndpoint:
             upstream_path += quote(param, safe=PATH_SAFE)
         if route.model_list is not None:
             return await _filtered_list(services, user, route.model_list, upstream_path)
-        body, length = await _body(route, head, receive, services, user)
+        body, length, model = await _body(route, head, receive, services, user)
         if scope.get("query_string"):
             upstream_path += "?" + scope["query_string"].decode("latin-1")
         headers = upstream_request_headers(scope["headers"])
-        return await relay(
-            services.upstream, route.method, upstream_path, headers=headers, body=body, length=length
-        )
+        fleet = services.fleet
+        if route.runs_model and isinstance(body, bytes) and model is not None:
+            ask = Ask(str(user.id), canonical_model(model), head.band, key=take_api_key(scope))
+            return await admitted_relay(
+                fleet, ask, receive, route.method, upstream_path, headers=headers, body=body
+            )
+        if route.access is Access.ADMIN:
+            upstream = named_host(fleet, head.ollama_host).upstream
+        else:
+            named = scope["path_params"][route.param] if route.param_names_model and route.param else model
+            upstream = host_holding(fleet, canonical_model(named) if named else None)
+        return await relay(upstream, route.method, upstream_path, headers=headers, body=body, length=length)
 
 
 class RelayRoutesFirst:
@@ -266,16 +280,26 @@ class _RequestHead:
     their names lower-cased). Of a header sent twice, the first counts, as for the credentials guard; but
     any Content-Encoding other than identity is refused."""
 
-    __slots__ = ("authorization", "content_encoding", "content_length")
+    __slots__ = ("authorization", "band", "content_encoding", "content_length", "ollama_host")
 
     def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
         self.authorization: str | None = None
         self.content_encoding: str | None = None
         self.content_length: str | None = None
+        self.ollama_host: str | None = None
+        # A client may lower its own priority (X-Priority: batch), never raise it: any other value is the
+        # default, interactive.
+        self.band = Band.INTERACTIVE
         for name, value in headers:
             if name == b"authorization":
                 if self.authorization is None:
                     self.authorization = value.decode("latin-1")
+            elif name == b"x-priority":
+                if value.strip().lower() == b"batch":
+                    self.band = Band.BATCH
+            elif name == b"x-ollama-host":
+                if self.ollama_host is None:
+                    self.ollama_host = value.decode("latin-1")
             elif name == b"content-length":
                 if self.content_length is None:
                     self.content_length = value.decode("latin-1")
@@ -289,29 +313,30 @@ class _RequestHead:
 
 async def _body(
     route: RelayRoute, head: _RequestHead, receive: Receive, services: Services, user: User
-) -> tuple[bytes | AsyncIterator[bytes] | None, int | None]:
+) -> tuple[bytes | AsyncIterator[bytes] | None, int | None, str | None]:
+    """The body to forward, its length if streamed, and the model it names (checked by the policy)."""
     if route.body is Body.STREAM:
         declared = head.content_length
-        return _passed_through(receive), int(declared) if declared and declared.isdigit() else None
+        return _passed_through(receive), int(declared) if declared and declared.isdigit() else None, None
     if route.body is Body.NONE:
-        return None, None
+        return None, None, None
     refuse_content_encoding(head.content_encoding)
     raw = await _whole_body(receive)
     rules = route.body_rules
     fields = await read_body_fields(raw, rules.fields)
+    model = None
     if rules.model_fields:
-        services.policy.require(user, model_named_in(fields, rules.model_fields))
+        model = model_named_in(fields, rules.model_fields)
+        services.policy.require(user, model)
     if rules.check is not None:
         rules.check(fields)
-    return raw, None
+    return raw, None, model
 
 
 async def _filtered_list(
     services: Services, user: User, model_list: ModelList, upstream_path: str
 ) -> Response:
-    answer = await services.upstream.fetch_json("GET", upstream_path)
-    if not isinstance(answer, dict) or not isinstance(answer.get(model_list.field), list):
-        raise GatewayError(502, f"Ollama's {upstream_path} answer has no '{model_list.field}' list")
+    answer = await merged_list(services.fleet, upstream_path, model_list.field, model_list.name_key)
     answer[model_list.field] = services.policy.visible(user, answer[model_list.field], model_list.name_key)
     return JSONResponse(answer)
 

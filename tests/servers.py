@@ -4,20 +4,26 @@ Streaming timing and disconnects only behave as in production on a real server, 
 gateway over TCP, with the same loop and HTTP parser `make run` uses.
 """
 
+import asyncio
 import secrets
 import threading
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 import uvicorn
 from fastapi import FastAPI
+from uvicorn._compat import asyncio_run
 
 from core.server import gateway_protocol
 from core.settings import Settings
 from main import create_app
 from tests.databases import new_database_url
+
+T = TypeVar("T")
 
 START_TIMEOUT = 15.0
 # Sign-in limits no test reaches: for gateways whose tests sign in (and fail to, on purpose) many times from
@@ -44,7 +50,15 @@ class ServerThread:
             lifespan="on",
         )
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        async def serve() -> None:
+            self.loop = asyncio.get_running_loop()
+            await self.server.serve()
+
+        asyncio_run(serve(), loop_factory=self.server.config.get_loop_factory())
 
     def start(self) -> str:
         self.thread.start()
@@ -68,7 +82,14 @@ class RunningGateway:
     app: FastAPI
     admin_email: str
     admin_password: str
+    loop: asyncio.AbstractEventLoop | None = None
     _tokens: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Runs a coroutine on the gateway's own event loop (its services live there) and returns its
+        result."""
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=30)
 
     def login(self, email: str, password: str) -> str:
         key = (email, password)
@@ -112,6 +133,7 @@ def start_gateway(settings: Settings) -> tuple[RunningGateway, ServerThread]:
         app=app,
         admin_email=settings.admin_email,
         admin_password=settings.admin_password.get_secret_value(),
+        loop=server.loop,
     )
     return gateway, server
 

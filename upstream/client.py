@@ -38,6 +38,11 @@ CREDENTIALS_REFUSED = frozenset({401, 403, 407})
 NOT_MODIFIED = 304
 
 
+class Unreachable(GatewayError):
+    """Ollama could not be reached, or the connection failed before any answer: nothing was answered, so
+    the request may go to another host (fleet)."""
+
+
 @dataclass(frozen=True)
 class UpstreamTimeouts:
     connect: float
@@ -103,7 +108,7 @@ class Upstream:
         except UpstreamProtocolError as exc:
             raise GatewayError(502, f"bad answer from Ollama at {self.public_url}: {exc}") from None
         except UpstreamError as exc:
-            raise GatewayError(502, f"cannot reach Ollama at {self.public_url}: {exc}") from None
+            raise Unreachable(502, f"cannot reach Ollama at {self.public_url}: {exc}") from None
         refusal = self._refusal(response)
         if refusal is not None:
             response.close()

@@ -26,7 +26,8 @@ Beside the copy loop:
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -52,9 +53,29 @@ def _sse_error(message: str) -> bytes:
     return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
 
+@dataclass(frozen=True)
+class RelayEnd:
+    """How a relayed answer ended, told to whoever held a slot for it (fleet.admission)."""
+
+    completed: bool  # Ollama's answer arrived whole and was sent on
+    client_gone: bool  # the client went away first
+    upstream_failed: bool  # the connection to Ollama failed (not because the client left)
+    tail: bytes  # the answer's last bytes as sent, where Ollama puts its counters (upstream.counters)
+
+
 class RelayResponse(Response):
-    def __init__(self, upstream_response: UpstreamResponse, idle_timeout: float) -> None:
+    def __init__(
+        self,
+        upstream_response: UpstreamResponse,
+        idle_timeout: float,
+        on_end: Callable[[RelayEnd], None] | None = None,
+    ) -> None:
         self._upstream = upstream_response
+        self._on_end = on_end
+        # The last two pieces sent: a line-framed stream's final line is the last piece's end (pieces end at
+        # a line's end); a whole answer's counters may straddle the two. Kept by reference, never copied.
+        self._before_last = self._last = b""
+        self._completed = self._client_gone = self._upstream_failed = False
         self._idle_timeout = idle_timeout
         self.status_code = upstream_response.status
         self.background = None
@@ -95,6 +116,15 @@ class RelayResponse(Response):
             self._watchdog.cancel()
             disconnect_watch.cancel()
             self._upstream.release()
+            if self._on_end is not None:
+                self._on_end(
+                    RelayEnd(
+                        completed=self._completed and not self._client_gone,
+                        client_gone=self._client_gone,
+                        upstream_failed=self._upstream_failed and not self._client_gone,
+                        tail=self._before_last + self._last,
+                    )
+                )
         if refusal is not None:
             await error_response(refusal.status, refusal.message, path=scope["path"])(scope, receive, send)
         elif ending is not None:
@@ -117,6 +147,7 @@ class RelayResponse(Response):
                     break
                 first += chunk
         except UpstreamError:
+            self._upstream_failed = True
             if self._idle_expired:
                 reason = f"Ollama sent nothing for {self._idle_timeout:g} s (upstream idle timeout)"
                 return b"", GatewayError(504, reason)
@@ -141,13 +172,17 @@ class RelayResponse(Response):
             if first:
                 end = first.rfind(b"\n") + 1
                 if end:
-                    await send({"type": "http.response.body", "body": first[:end], "more_body": True})
+                    self._last = first[:end]
+                    await send({"type": "http.response.body", "body": self._last, "more_body": True})
                 partial = first[end:]
             while True:
                 self._awaiting_upstream_since = loop.time()
                 chunk = await upstream.read_chunk()
                 self._awaiting_upstream_since = None
                 if not chunk:
+                    self._completed = True
+                    if partial:
+                        self._before_last, self._last = self._last, partial
                     return partial
                 if line_framed:
                     if partial:
@@ -157,8 +192,10 @@ class RelayResponse(Response):
                         chunk, partial = chunk[:end], chunk[end:]
                     if not chunk:
                         continue
+                self._before_last, self._last = self._last, chunk
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except UpstreamError:
+            self._upstream_failed = True
             if not line_framed:
                 return None
             if self._idle_expired:
@@ -185,6 +222,7 @@ class RelayResponse(Response):
     async def _close_upstream_on_disconnect(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
+        self._client_gone = True
         self._upstream.close()
 
 
@@ -196,8 +234,10 @@ async def relay(
     headers: list[tuple[str, str]],
     body: bytes | AsyncIterator[bytes] | None = None,
     length: int | None = None,
+    on_end: Callable[[RelayEnd], None] | None = None,
 ) -> Response:
-    """Forward one request to Ollama and answer with its response, streamed through unchanged.
+    """Forward one request to Ollama and answer with its response, streamed through unchanged; `on_end`
+    hears how the answer ended (not called when this raises: the caller knows then).
 
     Ollama's own errors (404 unknown model, 400 bad request, ...) keep their status and message. A stream a
     proxy compressed all the same is refused (502): it can't be cut at line ends. Any other compressed body
@@ -208,7 +248,7 @@ async def relay(
             raise await error_from(response, upstream.timeouts.idle)
         finally:
             response.close()
-    relayed = RelayResponse(response, upstream.timeouts.idle)
+    relayed = RelayResponse(response, upstream.timeouts.idle, on_end)
     coding = content_coding(response) if relayed._line_framed else None
     if coding is not None:
         response.close()

@@ -1,0 +1,173 @@
+"""The Ollama hosts the gateway sends work to, what it knows of each, and which may serve a model now.
+
+Hosts come from OLLAMA_URL (read at every start, shown as coming from the environment) and from the admins
+(`/admin/hosts`, stored). Each has a name, its URL (credentials used, never shown), whether it is enabled,
+whether it is draining (no new work; what runs finishes), and its slots: requests it runs at once per loaded
+model (Ollama's OLLAMA_NUM_PARALLEL), from OLLAMA_PARALLEL or its own setting, else learned
+(fleet.learning). What the gateway knows of a host (its models, the loaded ones, its health) comes from a
+periodic check (`check`: /api/tags and /api/ps) and from every request's outcome (fleet.health).
+"""
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.errors import GatewayError
+from fleet.health import Health
+from fleet.learning import SlotLearner
+from fleet.scheduler import Candidate
+from upstream.client import Upstream, UpstreamTimeouts
+
+logger = logging.getLogger("gateway.fleet")
+
+ENVIRONMENT = "environment"
+STORED = "stored"
+CHECK_TIMEOUT = 3.0
+
+
+def canonical_model(name: str) -> str:
+    """A model's name as Ollama lists it: `llama3.2` is `llama3.2:latest` (a tag follows the last colon,
+    unless a slash comes after it: `host:5000/model` has no tag)."""
+    name = name.strip()
+    tail = name.rsplit("/", 1)[-1]
+    return name if ":" in tail else f"{name}:latest"
+
+
+@dataclass
+class HostConfig:
+    id: str
+    name: str
+    url: str
+    source: str = ENVIRONMENT
+    enabled: bool = True
+    draining: bool = False
+    slots: int | None = None  # None: learn them
+
+
+@dataclass
+class Host:
+    config: HostConfig
+    upstream: Upstream
+    # Known from the periodic check; None until it first answers (then any model may be asked of it).
+    models: frozenset[str] | None = None
+    loaded: frozenset[str] = frozenset()
+    health: Health = field(default_factory=Health)
+    learners: dict[str, SlotLearner] = field(default_factory=dict)
+    checked_at: float | None = None
+
+    @property
+    def id(self) -> str:
+        return self.config.id
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def slots_for(self, model: str) -> int | None:
+        if self.config.slots is not None:
+            return self.config.slots
+        learner = self.learners.get(model)
+        return learner.learned if learner is not None else None
+
+    def slots_source(self, model: str) -> str | None:
+        if self.config.slots is not None:
+            return "configured"
+        return "learned" if self.slots_for(model) is not None else None
+
+    def has(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+    def takes_work(self) -> bool:
+        return self.config.enabled and not self.config.draining
+
+
+def environment_hosts(urls: list[str], slots: int | None) -> list[HostConfig]:
+    """OLLAMA_URL's hosts, named by their address (without credentials); ids `env-1`, `env-2`, ..."""
+    configs = []
+    for number, url in enumerate(urls, start=1):
+        name = Upstream(url, UpstreamTimeouts(1, 1, 1)).public_url.split("://", 1)[-1]
+        configs.append(HostConfig(id=f"env-{number}", name=name, url=url, slots=slots))
+    return configs
+
+
+class Hosts:
+    """Every host, by id, and the choice of which may serve a model now (`candidates`)."""
+
+    def __init__(self, timeouts: UpstreamTimeouts, clock: Callable[[], float] = time.monotonic) -> None:
+        self._timeouts = timeouts
+        self._clock = clock
+        self.by_id: dict[str, Host] = {}
+
+    def add(self, config: HostConfig) -> Host:
+        host = Host(config, Upstream(config.url, self._timeouts))
+        self.by_id[config.id] = host
+        return host
+
+    async def remove(self, host_id: str) -> None:
+        host = self.by_id.pop(host_id, None)
+        if host is not None:
+            await host.upstream.close()
+
+    async def close(self) -> None:
+        for host in list(self.by_id.values()):
+            await host.upstream.close()
+        self.by_id.clear()
+
+    def __iter__(self) -> Iterator[Host]:
+        return iter(list(self.by_id.values()))
+
+    def candidates(self, model: str) -> list[Candidate]:
+        """Hosts that may take a request for `model` now: enabled, not draining, healthy (or, their back-off
+        over, on trial: one request at a time), and holding the model. If no such host holds it, every such
+        host: Ollama's own answer (model not found) is what the client should see. If every host is ejected,
+        all of them, as they are: with nothing better, each request is its own trial."""
+        now = self._clock()
+        takers = [host for host in self.by_id.values() if host.takes_work()]
+        healthy = [host for host in takers if host.health.healthy]
+        on_trial = {host.id for host in takers if healthy and host.health.on_trial(now)}
+        pool = [host for host in takers if host.health.healthy or host.id in on_trial] if healthy else takers
+        holding = [host for host in pool if host.has(model)] or pool
+        return [
+            Candidate(
+                host.id,
+                loaded=model in host.loaded,
+                slots=1 if host.id in on_trial else host.slots_for(model),
+            )
+            for host in holding
+        ]
+
+    async def check(self, host: Host) -> None:
+        """Ask a host its models and the loaded ones; its health follows the answer."""
+        try:
+            async with asyncio.timeout(CHECK_TIMEOUT):
+                tags = await host.upstream.fetch_json("GET", "/api/tags")
+                running = await host.upstream.fetch_json("GET", "/api/ps")
+        except (GatewayError, TimeoutError) as error:
+            problem = error.message if isinstance(error, GatewayError) else "no answer to the check"
+            if host.health.healthy:
+                logger.warning("Ollama host %s is out of service: %s", host.name, problem)
+            host.health.failed(self._clock(), problem)
+            host.checked_at = self._clock()
+            return
+        host.models = frozenset(_names(tags))
+        host.loaded = frozenset(_names(running))
+        host.health.answered_check(self._clock())
+        host.checked_at = self._clock()
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self.check(host) for host in self if host.config.enabled))
+
+
+def _names(answer: Any) -> list[str]:
+    models = answer.get("models") if isinstance(answer, dict) else None
+    if not isinstance(models, list):
+        return []
+    names = []
+    for entry in models:
+        name = entry.get("name") or entry.get("model") if isinstance(entry, dict) else None
+        if isinstance(name, str):
+            names.append(canonical_model(name))
+    return names

@@ -1,0 +1,195 @@
+"""Several Ollama hosts behind one gateway: routing by model and by free slot, failover, ejection, slots
+never exceeded, slots learned, merged model lists. The hosts are test doubles that schedule as Ollama does
+(tests/fake_ollama.py: slots per model behind a hidden FIFO)."""
+
+import concurrent.futures
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+
+from tests.fake_ollama import FakeOllama, default_models
+from tests.processes import free_port
+from tests.servers import RunningGateway
+from tests.streams import chat_body
+
+MODEL = "llama3.2:1b"
+OTHER = "llava:7b"
+
+
+@pytest.fixture
+def hosts() -> Iterator[Callable[..., FakeOllama]]:
+    started: list[FakeOllama] = []
+
+    def start(**settings) -> FakeOllama:
+        fake = FakeOllama(**settings).start()
+        started.append(fake)
+        return fake
+
+    yield start
+    for fake in started:
+        fake.stop()
+
+
+def fleet_gateway(make_gateway, *urls: str, **settings) -> RunningGateway:
+    gateway = make_gateway(ollama_url=",".join(urls), **settings)
+    gateway.run(gateway.services.fleet.check_now())
+    return gateway
+
+
+def only(fake: FakeOllama, *names: str) -> None:
+    fake.models = [entry for entry in default_models() if entry["name"] in names]
+
+
+def chats(fake: FakeOllama) -> list[str | None]:
+    return [request.model for request in fake.requests if request.path == "/api/chat"]
+
+
+def post_chats(
+    gateway: RunningGateway, count: int, headers: dict | None = None, **options
+) -> list[httpx.Response]:
+    headers = headers or gateway.admin_headers()
+
+    def one(_: int) -> httpx.Response:
+        body = {**chat_body(**options), "stream": False}
+        return httpx.post(f"{gateway.url}/api/chat", json=body, headers=headers, timeout=30)
+
+    with concurrent.futures.ThreadPoolExecutor(count) as pool:
+        return list(pool.map(one, range(count)))
+
+
+def test_requests_go_to_a_host_that_holds_the_model(make_gateway, hosts):
+    first, second = hosts(), hosts()
+    only(first, MODEL)
+    only(second, OTHER)
+    gateway = fleet_gateway(make_gateway, first.url, second.url)
+    with httpx.Client(base_url=gateway.url, headers=gateway.admin_headers()) as http:
+        for _ in range(4):
+            assert http.post("/api/chat", json={**chat_body(MODEL), "stream": False}).status_code == 200
+            assert http.post("/api/chat", json={**chat_body(OTHER), "stream": False}).status_code == 200
+    assert chats(first) == [MODEL] * 4
+    assert chats(second) == [OTHER] * 4
+
+
+def test_a_host_with_the_model_loaded_and_a_slot_free_is_preferred(make_gateway, hosts):
+    warm, cold = hosts(num_parallel=2), hosts(num_parallel=2)
+    cold.unload_all()
+    gateway = fleet_gateway(make_gateway, warm.url, cold.url, ollama_parallel=2)
+    # One at a time: the warm host always has a free slot.
+    with httpx.Client(base_url=gateway.url, headers=gateway.admin_headers()) as http:
+        for _ in range(6):
+            assert http.post("/api/chat", json={**chat_body(), "stream": False}).status_code == 200
+    assert len(chats(warm)) == 6
+    assert chats(cold) == []
+    # Three at once: the third goes to the host that can load the model, rather than wait.
+    responses = post_chats(gateway, 3, interval=0.1)
+    assert [response.status_code for response in responses] == [200] * 3
+    assert len(chats(cold)) == 1
+    assert cold.model_stats(MODEL).loads == 1
+
+
+def test_the_gateway_never_sends_a_host_more_than_its_slots(make_gateway, hosts):
+    host = hosts(num_parallel=2)
+    gateway = fleet_gateway(make_gateway, host.url, ollama_parallel=2)
+    responses = post_chats(gateway, 10, tokens=5, interval=0.03)
+    assert [response.status_code for response in responses] == [200] * 10
+    stats = host.model_stats(MODEL)
+    assert stats.max_in_flight == 2
+    # Nothing waited inside Ollama: the gateway held the rest.
+    assert max(request.slot_wait or 0 for request in host.requests) < 0.02
+    assert gateway.services.fleet.scheduler.inflight_by_slot() == {}
+
+
+def test_a_host_that_dies_before_answering_costs_no_client_an_error(make_gateway, hosts):
+    alive = hosts()
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    gateway = make_gateway(ollama_url=f"{dead},{alive.url}")  # not checked: the gateway finds out by trying
+    responses = [
+        httpx.post(
+            f"{gateway.url}/api/chat",
+            json={**chat_body(), "stream": False},
+            headers=gateway.admin_headers(),
+            timeout=30,
+        )
+        for _ in range(8)
+    ]
+    assert [response.status_code for response in responses] == [200] * 8
+    assert len(chats(alive)) == 8
+
+
+def test_a_host_that_fails_fast_is_ejected_rather_than_sent_more(make_gateway, hosts):
+    good, busy = hosts(), hosts()
+    busy.set_busy(True)  # Ollama's 503 "server busy", at once
+    # Not checked first (the double is busy on every path, where Ollama's model list would still answer):
+    # the gateway learns it from the requests themselves.
+    gateway = make_gateway(ollama_url=f"{busy.url},{good.url}")
+    with httpx.Client(base_url=gateway.url, headers=gateway.admin_headers()) as http:
+        statuses = [
+            http.post("/api/chat", json={**chat_body(), "stream": False}).status_code for _ in range(30)
+        ]
+    assert statuses == [200] * 30
+    # The busy host saw a request or two before it was ejected (and none of them failed a client).
+    assert len(busy.requests) <= 2
+    shown = {host["url"]: host for host in gateway.services.fleet.snapshot()}
+    assert shown[busy.url]["healthy"] is False
+    assert "503" in shown[busy.url]["problem"] and "busy" in shown[busy.url]["problem"]
+
+
+def test_slots_are_learned_from_ollamas_timings_when_not_configured(make_gateway, hosts, caplog):
+    host = hosts(num_parallel=2)
+    gateway = fleet_gateway(make_gateway, host.url)
+    # Slots unknown: all eight go through at once, and six of them wait inside Ollama.
+    first = post_chats(gateway, 8, tokens=4, interval=0.05)
+    assert [response.status_code for response in first] == [200] * 8
+    shown = gateway.services.fleet.snapshot()[0]["capacity"][MODEL]
+    assert (shown["capacity"], shown["source"]) == (2, "learned")
+    assert any("runs 2 requests at once" in record.getMessage() for record in caplog.records)
+    # From now on the gateway holds the rest itself.
+    host.reset()
+    host.num_parallel = 2
+    second = post_chats(gateway, 8, tokens=4, interval=0.05)
+    assert [response.status_code for response in second] == [200] * 8
+    assert host.model_stats(MODEL).max_in_flight == 2
+    assert max(request.slot_wait or 0 for request in host.requests) < 0.02
+
+
+def test_model_lists_merge_every_host_each_model_once(make_gateway, hosts):
+    first, second = hosts(), hosts()
+    only(first, MODEL)
+    gateway = fleet_gateway(make_gateway, first.url, second.url)
+    with httpx.Client(base_url=gateway.url, headers=gateway.admin_headers()) as http:
+        tags = [model["name"] for model in http.get("/api/tags").json()["models"]]
+        openai = [model["id"] for model in http.get("/v1/models").json()["data"]]
+    assert sorted(tags) == [MODEL, OTHER]
+    assert sorted(openai) == [MODEL, OTHER]
+
+
+def test_model_management_goes_to_the_host_named(make_gateway, hosts):
+    first, second = hosts(), hosts()
+    gateway = fleet_gateway(make_gateway, first.url, second.url)
+    names = [host["name"] for host in gateway.services.fleet.snapshot()]
+    with httpx.Client(base_url=gateway.url, headers=gateway.admin_headers(), timeout=30) as http:
+        unnamed = http.post("/api/pull", json={"model": "qwen3:0.6b", "stream": False})
+        assert unnamed.status_code == 400
+        assert "X-Ollama-Host" in unnamed.json()["error"]
+        named = http.post(
+            "/api/pull", json={"model": "qwen3:0.6b", "stream": False}, headers={"X-Ollama-Host": names[1]}
+        )
+    assert named.status_code == 200
+    assert [request.path for request in second.requests if request.path == "/api/pull"] == ["/api/pull"]
+    assert not [request for request in first.requests if request.path == "/api/pull"]
+
+
+def test_a_request_waits_in_the_gateway_no_longer_than_the_queue_timeout(make_gateway, hosts):
+    host = hosts(num_parallel=1)
+    gateway = fleet_gateway(make_gateway, host.url, ollama_parallel=1, queue_timeout_interactive=0.3)
+    started = time.monotonic()
+    responses = post_chats(gateway, 2, tokens=10, interval=0.1)
+    statuses = sorted(response.status_code for response in responses)
+    assert statuses == [200, 503]
+    refused = next(response for response in responses if response.status_code == 503)
+    assert int(refused.headers["retry-after"]) >= 1
+    assert "no slot" in refused.json()["error"]
+    assert time.monotonic() - started < 5
+    assert len(chats(host)) == 1
