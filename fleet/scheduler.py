@@ -260,14 +260,15 @@ class Scheduler:
         return True
 
     def _check_waiting_caps(self, ask: Ask) -> None:
+        """Called for a request just queued (so counted): over a cap, it may not wait."""
         limits = self.limits
         retry = _retry_after(self._cost_of(ask.model))
-        if limits.user_waiting is not None and self._user_waiting.get(ask.user, 0) >= limits.user_waiting:
+        if limits.user_waiting is not None and self._user_waiting.get(ask.user, 0) > limits.user_waiting:
             raise Refused(429, f"you already have {limits.user_waiting} requests waiting", retry)
         if (
             ask.key is not None
             and limits.key_waiting is not None
-            and self._key_waiting.get(ask.key, 0) >= limits.key_waiting
+            and self._key_waiting.get(ask.key, 0) > limits.key_waiting
         ):
             raise Refused(429, f"this API key already has {limits.key_waiting} requests waiting", retry)
 

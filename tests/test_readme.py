@@ -4,7 +4,8 @@ main.py` in an empty folder with the test Ollama, and the first-start password r
 One shell runs, in the README's order, every `sh` block that talks to the gateway (`$G`) or runs `manage.py`
 (from the gateway's folder, as the README says), and the Python
 client examples whose packages the tests install (ollama, openai); LangChain's and the JavaScript ones are
-not run. The only edits are the two a reader makes: the printed password, and the gateway's address (here a
+not run, nor the `bash` blocks, which need a setup of their own (several Ollama hosts). The only edits are
+the two a reader makes: the printed password, and the gateway's address (here a
 free port instead of 8000). When the README drifts from the gateway, this test fails.
 """
 
