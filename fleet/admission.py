@@ -78,40 +78,48 @@ class Fleet:
             return
         host = self.host(grant)
         counters = ended.counters
+        more_slots = False
         if host is not None:
-            self._judge(host, ended)
+            more_slots = self._judge(host, ended)
             if counters is not None:
                 host.loaded = host.loaded | {grant.model}
-                self._learn(host, grant, counters)
+                more_slots = self._learn(host, grant, counters) or more_slots
         self.scheduler.release(grant, counters.slot_seconds if counters is not None else None)
-        if host is not None and ended.host_failed is None and host.health.failures == 0:
-            # A host back in service (or slots just learned) may serve requests waiting for other models.
-            self.scheduler.refresh(self.scheduler.waiting_models())
+        if more_slots:
+            # A host back in service, or slots now known, may serve requests waiting for any model.
+            self.scheduler.refresh()
 
-    def _judge(self, host: Host, ended: Ended) -> None:
+    def _judge(self, host: Host, ended: Ended) -> bool:
+        """Ejects a host that failed; True when one comes back into service."""
         health = host.health
         if ended.host_failed is not None:
             if health.healthy:
                 logger.warning("Ollama host %s is out of service: %s", host.name, ended.host_failed)
             health.failed(time.monotonic(), ended.host_failed)
-        elif not health.healthy:
-            logger.warning("Ollama host %s is back in service", host.name)
-            health.succeeded()
+            return False
+        if health.healthy:
+            return False
+        logger.warning("Ollama host %s is back in service", host.name)
+        health.succeeded()
+        return True
 
-    def _learn(self, host: Host, grant: Grant, counters: Counters) -> None:
+    def _learn(self, host: Host, grant: Grant, counters: Counters) -> bool:
+        """True when this request settled the slots of its (host, model)."""
         if host.config.slots is not None:
-            return
+            return False
         learner = host.learners.setdefault(grant.model, SlotLearner())
         learned = learner.observe(grant.running, counters.waited_seconds)
-        if learned is not None:
-            logger.warning(
-                "learned from Ollama's timings: host %s runs %d request%s at once for %s; the gateway now "
-                "holds the rest in its queue (set the host's slots, or OLLAMA_PARALLEL, to say otherwise)",
-                host.name,
-                learned,
-                "" if learned == 1 else "s",
-                grant.model,
-            )
+        if learned is None:
+            return False
+        logger.warning(
+            "learned from Ollama's timings: host %s runs %d request%s at once for %s; the gateway now "
+            "holds the rest in its queue (set the host's slots, or OLLAMA_PARALLEL, to say otherwise)",
+            host.name,
+            learned,
+            "" if learned == 1 else "s",
+            grant.model,
+        )
+        return True
 
     def snapshot(self) -> list[dict[str, Any]]:
         """What `/admin/hosts` shows of each host (never its credentials)."""

@@ -81,7 +81,7 @@ def test_a_chat_is_not_stuck_behind_someone_elses_batch_job(make_gateway, two_sl
     gateway = make_gateway(ollama_url=two_slot_host.url, ollama_parallel=2)
     batch = auth(add_user(gateway, "a@example.com"), **{"X-Priority": "batch"})
     chatter = auth(add_user(gateway, "b@example.com"))
-    job = {"tokens": 8, "interval": 0.05}  # about 0.4 s each
+    job: dict = {"tokens": 8, "interval": 0.05}  # about 0.4 s each
     idle = first_byte_after(gateway, chatter, **job)
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         jobs = [pool.submit(chat, gateway, batch, **job) for _ in range(12)]
@@ -99,7 +99,7 @@ def test_a_chat_is_not_stuck_behind_someone_elses_batch_job(make_gateway, two_sl
 
 def test_directly_to_ollama_the_same_chat_waits_behind_the_whole_job(two_slot_host):
     # The comparison: Ollama's own queue is first come, first served.
-    job = {"tokens": 8, "interval": 0.05}
+    job: dict = {"tokens": 8, "interval": 0.05}
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         jobs = [
             pool.submit(
@@ -126,7 +126,7 @@ def test_two_batch_users_share_the_slot_time_equally(make_gateway, one_slot_host
     gateway = make_gateway(ollama_url=one_slot_host.url, ollama_parallel=1)
     first = auth(add_user(gateway, "first@example.com"), **{"X-Priority": "batch"})
     second = auth(add_user(gateway, "second@example.com"), **{"X-Priority": "batch"})
-    job = {"tokens": 3, "interval": 0.02}
+    job: dict = {"tokens": 3, "interval": 0.02}
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(chat, gateway, first, "first", **job) for _ in range(6)]
         time.sleep(0.2)  # all of the first user's are queued before any of the second's
