@@ -28,6 +28,9 @@ class Ended:
     counters: Counters | None = None
     # Why the host failed it (no connection, a fast 5xx): the host is ejected for a while.
     host_failed: str | None = None
+    # The host answered as a working Ollama does (any answer but a 5xx): an ejected host is back. A slow
+    # 5xx is neither: a model that failed on this request says nothing of the host.
+    host_answered: bool = True
 
 
 class Fleet:
@@ -97,7 +100,7 @@ class Fleet:
                 logger.warning("Ollama host %s is out of service: %s", host.name, ended.host_failed)
             health.failed(time.monotonic(), ended.host_failed)
             return False
-        if health.healthy:
+        if health.healthy or not ended.host_answered:
             return False
         logger.warning("Ollama host %s is back in service", host.name)
         health.succeeded()

@@ -14,14 +14,16 @@
 """
 
 import asyncio
+import json
 import random
 import time
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from functools import partial
 from typing import Any
 
 from starlette.requests import ClientDisconnect
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive
 
 from core.errors import GatewayError
@@ -29,11 +31,13 @@ from fleet.admission import Ended, Fleet
 from fleet.health import FAST_FAILURE_SECONDS
 from fleet.hosts import Host
 from fleet.scheduler import Ask, Grant, Refused
-from upstream.client import Unreachable, Upstream
+from upstream.client import MAX_JSON_BODY, Unreachable, Upstream, error_from
 from upstream.counters import read_counters
+from upstream.http11 import UpstreamError, UpstreamResponse
 from upstream.passthrough import RelayEnd, relay
 
 HOST_HEADER = "X-Ollama-Host"
+EVERY_HOST = "all"
 
 
 async def admitted_relay(
@@ -60,20 +64,22 @@ async def admitted_relay(
                 host.upstream, method, path, headers=headers, body=body, on_end=partial(_ended, fleet, grant)
             )
         except GatewayError as error:
-            fleet.finish(grant, Ended(host_failed=_host_failure(error, time.monotonic() - sent)))
+            failure = _host_failure(error, time.monotonic() - sent)
+            answered = error.status < 500 and not isinstance(error, Unreachable)
+            fleet.finish(grant, Ended(host_failed=failure, host_answered=answered))
             if retried or not _retryable(error) or not fleet.can_retry_elsewhere(grant):
                 raise
             retried = True
             grant = await _slot(fleet, replace(grant.ask, avoid=grant.ask.avoid | {grant.host}), receive)
         except BaseException:
-            fleet.finish(grant, Ended())
+            fleet.finish(grant, Ended(host_answered=False))
             raise
 
 
 def _ended(fleet: Fleet, grant: Grant, end: RelayEnd) -> None:
     counters = read_counters(end.tail) if end.completed else None
     failure = "the connection to Ollama was lost mid-answer" if end.upstream_failed else None
-    fleet.finish(grant, Ended(counters=counters, host_failed=failure))
+    fleet.finish(grant, Ended(counters=counters, host_failed=failure, host_answered=failure is None))
 
 
 def _retryable(error: GatewayError) -> bool:
@@ -182,3 +188,107 @@ async def merged_list(fleet: Fleet, path: str, field: str, name_key: str) -> dic
         assert failure is not None
         raise failure
     return merged
+
+
+async def on_every_host(
+    fleet: Fleet, method: str, path: str, *, headers: list[tuple[str, str]], body: bytes | None
+) -> Response:
+    """Model management on every enabled host (`X-Ollama-Host: all`), one host after the other.
+
+    A streamed answer (pull, push, create) is one NDJSON stream: each host's progress lines, each with the
+    host's name added (`"host"`), its closing `{"status": "success"}` said as `"success on <host>"`, and a
+    last `{"status": "success"}` once every host succeeded. A host's failure ends the stream with an error
+    line naming it; the hosts after it are not asked. A whole answer (`"stream": false`, copy, delete) is the
+    last host's, once every host succeeded, or the first failure, naming its host."""
+    hosts = [host for host in fleet.hosts if host.config.enabled]
+    if not hosts:
+        raise GatewayError(503, "no Ollama host is enabled")
+    first = await _send_managed(hosts[0], method, path, headers, body)
+    if b"ndjson" not in (first.header(b"content-type") or b""):
+        return await _whole_answers(hosts, first, method, path, headers, body)
+
+    async def progress() -> AsyncIterator[bytes]:
+        answer: UpstreamResponse | None = first
+        for host in hosts:
+            try:
+                answer = answer or await _send_managed(host, method, path, headers, body)
+                async for line in _lines(answer, host):
+                    yield line
+            except GatewayError as error:
+                yield _json_line({"error": f"{host.name}: {error.message}"})
+                return
+            finally:
+                if answer is not None:
+                    answer.release()
+            answer = None
+        yield _json_line({"status": "success"})
+
+    return StreamingResponse(progress(), media_type="application/x-ndjson")
+
+
+async def _send_managed(
+    host: Host, method: str, path: str, headers: list[tuple[str, str]], body: bytes | None
+) -> UpstreamResponse:
+    response = await host.upstream.send(method, path, headers=headers, body=body)
+    if response.status >= 400:
+        try:
+            error = await error_from(response, host.upstream.timeouts.idle)
+        finally:
+            response.close()
+        raise GatewayError(error.status, f"{host.name}: {error.message}")
+    return response
+
+
+async def _lines(answer: UpstreamResponse, host: Host) -> AsyncIterator[bytes]:
+    """The host's progress lines, each naming the host."""
+    pending = b""
+    while chunk := await answer.read_chunk():
+        pending += chunk
+        *complete, pending = pending.split(b"\n")
+        for line in complete:
+            if line.strip():
+                yield _tagged(line, host)
+    if pending.strip():
+        yield _tagged(pending, host)
+
+
+def _tagged(line: bytes, host: Host) -> bytes:
+    try:
+        progress = json.loads(line)
+    except ValueError:
+        raise GatewayError(502, f"{host.name} sent a progress line that is not JSON") from None
+    if not isinstance(progress, dict):
+        raise GatewayError(502, f"{host.name} sent a progress line that is not a JSON object")
+    if "error" in progress:
+        raise GatewayError(502, str(progress["error"]))
+    if progress.get("status") == "success":
+        progress["status"] = f"success on {host.name}"
+    return _json_line({**progress, "host": host.name})
+
+
+def _json_line(value: dict[str, Any]) -> bytes:
+    return json.dumps(value).encode() + b"\n"
+
+
+async def _whole_answers(
+    hosts: list[Host],
+    first: UpstreamResponse,
+    method: str,
+    path: str,
+    headers: list[tuple[str, str]],
+    body: bytes | None,
+) -> Response:
+    answer: UpstreamResponse | None = first
+    status, content, content_type = 200, b"", None
+    for host in hosts:
+        answer = answer or await _send_managed(host, method, path, headers, body)
+        try:
+            content = await answer.read(MAX_JSON_BODY)
+        except UpstreamError:
+            raise GatewayError(502, f"{host.name}: the connection to Ollama was lost") from None
+        finally:
+            answer.release()
+        status, content_type = answer.status, answer.header(b"content-type")
+        answer = None
+    media_type = content_type.decode("latin-1") if content_type else None
+    return Response(content, status_code=status, media_type=media_type)

@@ -23,11 +23,14 @@ router = APIRouter()
 )
 async def health(services: AppServices) -> HealthResponse:
     probe = await probe_ollama(services.upstream)
+    takers = [host for host in services.fleet.hosts if host.takes_work()]
     return HealthResponse(
         status="ok" if probe.reachable else "degraded",
         ollama_url=services.upstream.public_url,
         ollama_reachable=probe.reachable,
         ollama_version=probe.version,
+        hosts=len(takers),
+        hosts_in_service=sum(host.health.healthy for host in takers),
     )
 
 

@@ -36,7 +36,15 @@ from core.errors import Forbidden, GatewayError, error_response, rendered_by_the
 from fleet.hosts import canonical_model
 from fleet.scheduler import Ask, Band
 from routes.dependencies import Services
-from routes.dispatch import admitted_relay, host_holding, merged_list, named_host
+from routes.dispatch import (
+    EVERY_HOST,
+    HOST_HEADER,
+    admitted_relay,
+    host_holding,
+    merged_list,
+    named_host,
+    on_every_host,
+)
 from routes.guard import take_api_key, take_user
 from upstream.bodies import (
     BodyRules,
@@ -244,6 +252,10 @@ class RelayEndpoint:
                 fleet, ask, receive, route.method, upstream_path, headers=headers, body=body
             )
         if route.access is Access.ADMIN:
+            if (head.ollama_host or "").strip().lower() == EVERY_HOST:
+                if not isinstance(body, bytes | None):
+                    raise GatewayError(400, f"a blob goes to one host: name it in {HOST_HEADER}")
+                return await on_every_host(fleet, route.method, upstream_path, headers=headers, body=body)
             upstream = named_host(fleet, head.ollama_host).upstream
         else:
             named = scope["path_params"][route.param] if route.param_names_model and route.param else model

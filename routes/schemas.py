@@ -71,9 +71,11 @@ class VersionResponse(BaseModel):
 
 class HealthResponse(BaseModel):
     status: str = Field(description="'ok', or 'degraded' when Ollama can't be reached")
-    ollama_url: str
+    ollama_url: str = Field(description="the first of OLLAMA_URL's hosts, which the ollama_* fields are about")
     ollama_reachable: bool
     ollama_version: str | None
+    hosts: int = Field(description="Ollama hosts that take requests (enabled, not draining)")
+    hosts_in_service: int = Field(description="of those, the ones not taken out of service after failing")
 
 
 def _checked_text(value: str) -> str:

@@ -3,6 +3,8 @@ never exceeded, slots learned, merged model lists. The hosts are test doubles th
 (tests/fake_ollama.py: slots per model behind a hidden FIFO)."""
 
 import concurrent.futures
+import hashlib
+import json
 import time
 from collections.abc import Callable, Iterator
 
@@ -193,3 +195,52 @@ def test_a_request_waits_in_the_gateway_no_longer_than_the_queue_timeout(make_ga
     assert "no slot" in refused.json()["error"]
     assert time.monotonic() - started < 5
     assert len(chats(host)) == 1
+
+
+def test_a_pull_on_every_host_streams_each_hosts_progress_then_one_success(make_gateway, hosts):
+    first, second = hosts(), hosts()
+    gateway = fleet_gateway(make_gateway, first.url, second.url)
+    names = [host["name"] for host in gateway.services.fleet.snapshot()]
+    with httpx.Client(base_url=gateway.url, headers=gateway.admin_headers(), timeout=30) as http:
+        answer = http.post("/api/pull", json={"model": "qwen3:0.6b"}, headers={"X-Ollama-Host": "all"})
+    assert answer.status_code == 200
+    lines = [json.loads(line) for line in answer.text.splitlines()]
+    assert lines[-1] == {"status": "success"}
+    assert [line["status"] for line in lines if line["status"].startswith("success on")] == [
+        f"success on {name}" for name in names
+    ]
+    assert {line["host"] for line in lines[:-1]} == set(names)
+    for fake in (first, second):
+        assert any(entry["name"] == "qwen3:0.6b" for entry in fake.models)
+
+
+def test_a_delete_on_every_host_says_which_host_failed(make_gateway, hosts):
+    first, second = hosts(), hosts()
+    only(second, OTHER)  # the second host has no llama3.2:1b to delete
+    gateway = fleet_gateway(make_gateway, first.url, second.url)
+    second_name = gateway.services.fleet.snapshot()[1]["name"]
+    with httpx.Client(base_url=gateway.url, headers=gateway.admin_headers(), timeout=30) as http:
+        answer = http.request(
+            "DELETE", "/api/delete", json={"model": MODEL}, headers={"X-Ollama-Host": "all"}
+        )
+    assert answer.status_code == 404
+    assert answer.json()["error"].startswith(f"{second_name}: ")
+    assert not any(entry["name"] == MODEL for entry in first.models)
+
+
+def test_a_blob_goes_to_one_named_host(make_gateway, hosts):
+    first, second = hosts(), hosts()
+    gateway = fleet_gateway(make_gateway, first.url, second.url)
+    digest = "sha256:" + hashlib.sha256(b"blob").hexdigest()
+    with httpx.Client(base_url=gateway.url, headers=gateway.admin_headers(), timeout=30) as http:
+        refused = http.post(f"/api/blobs/{digest}", content=b"blob", headers={"X-Ollama-Host": "all"})
+    assert refused.status_code == 400
+    assert "one host" in refused.json()["error"]
+
+
+def test_health_counts_the_hosts_in_service(make_gateway, hosts):
+    alive = hosts()
+    dead = f"http://127.0.0.1:{free_port()}"
+    gateway = fleet_gateway(make_gateway, alive.url, dead)  # the check finds the second one down
+    health = httpx.get(f"{gateway.url}/health").json()
+    assert (health["status"], health["hosts"], health["hosts_in_service"]) == ("ok", 2, 1)

@@ -14,6 +14,8 @@ def test_health_is_public_and_reports_ollama(anonymous, ollama):
         "ollama_url": ollama.url,
         "ollama_reachable": True,
         "ollama_version": ollama.version,
+        "hosts": 1,
+        "hosts_in_service": 1,
     }
 
 

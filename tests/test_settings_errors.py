@@ -11,6 +11,14 @@ from core.settings_errors import HIDDEN, read_settings
 
 WRONG_VALUES = {
     "ollama_url": "localhost:11434",
+    "ollama_parallel": "0",
+    "host_check_seconds": "0",
+    "queue_timeout_interactive": "-5",
+    "queue_timeout_batch": "soon",
+    "max_waiting_per_user": "-1",
+    "max_inflight_per_user": "1.5",
+    "max_waiting_per_key": "many",
+    "max_inflight_per_key": "-2",
     "secret_key": "too-short-secret",
     "admin_email": "admin at example.com",
     "admin_password": "password123",
@@ -192,6 +200,12 @@ def test_a_data_dir_inside_a_file_is_refused(environment, tmp_path):
             id="fragment",
         ),
         pytest.param("ollama:s3cret@gpu-box:11434", "(hidden)@gpu-box:11434", ["s3cret"], id="no-scheme"),
+        pytest.param(
+            "http://a:first-s3cret@gpu1:11434,gpu2:second-s3cret@x",
+            "http://(hidden)@gpu1:11434,(hidden)@x",
+            ["first-s3cret", "second-s3cret"],
+            id="several-hosts",
+        ),
     ],
 )
 def test_the_secrets_in_a_wrong_ollama_url_are_hidden(environment, value, shown, secrets):
