@@ -71,7 +71,7 @@ class VersionResponse(BaseModel):
 
 class HealthResponse(BaseModel):
     status: str = Field(description="'ok', or 'degraded' when Ollama can't be reached")
-    ollama_url: str = Field(description="the first of OLLAMA_URL's hosts, which the ollama_* fields are about")
+    ollama_url: str = Field(description="the first of OLLAMA_URL's hosts: the ollama_* fields are its")
     ollama_reachable: bool
     ollama_version: str | None
     hosts: int = Field(description="Ollama hosts that take requests (enabled, not draining)")
