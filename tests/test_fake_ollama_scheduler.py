@@ -308,7 +308,7 @@ def test_a_new_fake_and_a_reset_one_have_the_default_models_loaded(make_fake):
 
 
 def test_concurrent_requests_for_a_cold_model_wait_for_one_load(make_fake, pool):
-    load = 0.2
+    load = 0.5  # three loads one after the other would take 1.5 s: room for a busy machine below that
     fake = make_fake(load_seconds=load)
     fake.unload_all()
     started = time.monotonic()
