@@ -244,3 +244,15 @@ def test_health_counts_the_hosts_in_service(make_gateway, hosts):
     gateway = fleet_gateway(make_gateway, alive.url, dead)  # the check finds the second one down
     health = httpx.get(f"{gateway.url}/health").json()
     assert (health["status"], health["hosts"], health["hosts_in_service"]) == ("ok", 2, 1)
+
+
+def test_the_gateways_own_headers_stay_in_the_gateway(make_gateway, hosts):
+    host = hosts()
+    gateway = fleet_gateway(make_gateway, host.url)
+    headers = {**gateway.admin_headers(), "X-Priority": "batch", "X-Ollama-Host": "all"}
+    with httpx.Client(base_url=gateway.url, headers=headers, timeout=30) as http:
+        assert http.post("/api/chat", json={**chat_body(), "stream": False}).status_code == 200
+        assert http.post("/api/pull", json={"model": "qwen3:0.6b", "stream": False}).status_code == 200
+    for request in host.requests:
+        assert "x-priority" not in {name.lower() for name in request.headers}
+        assert "x-ollama-host" not in {name.lower() for name in request.headers}

@@ -35,6 +35,9 @@ _NOT_FORWARDED_UPSTREAM = HOP_BY_HOP | {
     b"content-length",
     b"expect",
     b"accept-encoding",
+    # The gateway's own: which host manages models, a request's priority (routes.dispatch).
+    b"x-ollama-host",
+    b"x-priority",
 }
 
 # Ollama sends Content-Type, and a framing the gateway replaces with its own (Content-Length or chunked);
