@@ -256,3 +256,29 @@ def test_the_gateways_own_headers_stay_in_the_gateway(make_gateway, hosts):
     for request in host.requests:
         assert "x-priority" not in {name.lower() for name in request.headers}
         assert "x-ollama-host" not in {name.lower() for name in request.headers}
+
+
+def test_a_draining_host_finishes_what_it_runs_and_takes_nothing_new(make_gateway, hosts):
+    draining, other = hosts(), hosts()
+    gateway = fleet_gateway(make_gateway, draining.url, other.url)
+    headers = gateway.admin_headers()
+    host = next(host for host in gateway.services.fleet.hosts if host.upstream.public_url == draining.url)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        # Requests already running on it when it starts draining finish there.
+        running = [pool.submit(slow_chat, gateway, headers) for _ in range(4)]
+        deadline = time.monotonic() + 5
+        while sum(fake.model_stats(MODEL).in_flight for fake in (draining, other)) < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        host.config.draining = True
+        started_there = len(chats(draining))
+        assert started_there >= 1
+        later = [pool.submit(slow_chat, gateway, headers) for _ in range(6)]
+        assert [future.result() for future in running + later] == [200] * 10
+    assert len(chats(draining)) == started_there
+    assert len(chats(other)) == 10 - started_there
+
+
+def slow_chat(gateway: RunningGateway, headers: dict[str, str]) -> int:
+    body = {**chat_body(tokens=5, interval=0.05), "stream": False}
+    return httpx.post(f"{gateway.url}/api/chat", json=body, headers=headers, timeout=30).status_code
