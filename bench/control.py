@@ -46,9 +46,10 @@ class _BenchProcess:
     It is stopped on exit, or at once if it fails to start."""
 
     module: str
+    args: tuple[str, ...] = ()
 
     def __enter__(self):
-        self.proc = spawn_python_module(self.module)
+        self.proc = spawn_python_module(self.module, *self.args)
         try:
             self.ready = self.receive()
             self.process = psutil.Process(self.proc.pid)
@@ -69,9 +70,14 @@ class _BenchProcess:
 
 
 class Upstream(_BenchProcess):
-    """The fake Ollama server (bench/upstream.py) in its own process."""
+    """The fake Ollama server (bench/upstream.py) in its own process; `parallel`: its slots per model, as
+    Ollama's OLLAMA_NUM_PARALLEL, the rest waiting in its FIFO (None: no limit)."""
 
     module = "bench.upstream"
+
+    def __init__(self, parallel: int | None = None):
+        self.parallel = parallel
+        self.args = () if parallel is None else ("--parallel", str(parallel))
 
     @property
     def port(self) -> int:
@@ -85,11 +91,15 @@ class Upstream(_BenchProcess):
         entries = request_json("GET", self.port, "/_bench/disconnects")["disconnects"]
         return {entry["id"]: entry["t"] for entry in entries}
 
+    def slots(self) -> dict:
+        """{"parallel", "requests": [{"id", "arrived", "slot", "end"}]}: each labelled chat's slot."""
+        return request_json("GET", self.port, "/_bench/slots")
+
     def reset(self) -> None:
         request_json("POST", self.port, "/_bench/reset")
 
     def wait_idle(self, timeout: float) -> int:
-        """Waits until no stream runs upstream; returns how many still ran when the timeout struck."""
+        """Waits until no stream runs or waits upstream; returns how many were left at the timeout."""
         deadline = time.monotonic() + timeout
         while (active := self.stats()["active_streams"]) and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -35,9 +35,10 @@ def spawn(argv: list[str], cwd: Path = REPO_ROOT, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(argv, cwd=cwd, preexec_fn=raise_fd_limit, **kwargs)
 
 
-def spawn_python_module(module: str) -> subprocess.Popen:
+def spawn_python_module(module: str, *args: str) -> subprocess.Popen:
     """Starts one of the bench's own asyncio processes, talking to us over its stdin and stdout."""
-    return spawn([sys.executable, "-m", module], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    argv = [sys.executable, "-m", module, *args]
+    return spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
