@@ -13,7 +13,7 @@ import time
 from bench import baseline, gateway, nginx, report
 from bench.control import LoadClient, Upstream
 from bench.procs import REPO_ROOT, raise_fd_limit, run_until_interrupted
-from bench.scenarios import SCENARIOS, Bench, log
+from bench.scenarios import DEFAULT_SCENARIOS, SCENARIOS, Bench, log
 from bench.targets import NAMES, Baseline
 
 
@@ -31,7 +31,12 @@ def choices(allowed: tuple[str, ...]):
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--scenarios", type=choices(tuple(SCENARIOS)), default=list(SCENARIOS))
+    parser.add_argument(
+        "--scenarios",
+        type=choices(tuple(SCENARIOS)),
+        default=list(DEFAULT_SCENARIOS),
+        help=f"default: {','.join(DEFAULT_SCENARIOS)}",
+    )
     parser.add_argument("--targets", type=choices(NAMES), default=list(NAMES))
     parser.add_argument("--streams", type=int, default=400, help="concurrent streams in scenario streams")
     parser.add_argument(
@@ -40,6 +45,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=300, help="sequential requests in scenario ttfb")
     parser.add_argument("--held", type=int, default=1000, help="streams held open in scenario memory")
     parser.add_argument("--disconnects", type=int, default=50, help="hang-ups in scenario disconnect")
+    parser.add_argument(
+        "--upstream-parallel",
+        type=int,
+        metavar="N",
+        help="the shared fake upstream schedules like Ollama, N slots per model and a FIFO behind them "
+        "(default: no limit; scenario two-hosts runs its second one without limit)",
+    )
     parser.add_argument(
         "--baseline",
         metavar="REVISION",
@@ -62,7 +74,7 @@ def main(argv: list[str]) -> int:
         if args.baseline and "gateway" in args.targets:
             name = baseline.short_name(args.baseline)
             earlier = Baseline(name, stack.enter_context(baseline.unpacked(name)))
-        upstream = stack.enter_context(Upstream())
+        upstream = stack.enter_context(Upstream(args.upstream_parallel))
         client = stack.enter_context(LoadClient())
         bench = Bench(
             upstream=upstream,
@@ -89,10 +101,11 @@ def main(argv: list[str]) -> int:
         },
     )
     print(report.markdown(rows))
-    if "streams" in results:
-        print("\n" + report.cpu_markdown(results["streams"]))
-        if warning := report.noise_warning(results["streams"]):
-            print("\n" + warning)
+    for name in ("streams", "two-hosts"):
+        if name in results:
+            print("\n" + report.cpu_markdown(results[name], name))
+    if warning := report.noise_warning(results):
+        print("\n" + warning)
     print(f"\nCommand: {command}\nResults: {args.out}")
     return 0
 

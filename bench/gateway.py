@@ -26,15 +26,16 @@ def available() -> bool:
 
 @contextlib.contextmanager
 def run_gateway(
-    upstream_port: int,
+    upstream_ports: list[int],
     settings: dict[str, str] | None = None,
     keep_log: Path | None = None,
     root: Path = REPO_ROOT,
 ) -> Iterator[tuple[int, str, list[psutil.Process]]]:
     """Yields the gateway's port, a bearer token for it and its processes.
 
-    `settings` adds to or overrides its environment; `keep_log` is where to copy its log when it stops
-    (the data dir, log included, is deleted); `root` is the source tree to run (an earlier version's).
+    `upstream_ports`: its Ollama hosts (OLLAMA_URL lists them all); `settings` adds to or overrides its
+    environment; `keep_log` is where to copy its log when it stops (the data dir, log included, is deleted);
+    `root` is the source tree to run (an earlier version's).
     """
     tmp = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     data_dir = tmp / "data"
@@ -43,7 +44,7 @@ def run_gateway(
     password = secrets.token_urlsafe(32)[:20]
     env = {
         **os.environ,
-        "OLLAMA_URL": f"http://{HOST}:{upstream_port}",
+        "OLLAMA_URL": ",".join(f"http://{HOST}:{port}" for port in upstream_ports),
         "DATA_DIR": str(data_dir),
         "ADMIN_EMAIL": ADMIN_EMAIL,
         "ADMIN_PASSWORD": password,

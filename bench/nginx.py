@@ -18,10 +18,11 @@ import psutil
 from bench.nginx_conf import folder_conf
 from bench.procs import HOST, free_port, spawn, stop, wait_for_port
 
-# The relay itself, inside nginx_conf's http block.
+# The relay itself, inside nginx_conf's http block. With several upstream servers, nginx balances them
+# round-robin (its default).
 HTTP = """\
 upstream ollama {{
-    server {host}:{upstream_port};
+{servers}
     keepalive 1024;
 }}
 
@@ -52,8 +53,9 @@ def version() -> str:
 
 
 @contextlib.contextmanager
-def run_nginx(upstream_port: int) -> Iterator[tuple[int, list[psutil.Process]]]:
-    """Yields nginx's port and its worker process, which does all the relaying."""
+def run_nginx(upstream_ports: list[int]) -> Iterator[tuple[int, list[psutil.Process]]]:
+    """Yields nginx's port and its worker process, which does all the relaying, to the upstreams listening
+    on `upstream_ports`."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-nginx-"))
     # nginx started by root runs its worker as nobody, which must reach the temp paths.
     tmp.chmod(0o755)
@@ -62,7 +64,11 @@ def run_nginx(upstream_port: int) -> Iterator[tuple[int, list[psutil.Process]]]:
     conf.write_text(
         folder_conf(
             tmp,
-            HTTP.format(host=HOST, port=port, upstream_port=upstream_port),
+            HTTP.format(
+                host=HOST,
+                port=port,
+                servers="\n".join(f"    server {HOST}:{upstream};" for upstream in upstream_ports),
+            ),
             worker_connections=4096,
             main=f"worker_rlimit_nofile {resource.getrlimit(resource.RLIMIT_NOFILE)[1]};",
         )

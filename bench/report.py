@@ -38,7 +38,11 @@ def _row(scenario: str, target: str, figures: str, ratio: str = "", met: str = "
     }
 
 
-def _streams_rows(results: dict) -> list[dict]:
+def _is_gateway(name: str) -> bool:
+    return name.startswith("gateway")
+
+
+def _streams_rows(results: dict, scenario: str = "streams") -> list[dict]:
     rows = []
     walls = {name: figures["wall_s"] for name, figures in results.items()}
     for name, figures in results.items():
@@ -48,21 +52,28 @@ def _streams_rows(results: dict) -> list[dict]:
             f"p99 {_num(figures['first_byte_p99_ms'])} ms, "
             f"gap p99 {_num(figures['gap_p99_ms'])} ms"
         )
+        served = figures.get("served") or []
+        if len(served) > 1:
+            text += f", streams per host {' / '.join(str(count) for count in served)}"
         ratio, met = "", ""
         if name == "nginx" and "direct" in walls:
             ratio = f"nginx/direct {_num(_ratio(walls['nginx'], walls['direct']), 2)}"
-        if name == "gateway":
-            vs_nginx = _ratio(walls["gateway"], walls.get("nginx"))
+        if _is_gateway(name):
+            vs_nginx = _ratio(walls[name], walls.get("nginx"))
             parts = [
-                f"gateway/{other} {_num(_ratio(walls['gateway'], walls[other]), 2)}"
+                f"{name}/{other} {_num(_ratio(walls[name], walls[other]), 2)}"
                 for other in ("nginx", "direct")
                 if other in walls
             ]
             ratio = ", ".join(parts)
             complete = figures["ok"] == figures["count"]
             met = _met(None if vs_nginx is None else vs_nginx <= STREAMS_MAX_RATIO and complete)
-        rows.append(_row("streams", name, text, ratio, met))
+        rows.append(_row(scenario, name, text, ratio, met))
     return rows
+
+
+def _two_hosts_rows(results: dict) -> list[dict]:
+    return _streams_rows(results, "two-hosts")
 
 
 def _ttfb_rows(results: dict) -> list[dict]:
@@ -79,7 +90,7 @@ def _ttfb_rows(results: dict) -> list[dict]:
         if name != "direct" and direct and first_byte:
             added = first_byte["p50"] - direct["p50"]
             ratio = f"p50 {added:+.2f} ms vs direct"
-        if name == "gateway":
+        if _is_gateway(name):
             met = _met(
                 None if added is None else added <= TTFB_MAX_ADDED_MS and figures["ok"] == figures["count"]
             )
@@ -95,10 +106,10 @@ def _memory_rows(results: dict) -> list[dict]:
             f"with {figures['held']}/{figures['count']} streams held: {figures['kb_per_stream']} KB/stream"
         )
         ratio, met = "", ""
-        if name == "gateway":
+        if _is_gateway(name):
             if "nginx" in results:
                 per_stream = _ratio(figures["kb_per_stream"], results["nginx"]["kb_per_stream"])
-                ratio = f"gateway/nginx {_num(per_stream)}"
+                ratio = f"{name}/nginx {_num(per_stream)}"
             met = _met(figures["kb_per_stream"] <= MEMORY_MAX_KB and figures["held"] == figures["count"])
         rows.append(_row("memory", name, text, ratio, met))
     return rows
@@ -114,7 +125,7 @@ def _disconnect_rows(results: dict) -> list[dict]:
             f"p95 {_num(latency.get('p95'), 2)} / max {_num(latency.get('max'), 2)} ms"
         )
         met = ""
-        if name == "gateway":
+        if _is_gateway(name):
             all_seen = figures["propagated"] == figures["cut"] == figures["count"]
             met = _met(bool(latency) and all_seen and latency["p95"] <= DISCONNECT_MAX_P95_MS)
         rows.append(_row("disconnect", name, text, "", met))
@@ -166,6 +177,7 @@ ROWS = {
     "memory": _memory_rows,
     "disconnect": _disconnect_rows,
     "short": _short_rows,
+    "two-hosts": _two_hosts_rows,
 }
 
 
@@ -181,11 +193,11 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def cpu_markdown(streams: dict) -> str:
-    """CPU use during scenario A: whichever process nears 100% of a core is what limits that run."""
+def cpu_markdown(streams: dict, scenario: str = "streams") -> str:
+    """CPU use during scenario A (or two-hosts): whichever process nears 100% of a core limits that run."""
     lines = [
-        "CPU in scenario streams, % of one core: median of rounds (busiest 0.25 s). other: the rest of the "
-        "machine; steal: taken by the hypervisor.",
+        f"CPU in scenario {scenario}, % of one core: median of rounds (busiest 0.25 s). other: the rest of "
+        "the machine; steal: taken by the hypervisor.",
         "",
         "| target | client | upstream | relay | other | steal |",
         "|---|---|---|---|---|---|",
@@ -199,18 +211,23 @@ def cpu_markdown(streams: dict) -> str:
     return "\n".join(lines)
 
 
-def noise_warning(streams: dict) -> str | None:
-    """A warning when something else kept the machine busy during scenario streams, skewing every figure."""
-    busiest = max(
-        run["cpu"]["other"]["avg_pct"] + run["cpu"]["steal"]["avg_pct"]
-        for figures in streams.values()
-        for run in figures["rounds"]
-    )
-    if busiest <= NOISE_MAX_PCT:
+def noise_warning(results: dict) -> str | None:
+    """A warning when something else kept the machine busy during the scenarios that measure CPU (streams,
+    two-hosts), skewing every figure."""
+    measured: dict[str, float] = {}
+    for scenario in ("streams", "two-hosts"):
+        for figures in (results.get(scenario) or {}).values():
+            for run in figures["rounds"]:
+                noise = run["cpu"]["other"]["avg_pct"] + run["cpu"]["steal"]["avg_pct"]
+                measured[scenario] = max(measured.get(scenario, 0.0), noise)
+    if not measured or max(measured.values()) <= NOISE_MAX_PCT:
         return None
+    worst = ", ".join(
+        f"{noise:.0f}% of a core in scenario {scenario}" for scenario, noise in measured.items()
+    )
     return (
-        f"Warning: other processes or the hypervisor took up to {busiest:.0f}% of a core during scenario "
-        "streams; rerun on a quiet machine before trusting these figures."
+        f"Warning: other processes or the hypervisor took up to {worst}; rerun on a quiet machine before "
+        "trusting these figures."
     )
 
 

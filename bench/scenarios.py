@@ -1,9 +1,10 @@
-"""The five workloads, each run against every selected target with relays started fresh for it.
+"""The workloads, each run against every selected target with relays started fresh for it.
 
 Fresh relays per scenario keep one scenario's leftovers (a grown heap, streams nobody cancelled) out of the
 next one's figures. Each function returns {target name: figures}.
 """
 
+import contextlib
 import json
 import sys
 import time
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from bench.control import LoadClient, Upstream, request_json
 from bench.procs import CpuMeter, rss_bytes
 from bench.stats import median, summarize_ms
-from bench.targets import Baseline, Target, open_targets
+from bench.targets import ADMITTED_PARALLEL, Baseline, Target, open_targets
 
 STREAM_INTERVAL = 0.02  # 50 tokens/s, a GPU-like pace
 STREAM_OPTIONS = {"bench_tokens": 100, "bench_interval": STREAM_INTERVAL}
@@ -45,9 +46,21 @@ class Bench:
     disconnects: int
     baseline: Baseline | None = None
 
-    def settle(self) -> None:
+    @property
+    def admitted_slots(self) -> int:
+        """OLLAMA_PARALLEL for target gateway-admitted: above whatever this run sends at once."""
+        return max(ADMITTED_PARALLEL, self.streams, self.held)
+
+    def open(
+        self, names: list[str], upstreams: list[Upstream], baseline: Baseline | None = None
+    ) -> contextlib.AbstractContextManager[list[Target]]:
+        ports = [upstream.port for upstream in upstreams]
+        return open_targets(names, ports, baseline, admitted_parallel=self.admitted_slots)
+
+    def settle(self, upstreams: list[Upstream] | None = None) -> None:
         """Waits for the previous run's streams to end upstream, so runs do not overlap."""
-        self.upstream.wait_idle(timeout=10)
+        for upstream in upstreams or [self.upstream]:
+            upstream.wait_idle(timeout=10)
         time.sleep(0.2)
 
     def warm_up(self, target: Target) -> None:
@@ -71,26 +84,48 @@ def concurrent_job(target: Target, count: int, options: dict) -> dict:
 
 def streams(bench: Bench) -> dict:
     """A: many concurrent streams at a GPU-like pace; the relay's throughput and latency under load."""
-    runs: dict[str, list[dict]] = {name: [] for name in bench.targets}
-    with open_targets(bench.targets, bench.upstream.port) as targets:
-        for target in targets:
-            bench.warm_up(target)
-        for number in range(bench.rounds):
-            # Rotate the order each round so that no target always runs first or last.
-            shift = number % len(targets)
-            for target in targets[shift:] + targets[:shift]:
-                bench.settle()
-                groups = {"client": [bench.client.process], "upstream": [bench.upstream.process]}
-                if target.relay:
-                    groups["relay"] = target.relay
-                with CpuMeter(groups) as cpu:
-                    result = bench.client.run(concurrent_job(target, bench.streams, STREAM_OPTIONS))
-                result["cpu"] = cpu.summary
-                runs[target.name].append(result)
-                log(
-                    f"streams round {number + 1}/{bench.rounds} {target.name}: wall {result['wall_s']} s, "
-                    f"{result['ok']}/{result['count']} ok, cpu {_cpu_line(cpu.summary)}"
-                )
+    with bench.open(bench.targets, [bench.upstream]) as targets:
+        return _streams_rounds(bench, targets, [bench.upstream], "streams")
+
+
+def two_hosts(bench: Bench) -> dict:
+    """A over two upstream processes: nginx balancing them (round-robin) against the gateway with both in
+    OLLAMA_URL. A direct connection has only one host, so it sits this one out."""
+    names = [name for name in bench.targets if name != "direct"]
+    with Upstream() as second:
+        upstreams = [bench.upstream, second]
+        with bench.open(names, upstreams) as targets:
+            return _streams_rounds(bench, targets, upstreams, "two-hosts")
+
+
+def _streams_rounds(bench: Bench, targets: list[Target], upstreams: list[Upstream], label: str) -> dict:
+    runs: dict[str, list[dict]] = {target.name: [] for target in targets}
+    for target in targets:
+        bench.warm_up(target)
+    for number in range(bench.rounds):
+        # Rotate the order each round so that no target always runs first or last.
+        shift = number % len(targets)
+        for target in targets[shift:] + targets[:shift]:
+            bench.settle(upstreams)
+            for upstream in upstreams:
+                upstream.reset()
+            groups = {
+                "client": [bench.client.process],
+                "upstream": [upstream.process for upstream in upstreams],
+            }
+            if target.relay:
+                groups["relay"] = target.relay
+            with CpuMeter(groups) as cpu:
+                result = bench.client.run(concurrent_job(target, bench.streams, STREAM_OPTIONS))
+            result["cpu"] = cpu.summary
+            # How the relay spread the streams over the hosts.
+            result["served"] = [upstream.stats()["served"] for upstream in upstreams]
+            runs[target.name].append(result)
+            log(
+                f"{label} round {number + 1}/{bench.rounds} {target.name}: wall {result['wall_s']} s, "
+                f"{result['ok']}/{result['count']} ok, served {result['served']}, "
+                f"cpu {_cpu_line(cpu.summary)}"
+            )
     return {name: {**_combine(results), "rounds": results} for name, results in runs.items()}
 
 
@@ -115,6 +150,7 @@ def _combine(results: list[dict]) -> dict:
         "first_byte_p99_ms": middle("first_byte_ms", "p99"),
         "gap_p50_ms": middle("gap_ms", "p50"),
         "gap_p99_ms": middle("gap_ms", "p99"),
+        "served": results[0]["served"],
         "cpu": {
             group: {
                 "avg_pct": median([result["cpu"][group]["avg_pct"] for result in results]),
@@ -128,7 +164,7 @@ def _combine(results: list[dict]) -> dict:
 def ttfb(bench: Bench) -> dict:
     """B: time to first byte of an idle relay, one request at a time, each on a new connection."""
     figures = {}
-    with open_targets(bench.targets, bench.upstream.port) as targets:
+    with bench.open(bench.targets, [bench.upstream]) as targets:
         for target in targets:
             job = {
                 "kind": "sequential",
@@ -152,7 +188,7 @@ def memory(bench: Bench) -> dict:
     """C: the relay's resident memory per stream held open (a direct connection has no relay to weigh)."""
     figures = {}
     relayed = [name for name in bench.targets if name != "direct"]
-    with open_targets(relayed, bench.upstream.port) as targets:
+    with bench.open(relayed, [bench.upstream]) as targets:
         for target in targets:
             bench.warm_up(target)
             bench.settle()
@@ -192,7 +228,7 @@ def disconnect(bench: Bench) -> dict:
     """D: how long after a client hangs up the upstream sees its connection go (cancelling the generation)."""
     figures = {}
     lifetime = CUT_OPTIONS["bench_tokens"] * CUT_OPTIONS["bench_interval"]
-    with open_targets(bench.targets, bench.upstream.port) as targets:
+    with bench.open(bench.targets, [bench.upstream]) as targets:
         for target in targets:
             bench.settle()
             bench.upstream.reset()
@@ -237,7 +273,7 @@ def _short_request(target: Target, headers: dict[str, str]) -> str:
 
 def _short_runs(target: Target) -> list[tuple[str, dict[str, str]]]:
     """A gateway twice, signed in with its JWT and with an API key; the references as they are."""
-    if not target.name.startswith("gateway"):
+    if target.admin_token is None:
         return [(target.name, {})]
     key = request_json("POST", target.port, "/keys", {"name": "bench"}, target.headers)["key"]
     return [
@@ -293,7 +329,7 @@ def short(bench: Bench) -> dict:
 
     With a baseline (an earlier gateway), every run is repeated `rounds` times, in the reverse order every
     other round, so that the two versions share the machine's drift; the median is reported."""
-    with open_targets(bench.targets, bench.upstream.port, bench.baseline) as targets:
+    with bench.open(bench.targets, [bench.upstream], bench.baseline) as targets:
         runs = [(name, target, headers) for target in targets for name, headers in _short_runs(target)]
         rounds = bench.rounds if bench.baseline is not None else 1
         measured: dict[str, list[dict]] = {name: [] for name, _, _ in runs}
@@ -304,4 +340,12 @@ def short(bench: Bench) -> dict:
     return {name: _median_run(results) for name, results in measured.items()}
 
 
-SCENARIOS = {"streams": streams, "ttfb": ttfb, "memory": memory, "disconnect": disconnect, "short": short}
+SCENARIOS = {
+    "streams": streams,
+    "ttfb": ttfb,
+    "memory": memory,
+    "disconnect": disconnect,
+    "short": short,
+    "two-hosts": two_hosts,
+}
+DEFAULT_SCENARIOS = tuple(SCENARIOS)

@@ -196,7 +196,7 @@ def main(argv: list[str]) -> int:
     duration = args.minutes * 60
     with (
         Upstream() as upstream,
-        gateway.run_gateway(upstream.port, GATEWAY_SETTINGS, gateway_log) as (port, admin, processes),
+        gateway.run_gateway([upstream.port], GATEWAY_SETTINGS, gateway_log) as (port, admin, processes),
         LoadClient("bench.traffic") as client,
     ):
         email, password = soak_user(port, admin)
