@@ -45,12 +45,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=300, help="sequential requests in scenario ttfb")
     parser.add_argument("--held", type=int, default=1000, help="streams held open in scenario memory")
     parser.add_argument("--disconnects", type=int, default=50, help="hang-ups in scenario disconnect")
+    parser.add_argument("--burst", type=int, default=30, help="A's requests at once in scenario noisy")
     parser.add_argument(
         "--upstream-parallel",
         type=int,
         metavar="N",
         help="the shared fake upstream schedules like Ollama, N slots per model and a FIFO behind them "
-        "(default: no limit; scenario two-hosts runs its second one without limit)",
+        "(default: no limit; scenario noisy runs its own with 2 slots, two-hosts its second without limit)",
     )
     parser.add_argument(
         "--baseline",
@@ -86,6 +87,7 @@ def main(argv: list[str]) -> int:
             held=args.held,
             disconnects=args.disconnects,
             baseline=earlier,
+            burst=args.burst,
         )
         for name in args.scenarios:
             log(f"== {name}")

@@ -15,6 +15,11 @@ upstream's `options` for its streams:
                latin-1) again as soon as the last answer is in, for `warmup` then `seconds` seconds,
                printing {"event": "counting"} and {"event": "counted"} around the counted seconds; the
                count of answers, how many were 200, per second, and their latency
+  noisy        two people sharing a model: `burst` streams at once to target `a` (the noisy neighbour),
+               and, from `b_start` seconds later, one stream at a time to target `b` (a person chatting:
+               send, read the whole answer, pause `b_pause` s, send the next), until every one of a's is
+               over (or `bound` seconds passed), or for `b_messages` messages when given. A summary per
+               person, and each stream's `bench_id` with the time it was sent
 
 Exchange parses any HTTP/1.1 response, not only streams: bench/traffic.py builds the soak's mixed
 traffic on it and serves its own jobs with serve_jobs().
@@ -427,12 +432,53 @@ async def run_short(job: dict) -> dict:
     }
 
 
+async def run_noisy(job: dict) -> dict:
+    options = job["options"]
+    t0 = time.monotonic()
+
+    def request(target: dict, label: str) -> bytes:
+        return build_request(target, {**options, "bench_id": label})
+
+    burst = await asyncio.gather(
+        *(start(job["a"], request(job["a"], f"a-{number}")) for number in range(job["burst"]))
+    )
+    burst_over = asyncio.ensure_future(wait_finished(burst, job["bound"] + job["timeout"]))
+    chats: list[Exchange] = []
+    deadline = t0 + job["bound"]
+
+    def more() -> bool:
+        if job["b_messages"] is not None:
+            return len(chats) < job["b_messages"]
+        return not burst_over.done() and time.monotonic() < deadline
+
+    await asyncio.sleep(job["b_start"])
+    while more():
+        chat = await start(job["b"], request(job["b"], f"b-{len(chats)}"))
+        await wait_finished([chat], job["timeout"])
+        chats.append(chat)
+        if more():
+            await asyncio.sleep(job["b_pause"])
+    await burst_over
+    expect = options["bench_tokens"] + 1
+    sent = [{"id": f"a-{number}", "t": exchange.t_start} for number, exchange in enumerate(burst)]
+    sent += [{"id": f"b-{number}", "t": exchange.t_start} for number, exchange in enumerate(chats)]
+    return {
+        "a": summarize(burst, t0, expect),
+        "b": summarize(chats, t0, expect),
+        "b_first_bytes_ms": [
+            None if chat.first_byte is None else round(1000 * chat.first_byte, 3) for chat in chats
+        ],
+        "sent": sent,
+    }
+
+
 JOBS = {
     "concurrent": run_concurrent,
     "sequential": run_sequential,
     "hold": run_hold,
     "disconnect": run_disconnect,
     "short": run_short,
+    "noisy": run_noisy,
 }
 
 

@@ -72,6 +72,14 @@ def run_gateway(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def signed_in_user(port: int, admin_token: str, email: str) -> str:
+    """Adds an ordinary user (a person of their own for the fair queue) and returns their bearer token."""
+    password = secrets.token_urlsafe(24)
+    user = {"email": email, "password": password, "role": "user", "models": None}
+    request_json("POST", port, "/admin/users", user, {"Authorization": f"Bearer {admin_token}"})
+    return request_json("POST", port, "/login", {"email": email, "password": password})["access_token"]
+
+
 def _wait_healthy(port: int, proc: subprocess.Popen, log_path: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:

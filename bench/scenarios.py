@@ -5,12 +5,14 @@ next one's figures. Each function returns {target name: figures}.
 """
 
 import contextlib
+import itertools
 import json
 import sys
 import time
 from dataclasses import dataclass
 
 from bench.control import LoadClient, Upstream, request_json
+from bench.gateway import signed_in_user
 from bench.procs import CpuMeter, rss_bytes
 from bench.stats import median, summarize_ms
 from bench.targets import ADMITTED_PARALLEL, Baseline, Target, open_targets
@@ -32,6 +34,13 @@ SHORT_BODY = json.dumps({"model": "bench", "input": "Say something."}, separator
 SHORT_CONNECTIONS = 64
 SHORT_WARMUP = 1.0  # seconds of load before counting: the token cache, the upstream pool
 SHORT_SECONDS = 5.0
+NOISY_SLOTS = 2  # the upstream's slots for the model, and the gateway's OLLAMA_PARALLEL
+NOISY_OPTIONS = {"bench_tokens": 100, "bench_interval": STREAM_INTERVAL}  # one request holds a slot 2 s
+NOISY_START = 0.5  # seconds between A's burst and B's first message
+NOISY_PAUSE = 0.5  # seconds B takes between an answer and the next message
+NOISY_ALONE = 6  # B's messages in its baseline, alone on the host
+NOISY_BOUND = 120.0  # seconds B chats at most, however long A's burst takes
+NOISY_TIMEOUT = 150  # seconds any one stream may take, waiting included
 
 
 @dataclass
@@ -45,6 +54,7 @@ class Bench:
     held: int
     disconnects: int
     baseline: Baseline | None = None
+    burst: int = 30
 
     @property
     def admitted_slots(self) -> int:
@@ -340,6 +350,132 @@ def short(bench: Bench) -> dict:
     return {name: _median_run(results) for name, results in measured.items()}
 
 
+def noisy(bench: Bench) -> dict:
+    """F: a noisy neighbour. One host with 2 slots for the model (the fake's FIFO behind them, as Ollama's);
+    person A sends `burst` requests of 2 s at once, as batch; person B chats, one message at a time. B's time
+    to first byte against B's alone, A's completions, and how busy the slots were while anyone waited.
+    Directly, Ollama's own FIFO decides (B waits behind all of A's); the gateway is told the slots
+    (OLLAMA_PARALLEL=2) and holds the rest in its fair queue. nginx would be Ollama's FIFO again."""
+    figures = {}
+    names = [name for name in bench.targets if name in ("direct", "gateway")]
+    request_s = NOISY_OPTIONS["bench_tokens"] * NOISY_OPTIONS["bench_interval"]
+    with (
+        Upstream(parallel=NOISY_SLOTS) as upstream,
+        open_targets(names, [upstream.port], gateway_parallel=NOISY_SLOTS) as targets,
+    ):
+        for target in targets:
+            a, b = _neighbours(target)
+
+            # Each person once: the gateway's upstream connections, its cache of their tokens.
+            bench.client.run(_noisy_job(a, b, NOISY_SLOTS, 1, WARMUP_OPTIONS))
+            bench.settle([upstream])
+            upstream.reset()
+            alone = bench.client.run(_noisy_job(a, b, 0, NOISY_ALONE, NOISY_OPTIONS))
+            alone_split = _first_byte_split(alone, upstream.slots()["requests"])
+            bench.settle([upstream])
+            upstream.reset()
+            groups = {"client": [bench.client.process], "upstream": [upstream.process]}
+            if target.relay:
+                groups["relay"] = target.relay
+            with CpuMeter(groups) as cpu:
+                loaded = bench.client.run(_noisy_job(a, b, bench.burst, None, NOISY_OPTIONS, NOISY_START))
+            used = upstream.slots()["requests"]
+            figures[target.name] = {
+                "slots": NOISY_SLOTS,
+                "request_s": request_s,
+                "b_alone": {
+                    **{key: alone["b"][key] for key in ("count", "ok", "first_byte_ms")},
+                    **alone_split,
+                },
+                "b": {
+                    **{key: loaded["b"][key] for key in ("count", "ok", "problems", "first_byte_ms")},
+                    **_first_byte_split(loaded, used),
+                },
+                "b_first_bytes_ms": loaded["b_first_bytes_ms"],
+                "a": {
+                    key: loaded["a"][key] for key in ("count", "ok", "problems", "wall_s", "first_byte_ms")
+                },
+                "busy": slots_busy(loaded["sent"], used, NOISY_SLOTS),
+                "cpu": cpu.summary,
+            }
+            log(f"noisy {target.name}: {figures[target.name]}")
+    return figures
+
+
+def _noisy_job(
+    a: dict, b: dict, burst: int, b_messages: int | None, options: dict, b_start: float = 0.0
+) -> dict:
+    """A's `burst` at once, and B's messages one at a time from `b_start` s later: `b_messages` of them,
+    or (None) until A's are over."""
+    return {
+        "kind": "noisy",
+        "a": a,
+        "b": b,
+        "burst": burst,
+        "b_start": b_start,
+        "b_pause": NOISY_PAUSE,
+        "b_messages": b_messages,
+        "bound": NOISY_BOUND,
+        "options": options,
+        "timeout": NOISY_TIMEOUT,
+    }
+
+
+def _neighbours(target: Target) -> tuple[dict, dict]:
+    """How A (batch) and B address the target: through a gateway, as two people of their own."""
+    if target.admin_token is None:
+        return target.spec({"X-Priority": "batch"}), target.spec({})
+    tokens = [signed_in_user(target.port, target.admin_token, email) for email in NEIGHBOURS]
+    a, b = ({"Authorization": f"Bearer {token}"} for token in tokens)
+    return target.spec({**a, "X-Priority": "batch"}), target.spec(b)
+
+
+NEIGHBOURS = ("neighbour-a@local", "chatter-b@local")
+
+
+def _first_byte_split(result: dict, used: list[dict]) -> dict:
+    """Where B's time to first byte went: until the upstream gave the request its slot (waiting in the
+    gateway's queue or in Ollama's FIFO, and the relay's work before it sends), and from the slot to the
+    first byte at the client (the relay's way back)."""
+    slot_of = {entry["id"]: entry["slot"] for entry in used}
+    sent = {request["id"]: request["t"] for request in result["sent"]}
+    waits, rest = [], []
+    for number, first_byte_ms in enumerate(result["b_first_bytes_ms"]):
+        label = f"b-{number}"
+        slot = slot_of.get(label)
+        if first_byte_ms is not None and slot is not None:
+            waits.append(slot - sent[label])
+            rest.append(sent[label] + first_byte_ms / 1000 - slot)
+    return {"to_slot_ms": summarize_ms(waits), "slot_to_first_byte_ms": summarize_ms(rest)}
+
+
+def slots_busy(sent: list[dict], used: list[dict], slots: int) -> dict:
+    """How busy the slots were while anyone waited for one: slot-seconds held / (slots x the time during
+    which at least one request was waiting), as a fraction. A request waits from the moment the client sent
+    it (`sent`: {"id", "t"}) to the moment the upstream gave it a slot (`used`: the upstream's record, with
+    the time each slot was held), wherever it waited: in Ollama's FIFO or in the gateway's queue. Both
+    clocks are CLOCK_MONOTONIC."""
+    records = {entry["id"]: entry for entry in used}
+    waits = [
+        (request["t"], records[request["id"]]["slot"])
+        for request in sent
+        if request["id"] in records and records[request["id"]]["slot"] is not None
+    ]
+    held = [(entry["slot"], entry["end"]) for entry in used if entry["slot"] is not None]
+    points = sorted({moment for interval in waits + held for moment in interval})
+    waiting_s = held_s = 0.0
+    for left, right in itertools.pairwise(points):
+        middle = (left + right) / 2
+        if any(start <= middle < end for start, end in waits):
+            waiting_s += right - left
+            held_s += (right - left) * sum(1 for start, end in held if start <= middle < end)
+    return {
+        "waiting_s": round(waiting_s, 3),
+        "held_s": round(held_s, 3),
+        "fraction": round(held_s / (slots * waiting_s), 4) if waiting_s else None,
+    }
+
+
 SCENARIOS = {
     "streams": streams,
     "ttfb": ttfb,
@@ -347,5 +483,7 @@ SCENARIOS = {
     "disconnect": disconnect,
     "short": short,
     "two-hosts": two_hosts,
+    "noisy": noisy,
 }
-DEFAULT_SCENARIOS = tuple(SCENARIOS)
+# A plain run's: noisy takes about two minutes, so it runs when asked for (--scenarios).
+DEFAULT_SCENARIOS = ("streams", "ttfb", "memory", "disconnect", "short", "two-hosts")
