@@ -396,6 +396,7 @@ def noisy(bench: Bench) -> dict:
                     key: loaded["a"][key] for key in ("count", "ok", "problems", "wall_s", "first_byte_ms")
                 },
                 "busy": slots_busy(loaded["sent"], used, NOISY_SLOTS),
+                "timeline": _timeline(loaded["sent"], used),
                 "cpu": cpu.summary,
             }
             log(f"noisy {target.name}: {figures[target.name]}")
@@ -447,6 +448,26 @@ def _first_byte_split(result: dict, used: list[dict]) -> dict:
             waits.append(slot - sent[label])
             rest.append(sent[label] + first_byte_ms / 1000 - slot)
     return {"to_slot_ms": summarize_ms(waits), "slot_to_first_byte_ms": summarize_ms(rest)}
+
+
+def _timeline(sent: list[dict], used: list[dict]) -> list[dict]:
+    """Each request of the loaded run, in the order sent: when it was sent, got its slot and ended, in
+    seconds from the first one sent (for a look at who waited for whom)."""
+    records = {entry["id"]: entry for entry in used}
+    t0 = min((request["t"] for request in sent), default=0.0)
+
+    def since(moment: float | None) -> float | None:
+        return None if moment is None else round(moment - t0, 4)
+
+    return [
+        {
+            "id": request["id"],
+            "sent": since(request["t"]),
+            "slot": since(records.get(request["id"], {}).get("slot")),
+            "end": since(records.get(request["id"], {}).get("end")),
+        }
+        for request in sent
+    ]
 
 
 def slots_busy(sent: list[dict], used: list[dict], slots: int) -> dict:
