@@ -2,6 +2,7 @@
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -102,6 +103,21 @@ def make_gateway(tmp_path: Path, fake_ollama_server: FakeOllama) -> Iterator[Cal
     yield make
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def make_fake() -> Iterator[Callable[..., FakeOllama]]:
+    """A fake Ollama of the test's own, e.g. `make_fake(num_parallel=1)`, stopped after the test."""
+    fakes: list[FakeOllama] = []
+
+    def make(**settings: Any) -> FakeOllama:
+        fake = FakeOllama(**settings).start()
+        fakes.append(fake)
+        return fake
+
+    yield make
+    for fake in fakes:
+        fake.stop()
 
 
 @pytest.fixture

@@ -32,21 +32,6 @@ OUTSIDE = 0.1
 
 
 @pytest.fixture
-def make_fake() -> Iterator[Callable[..., FakeOllama]]:
-    """A fake Ollama of the test's own, e.g. `make_fake(num_parallel=1)`, stopped after the test."""
-    fakes: list[FakeOllama] = []
-
-    def make(**settings: Any) -> FakeOllama:
-        fake = FakeOllama(**settings).start()
-        fakes.append(fake)
-        return fake
-
-    yield make
-    for fake in fakes:
-        fake.stop()
-
-
-@pytest.fixture
 def pool() -> Iterator[ThreadPoolExecutor]:
     with ThreadPoolExecutor(max_workers=8) as executor:
         yield executor
