@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from fleet.hosts import Host, Hosts
+from fleet.hosts import Host, Hosts, shown_model
 from fleet.learning import SlotLearner
 from fleet.scheduler import Ask, Grant, Limits, Refused, Scheduler
 from upstream.counters import Counters
@@ -83,7 +83,7 @@ class Fleet:
         counters = ended.counters
         more_slots = False
         if host is not None:
-            more_slots = self._judge(host, ended)
+            more_slots = self._judge(host, grant, ended)
             if counters is not None:
                 host.loaded = host.loaded | {grant.model}
                 more_slots = self._learn(host, grant, counters) or more_slots
@@ -92,23 +92,26 @@ class Fleet:
             # A host back in service, or slots now known, may serve requests waiting for any model.
             self.scheduler.refresh()
 
-    def _judge(self, host: Host, ended: Ended) -> bool:
-        """Ejects a host that failed; True when one comes back into service."""
+    def _judge(self, host: Host, grant: Grant, ended: Ended) -> bool:
+        """Ejects a host that failed; True when one comes back into service: only by a request sent to it
+        on trial (a request sent before it failed says nothing of it since)."""
         health = host.health
         if ended.host_failed is not None:
             if health.healthy:
                 logger.warning("Ollama host %s is out of service: %s", host.name, ended.host_failed)
             health.failed(time.monotonic(), ended.host_failed)
             return False
-        if health.healthy or not ended.host_answered:
+        if health.healthy or not ended.host_answered or not health.is_trial(grant.started):
             return False
         logger.warning("Ollama host %s is back in service", host.name)
         health.succeeded()
         return True
 
     def _learn(self, host: Host, grant: Grant, counters: Counters) -> bool:
-        """True when this request settled the slots of its (host, model)."""
-        if host.config.slots is not None:
+        """True when this request settled the slots of its (host, model). Only answers that say how long the
+        model worked (prompt evaluation and generation: chat, generate) tell a wait from work; an embedding's
+        answer does not."""
+        if counters.prompt_eval_duration is None or counters.eval_duration is None:
             return False
         learner = host.learners.setdefault(grant.model, SlotLearner())
         learned = learner.observe(grant.running, counters.waited_seconds)
@@ -116,11 +119,11 @@ class Fleet:
             return False
         logger.warning(
             "learned from Ollama's timings: host %s runs %d request%s at once for %s; the gateway now "
-            "holds the rest in its queue (set the host's slots, or OLLAMA_PARALLEL, to say otherwise)",
+            "holds the rest in its queue (until it restarts, or the host's slots are set again)",
             host.name,
             learned,
             "" if learned == 1 else "s",
-            grant.model,
+            shown_model(grant.model),
         )
         return True
 
@@ -142,10 +145,10 @@ class Fleet:
                     "slots": host.config.slots,
                     "healthy": host.health.healthy,
                     "problem": host.health.problem,
-                    "models": sorted(host.models) if host.models is not None else None,
-                    "loaded": sorted(host.loaded),
+                    "models": sorted(map(shown_model, host.models)) if host.models is not None else None,
+                    "loaded": sorted(map(shown_model, host.loaded)),
                     "capacity": {
-                        model: {
+                        shown_model(model): {
                             "capacity": host.slots_for(model),
                             "source": host.slots_source(model),
                             "inflight": inflight.get((host.id, model), 0),

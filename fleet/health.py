@@ -32,6 +32,10 @@ class Health:
         """Ejected, but its back-off is over: it may take one request at a time."""
         return self.ejected_until is not None and now >= self.ejected_until
 
+    def is_trial(self, sent_at: float) -> bool:
+        """Whether a request sent at `sent_at` went to this host on trial (after its back-off)."""
+        return self.ejected_until is not None and sent_at >= self.ejected_until
+
     def usable(self, now: float) -> bool:
         return self.ejected_until is None or now >= self.ejected_until
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from auth.policy import GO_WHITESPACE
 from core.errors import GatewayError
 from fleet.health import Health
 from fleet.learning import SlotLearner
@@ -23,17 +24,30 @@ from upstream.client import Upstream, UpstreamTimeouts
 
 logger = logging.getLogger("gateway.fleet")
 
+DEFAULT_REGISTRY = "registry.ollama.ai"
+DEFAULT_NAMESPACE = "library"
 ENVIRONMENT = "environment"
 STORED = "stored"
 CHECK_TIMEOUT = 3.0
 
 
 def canonical_model(name: str) -> str:
-    """A model's name as Ollama lists it: `llama3.2` is `llama3.2:latest` (a tag follows the last colon,
-    unless a slash comes after it: `host:5000/model` has no tag)."""
-    name = name.strip()
-    tail = name.rsplit("/", 1)[-1]
-    return name if ":" in tail else f"{name}:latest"
+    """One key for every spelling Ollama reads as the same model, as its name parser does: host and namespace
+    filled in (`registry.ollama.ai/library/`), the tag too (`:latest`), letter case folded. `llama3.2`,
+    `library/llama3.2:latest` and `LLAMA3.2` share their slots and their queue."""
+    name = name.strip(GO_WHITESPACE).partition("@")[0]
+    *path, last = name.split("/")
+    model, _, tag = last.partition(":") if ":" in last else (last, "", "latest")
+    if not path:
+        path = [DEFAULT_REGISTRY, DEFAULT_NAMESPACE]
+    elif len(path) == 1:
+        path = [DEFAULT_REGISTRY, *path]
+    return f"{'/'.join(path)}/{model}:{tag}".lower()
+
+
+def shown_model(key: str) -> str:
+    """A model's key as people write it: without the default registry and namespace."""
+    return key.removeprefix(f"{DEFAULT_REGISTRY}/{DEFAULT_NAMESPACE}/")
 
 
 @dataclass
@@ -67,15 +81,21 @@ class Host:
         return self.config.name
 
     def slots_for(self, model: str) -> int | None:
-        if self.config.slots is not None:
-            return self.config.slots
+        """The host's slots for the model: as configured, but never more than Ollama was seen to run (it
+        forces one slot on some model families, whatever OLLAMA_NUM_PARALLEL says); learned, if not set."""
         learner = self.learners.get(model)
-        return learner.learned if learner is not None else None
+        learned = learner.learned if learner is not None else None
+        configured = self.config.slots
+        if configured is None or learned is None:
+            return configured if learned is None else learned
+        return min(configured, learned)
 
     def slots_source(self, model: str) -> str | None:
-        if self.config.slots is not None:
-            return "configured"
-        return "learned" if self.slots_for(model) is not None else None
+        learner = self.learners.get(model)
+        learned = learner.learned if learner is not None else None
+        if learned is not None and (self.config.slots is None or learned < self.config.slots):
+            return "learned"
+        return "configured" if self.config.slots is not None else None
 
     def has(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -120,24 +140,24 @@ class Hosts:
         return iter(list(self.by_id.values()))
 
     def candidates(self, model: str) -> list[Candidate]:
-        """Hosts that may take a request for `model` now: enabled, not draining, healthy (or, their back-off
-        over, on trial: one request at a time), and holding the model. If no such host holds it, every such
-        host: Ollama's own answer (model not found) is what the client should see. If every host is ejected,
-        all of them, as they are: with nothing better, each request is its own trial."""
+        """Hosts that may take a request for `model` now: enabled, not draining, holding the model, and
+        healthy (or, their back-off over, on trial: one request at a time). If every host holding it is
+        ejected, those, as they are: with nothing better, each request is its own trial. If no host holds
+        it, every host that takes requests: Ollama's own answer (model not found) is what the client should
+        see."""
         now = self._clock()
         takers = [host for host in self.by_id.values() if host.takes_work()]
-        healthy = [host for host in takers if host.health.healthy]
-        on_trial = {host.id for host in takers if healthy and host.health.on_trial(now)}
-        pool = [host for host in takers if host.health.healthy or host.id in on_trial] if healthy else takers
-        holding = [host for host in pool if host.has(model)] or pool
-        return [
-            Candidate(
-                host.id,
-                loaded=model in host.loaded,
-                slots=1 if host.id in on_trial else host.slots_for(model),
-            )
-            for host in holding
-        ]
+        holders = [host for host in takers if host.has(model)]
+        pool = holders or takers
+        healthy = [host for host in pool if host.health.healthy]
+        if not healthy:
+            return [self._candidate(host, model, trial=False) for host in pool]
+        trials = [host for host in pool if host.health.on_trial(now)]
+        return [self._candidate(host, model, trial=host in trials) for host in healthy + trials]
+
+    @staticmethod
+    def _candidate(host: Host, model: str, trial: bool) -> Candidate:
+        return Candidate(host.id, loaded=model in host.loaded, slots=host.slots_for(model), trial=trial)
 
     async def check(self, host: Host) -> None:
         """Ask a host its models and the loaded ones; its health follows the answer."""

@@ -7,7 +7,11 @@ per (host, model), while its slots are unknown and requests pass straight throug
   that many slots;
 - a request that waited (`WAITED_SECONDS` or more, seen `EVIDENCE` times) was sent when every slot was busy.
 Then the slots are the most requests seen running at once without waiting (at least 1), and from there the
-gateway holds the rest in its own queue. What it learned is logged and shown in `/admin/hosts`.
+gateway holds the rest in its own queue. What it learned is logged and shown in `/admin/hosts`. It learns
+also where slots are configured, as a ceiling: Ollama forces one slot on some model families whatever its
+OLLAMA_NUM_PARALLEL says. Only answers that say how long the model worked count (an embedding's does not:
+its time would all look like a wait). Learned slots hold until the gateway restarts or the host's slots are
+set again.
 """
 
 import logging

@@ -48,6 +48,8 @@ class Candidate:
     loaded: bool
     # Requests it runs at once for this model; None: not known, so not limited.
     slots: int | None
+    # Back from ejection on trial: it takes one request at a time, whatever the model (fleet.health).
+    trial: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ class _Waiter:
 
 DEFAULT_COST = 1.0  # slot-seconds charged for a model not yet measured
 COST_SMOOTHING = 0.2  # weight of the newest request in a model's running average
+MAX_MODELS_COSTED = 1024
 
 
 class Scheduler:
@@ -127,15 +130,22 @@ class Scheduler:
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311 (breaking ties between hosts, not a secret)
         self._inflight: dict[tuple[str, str], int] = {}
+        self._host_inflight: dict[str, int] = {}
         self._user_inflight: dict[str, int] = {}
         self._key_inflight: dict[str, int] = {}
         self._user_waiting: dict[str, int] = {}
         self._key_waiting: dict[str, int] = {}
         # model -> band -> person -> their requests waiting, in order; emptied entries are dropped.
         self._queues: dict[str, dict[Band, dict[str, deque[_Waiter]]]] = {}
-        # (band, person) -> the slot-time they have received, in the band's virtual time.
-        self._vtime: dict[tuple[Band, str], float] = {}
-        self._band_vtime: dict[Band, float] = dict.fromkeys(Band, 0.0)
+        # Fair shares are of one model's slots, the ones people compete for: model -> (band, person) -> the
+        # slot-time they have received there, in that queue's virtual time; (model, band) -> its clock (the
+        # start tag of the last request it dispatched). Once nothing waits or runs for a model, nobody
+        # competes there: its history is dropped (virtual time starts again, as in fair queueing when the
+        # system goes idle), so names asked once are not kept.
+        self._vtime: dict[str, dict[tuple[Band, str], float]] = {}
+        self._clock_of: dict[tuple[str, Band], float] = {}
+        self._model_inflight: dict[str, int] = {}
+        # Recent slot-seconds per model, from completed answers only (a name nobody runs is never kept).
         self._cost: dict[str, float] = {}
         self._order = itertools.count()
         self._closed = False
@@ -169,12 +179,13 @@ class Scheduler:
             raise
         timeout = self.limits.timeout(ask.band)
         try:
-            return await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(waiter.future)
         except TimeoutError:
             if _granted(waiter.future):  # in the very instant the time ran out
                 return waiter.future.result()
             self._remove(waiter)
-            message = f"no slot for {ask.model} came free within {timeout:g} s"
+            message = f"no slot for this model came free within {timeout:g} s"
             raise Refused(503, message, _retry_after(self._cost_of(ask.model))) from None
         except asyncio.CancelledError:
             if _granted(waiter.future):
@@ -191,18 +202,25 @@ class Scheduler:
         grant.released = True
         used = slot_seconds if slot_seconds is not None else max(self._clock() - grant.started, 0.0)
         ask = grant.ask
-        slot = (grant.host, grant.model)
-        _decrement(self._inflight, slot)
+        _decrement(self._inflight, (grant.host, grant.model))
+        _decrement(self._host_inflight, grant.host)
+        _decrement(self._model_inflight, grant.model)
         _decrement(self._user_inflight, ask.user)
         if ask.key is not None:
             _decrement(self._key_inflight, ask.key)
-        vkey = (ask.band, ask.user)
-        self._vtime[vkey] = self._vtime.get(vkey, 0.0) + used - grant.charged
-        previous = self._cost.get(grant.model)
-        self._cost[grant.model] = (
-            used if previous is None else (1 - COST_SMOOTHING) * previous + COST_SMOOTHING * used
-        )
+        times = self._vtime.setdefault(grant.model, {})
+        clock = self._clock_of.get((grant.model, ask.band), 0.0)
+        times[(ask.band, ask.user)] = times.get((ask.band, ask.user), clock) + used - grant.charged
+        if slot_seconds is not None:
+            self._learn_cost(grant.model, slot_seconds)
         self._dispatch(grant.model)
+        if grant.model not in self._queues and not self._model_inflight.get(grant.model):
+            self._vtime.pop(grant.model, None)
+            for band in Band:
+                self._clock_of.pop((grant.model, band), None)
+        if self.limits.user_inflight is not None or self.limits.key_inflight is not None:
+            # The person (or key) may now be under a cap that held their requests for other models.
+            self.refresh()
 
     def refresh(self, models: Iterable[str] | None = None) -> None:
         """Slots may have appeared (a host back, added or raised; slots learned): dispatch who can go."""
@@ -283,6 +301,8 @@ class Scheduler:
             inflight = self._inflight.get((candidate.host, ask.model), 0)
             if candidate.slots is not None and inflight >= candidate.slots:
                 continue
+            if candidate.trial and self._host_inflight.get(candidate.host, 0):
+                continue
             load = inflight / candidate.slots if candidate.slots else float(inflight)
             rank = (0 if candidate.loaded else 1, load)
             if best_rank is None or rank < best_rank:
@@ -297,15 +317,18 @@ class Scheduler:
         now = self._clock()
         slot = (host, ask.model)
         self._inflight[slot] = self._inflight.get(slot, 0) + 1
+        self._host_inflight[host] = self._host_inflight.get(host, 0) + 1
+        self._model_inflight[ask.model] = self._model_inflight.get(ask.model, 0) + 1
         self._user_inflight[ask.user] = self._user_inflight.get(ask.user, 0) + 1
         if ask.key is not None:
             self._key_inflight[ask.key] = self._key_inflight.get(ask.key, 0) + 1
-        vkey = (ask.band, ask.user)
-        # Idle time is not saved up: a person's virtual time is at least the band's.
-        start = max(self._vtime.get(vkey, 0.0), self._band_vtime[ask.band])
-        self._band_vtime[ask.band] = start
+        times = self._vtime.setdefault(ask.model, {})
+        # Idle time is not saved up: a person's virtual time is at least the queue's clock.
+        clock = self._clock_of.get((ask.model, ask.band), 0.0)
+        start = max(times.get((ask.band, ask.user), clock), clock)
+        self._clock_of[(ask.model, ask.band)] = start
         charged = self._cost_of(ask.model)
-        self._vtime[vkey] = start + charged
+        times[(ask.band, ask.user)] = start + charged
         waited = now - since
         return Grant(host, ask.model, ask, charged, waited, started=now, running=self._inflight[slot])
 
@@ -314,8 +337,9 @@ class Scheduler:
         people = self._queues.setdefault(ask.model, {}).setdefault(ask.band, {})
         if ask.user not in people:
             # Starting to wait again: time spent idle is not saved up for a burst.
-            vkey = (ask.band, ask.user)
-            self._vtime[vkey] = max(self._vtime.get(vkey, 0.0), self._band_vtime[ask.band])
+            times = self._vtime.setdefault(ask.model, {})
+            clock = self._clock_of.get((ask.model, ask.band), 0.0)
+            times[(ask.band, ask.user)] = max(times.get((ask.band, ask.user), clock), clock)
         people.setdefault(ask.user, deque()).append(waiter)
         self._user_waiting[ask.user] = self._user_waiting.get(ask.user, 0) + 1
         if ask.key is not None:
@@ -357,10 +381,12 @@ class Scheduler:
     def _next_waiter(self, bands: dict[Band, dict[str, deque[_Waiter]]]) -> tuple[_Waiter, str] | None:
         """Interactive before batch; in a band, the person with the least slot-time received (then whoever
         has waited longest), their oldest request first."""
+        model = next(iter(next(iter(bands.values())).values()))[0].ask.model
+        times = self._vtime.get(model, {})
         for band in sorted(bands):
             people = bands[band]
-            vtime = self._vtime
-            ranked = sorted(people, key=lambda user: (vtime.get((band, user), 0.0), people[user][0].order))
+            clock = self._clock_of.get((model, band), 0.0)
+            ranked = sorted(people, key=lambda user: (times.get((band, user), clock), people[user][0].order))
             for user in ranked:
                 waiter = people[user][0]
                 if not self._within_inflight_caps(waiter.ask):
@@ -373,6 +399,13 @@ class Scheduler:
                 if not waiter.ask.avoid:
                     return None
         return None
+
+    def _learn_cost(self, model: str, slot_seconds: float) -> None:
+        previous = self._cost.get(model)
+        if previous is None and len(self._cost) >= MAX_MODELS_COSTED:
+            self._cost.pop(next(iter(self._cost)))  # the oldest entry: a bounded table, whatever is asked
+        smoothed = slot_seconds if previous is None else previous + COST_SMOOTHING * (slot_seconds - previous)
+        self._cost[model] = smoothed
 
 
 def _granted(future: asyncio.Future[Grant]) -> bool:

@@ -32,11 +32,14 @@ from fleet.health import FAST_FAILURE_SECONDS
 from fleet.hosts import Host
 from fleet.scheduler import Ask, Grant, Refused
 from upstream.client import MAX_JSON_BODY, Unreachable, Upstream, error_from
-from upstream.counters import read_counters
+from upstream.counters import read_counters, read_final_line
 from upstream.http11 import UpstreamError, UpstreamResponse
 from upstream.passthrough import RelayEnd, relay
 
 HOST_HEADER = "X-Ollama-Host"
+HOST_FAILURE_STATUSES = frozenset({502, 503, 504})
+# A host that holds a model list back is left out of it after this long, rather than hold everyone's.
+LIST_TIMEOUT = 5.0
 EVERY_HOST = "all"
 
 
@@ -77,7 +80,9 @@ async def admitted_relay(
 
 
 def _ended(fleet: Fleet, grant: Grant, end: RelayEnd) -> None:
-    counters = read_counters(end.tail) if end.completed else None
+    counters = None
+    if end.completed:
+        counters = read_final_line(end.tail) if end.line_framed else read_counters(end.tail)
     failure = "the connection to Ollama was lost mid-answer" if end.upstream_failed else None
     fleet.finish(grant, Ended(counters=counters, host_failed=failure, host_answered=failure is None))
 
@@ -88,16 +93,18 @@ def _retryable(error: GatewayError) -> bool:
 
 
 def _host_failure(error: GatewayError, seconds: float) -> str | None:
-    """Why the host, not the request, failed: no connection, or a 5xx at once (a slow 5xx is a model that
-    failed on this request)."""
+    """Why the host, not the request, failed: no connection, or at once Ollama's 503 "server busy" or a
+    proxy's 502/504 in front of it. Not a 500: Ollama answers one at once for a request it can't run (a
+    template that does not parse), and no user may take a host out of service for everyone."""
     if isinstance(error, Unreachable):
         return error.message
-    if error.status >= 500 and seconds < FAST_FAILURE_SECONDS:
+    if error.status in HOST_FAILURE_STATUSES and seconds < FAST_FAILURE_SECONDS:
         return f"answered {error.status} within {seconds * 1000:.0f} ms: {error.message}"
     return None
 
 
 async def _slot(fleet: Fleet, ask: Ask, receive: Receive) -> Grant:
+    """A slot for the request, waiting in the fair queue if need be, while watching for the client to go."""
     grant = fleet.scheduler.try_acquire(ask)
     if grant is not None:
         return grant
@@ -109,15 +116,22 @@ async def _slot(fleet: Fleet, ask: Ask, receive: Receive) -> Grant:
     finally:
         gone.cancel()
         if not admitted.done():
-            admitted.cancel()  # leaves the queue (a slot granted in that instant is given back)
+            # Leaves the queue; a slot granted in that same instant may still come out of it (below).
+            admitted.cancel()
+            await asyncio.wait((admitted,))
+    left = gone.done() and not gone.cancelled()
     if admitted.cancelled():
         raise ClientDisconnect
-    try:
-        return admitted.result()
-    except Refused as refused:
-        raise GatewayError(
-            refused.status, refused.message, {"Retry-After": str(refused.retry_after)}
-        ) from None
+    if (refused := admitted.exception()) is not None:
+        if isinstance(refused, Refused):
+            headers = {"Retry-After": str(refused.retry_after)}
+            raise GatewayError(refused.status, refused.message, headers) from None
+        raise refused
+    grant = admitted.result()
+    if left:  # its turn came as the client went away: the slot goes straight back
+        fleet.finish(grant, Ended(host_answered=False))
+        raise ClientDisconnect
+    return grant
 
 
 async def _disconnected(receive: Receive) -> None:
@@ -162,7 +176,8 @@ async def merged_list(fleet: Fleet, path: str, field: str, name_key: str) -> dic
     if not answering:
         raise GatewayError(503, "no Ollama host takes requests now (all disabled or draining)")
     answers = await asyncio.gather(
-        *(host.upstream.fetch_json("GET", path) for host in answering), return_exceptions=True
+        *(asyncio.wait_for(host.upstream.fetch_json("GET", path), LIST_TIMEOUT) for host in answering),
+        return_exceptions=True,
     )
     merged: dict[str, Any] | None = None
     seen: set[Any] = set()
@@ -172,7 +187,9 @@ async def merged_list(fleet: Fleet, path: str, field: str, name_key: str) -> dic
             isinstance(answer, dict) and isinstance(answer.get(field), list)
         ):
             failure = failure or (
-                answer
+                GatewayError(504, f"no Ollama host answered {path} within {LIST_TIMEOUT:g} s")
+                if isinstance(answer, TimeoutError)
+                else answer
                 if isinstance(answer, BaseException)
                 else GatewayError(502, f"Ollama's {path} answer has no '{field}' list")
             )

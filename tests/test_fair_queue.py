@@ -235,3 +235,54 @@ def test_past_the_waiting_cap_every_surface_answers_429_in_its_own_shape(
     assert refused.status_code == 429
     assert int(refused.headers["retry-after"]) >= 1
     assert "waiting" in message(refused.json())
+
+
+def _hang_up_soon(gateway: RunningGateway, headers: dict[str, str], seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(25):
+        body = json.dumps({**chat_body(tokens=1, interval=0.0), "stream": False}).encode()
+        sock = open_post(
+            gateway.url,
+            "/api/chat",
+            {**headers, "Content-Type": "application/json", "Content-Length": str(len(body))},
+        )
+        try:
+            sock.sendall(body)
+            time.sleep(rng.uniform(0.0, 0.03))
+        finally:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            sock.close()
+
+
+def test_clients_leaving_as_their_turn_comes_leave_no_slot_counted(make_gateway, one_slot_host, caplog):
+    # Many clients, each gone within milliseconds: some leave while waiting, some in the very moment their
+    # turn comes. No slot may stay counted (one would leave the model answering 503 for good), nothing logged.
+    gateway = make_gateway(ollama_url=one_slot_host.url, ollama_parallel=1, queue_timeout_interactive=3)
+    headers = gateway.admin_headers()
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        list(pool.map(lambda seed: _hang_up_soon(gateway, headers, seed), range(12)))
+    settled(gateway, one_slot_host)
+    assert chat(gateway, headers).status_code == 200
+    assert not [record for record in caplog.records if record.levelname == "ERROR"]
+
+
+def test_spellings_of_one_model_share_its_slots(make_gateway, two_slot_host):
+    gateway = make_gateway(ollama_url=two_slot_host.url, ollama_parallel=2)
+    headers = gateway.admin_headers()
+    names = ["llama3.2:1b", "library/llama3.2:1b", "registry.ollama.ai/library/llama3.2:1b", "LLAMA3.2:1b"]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(
+            pool.map(
+                lambda name: httpx.post(
+                    f"{gateway.url}/api/chat",
+                    json={**chat_body(tokens=4, interval=0.05), "model": name, "stream": False},
+                    headers=headers,
+                    timeout=30,
+                ),
+                names * 2,
+            )
+        )
+    assert all(answer.status_code in (200, 404) for answer in answers)
+    # However it is spelt, the gateway never sent the model more than its two slots.
+    assert max(request.slot_wait or 0 for request in two_slot_host.requests) < 0.02
+    settled(gateway, two_slot_host)

@@ -11,9 +11,10 @@ from collections.abc import Callable
 import httpx
 import pytest
 
+from fleet.hosts import canonical_model
 from tests.fake_ollama import FakeOllama, default_models
 from tests.processes import free_port
-from tests.servers import RunningGateway
+from tests.servers import RunningGateway, add_user
 from tests.streams import chat_body
 
 MODEL = "llama3.2:1b"
@@ -119,7 +120,7 @@ def test_a_host_that_fails_fast_is_ejected_rather_than_sent_more(make_gateway, h
     # the gateway learns it from the requests themselves.
     gateway = make_gateway(ollama_url=f"{busy.url},{good.url}")
     for host in gateway.services.fleet.hosts:
-        host.loaded = frozenset({MODEL})  # as far as the gateway knows, both are equally good choices
+        host.loaded = frozenset({canonical_model(MODEL)})  # as far as the gateway knows, equally good choices
     with httpx.Client(base_url=gateway.url, headers=gateway.admin_headers()) as http:
         statuses = [
             http.post("/api/chat", json={**chat_body(tokens=1), "stream": False}).status_code
@@ -278,3 +279,43 @@ def test_a_draining_host_finishes_what_it_runs_and_takes_nothing_new(make_gatewa
 def slow_chat(gateway: RunningGateway, headers: dict[str, str]) -> int:
     body = {**chat_body(tokens=5, interval=0.05), "stream": False}
     return httpx.post(f"{gateway.url}/api/chat", json=body, headers=headers, timeout=30).status_code
+
+
+def test_embeddings_teach_no_slots(make_gateway, hosts):
+    # An embedding's answer says nothing of how long the model worked: its time would all look like a wait.
+    host = hosts(num_parallel=4, prompt_eval_per_token=0.02)
+    gateway = fleet_gateway(make_gateway, host.url)
+    body = {"model": MODEL, "input": "one two three four five six seven eight nine ten"}
+    with httpx.Client(base_url=gateway.url, headers=gateway.admin_headers(), timeout=30) as http:
+        for _ in range(4):
+            assert http.post("/api/embed", json=body).status_code == 200
+    assert gateway.services.fleet.snapshot()[0]["capacity"][MODEL]["capacity"] is None
+
+
+def test_a_request_ollama_refuses_at_once_does_not_take_its_host_out_of_service(make_gateway, hosts):
+    # Ollama answers 500 at once to a request it can't run (a template that does not parse): that is the
+    # request's fault, and no user may take a host out of service for everyone.
+    first, second = hosts(), hosts()
+    gateway = fleet_gateway(make_gateway, first.url, second.url)
+    token = add_user(gateway, "mallory@example.com")
+    bad = {**chat_body(), "stream": False, "options": {"fake_error_after": 0}}
+    with httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as http:
+        for _ in range(4):
+            assert http.post("/api/chat", json=bad).status_code == 500
+    assert all(host["healthy"] for host in gateway.services.fleet.snapshot())
+
+
+def test_a_model_family_ollama_runs_one_at_a_time_is_held_to_one_slot(make_gateway, hosts):
+    # OLLAMA_PARALLEL says 2, but Ollama forces one slot on some families: the gateway learns that ceiling.
+    host = hosts(num_parallel=2, model_parallel={OTHER: 1})
+    gateway = fleet_gateway(make_gateway, host.url, ollama_parallel=2)
+    for _ in range(2):
+        responses = post_chats(gateway, 6, model=OTHER, tokens=4, interval=0.05)
+        assert [response.status_code for response in responses] == [200] * 6
+    shown = gateway.services.fleet.snapshot()[0]["capacity"][OTHER]
+    assert (shown["capacity"], shown["source"]) == (1, "learned")
+    host.reset()
+    host.num_parallel, host.model_parallel = 2, {OTHER: 1}
+    responses = post_chats(gateway, 6, model=OTHER, tokens=4, interval=0.05)
+    assert [response.status_code for response in responses] == [200] * 6
+    assert max(request.slot_wait or 0 for request in host.requests) < 0.02

@@ -8,11 +8,14 @@ or the tail of a whole answer (`"stream": false`, `/api/embed`), where Ollama pu
 slot (notes: ollama-scheduling). A counter Ollama left out stays None, never 0: a cached prompt may come
 without `prompt_eval_count`.
 
-Read by pattern rather than parsed: the relay keeps the last bytes it sent, and the counters are the last
-fields of the object. JSON escapes every quote inside a string, so a quoted counter name followed by a colon
-can only be a key, never text a model wrote.
+The relay keeps the last bytes it sent. A stream's last line is parsed (`read_final_line`): only its own
+top-level fields count. A whole answer can't be parsed from its tail, so its counters are found by pattern
+(`read_counters`): they are the last fields of the object, and JSON escapes every quote inside a string, so
+a quoted counter name followed by a colon is a key, never text a model wrote (a tool call's arguments are an
+object, though: a counter the final fields lack could be taken from one, which is why streams are parsed).
 """
 
+import json
 import re
 from dataclasses import dataclass
 
@@ -52,4 +55,24 @@ def read_counters(tail: bytes) -> Counters | None:
     """The counters at the end of an answer (`tail`: its last bytes), or None when it has none. Only the
     final object carries them, so no two can mix."""
     found = {name.decode(): int(value) for name, value in _COUNTER.findall(tail)}
+    return Counters(**found) if "total_duration" in found else None
+
+
+COUNTER_NAMES = frozenset(field for field in Counters.__dataclass_fields__)
+
+
+def read_final_line(tail: bytes) -> Counters | None:
+    """The counters of a stream's last line (`"done": true`), or None when it has none."""
+    line = tail.rstrip(b"\n").rsplit(b"\n", 1)[-1]
+    try:
+        final = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(final, dict) or final.get("done") is not True:
+        return None
+    found = {
+        name: value
+        for name, value in final.items()
+        if name in COUNTER_NAMES and isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    }
     return Counters(**found) if "total_duration" in found else None

@@ -61,6 +61,7 @@ class RelayEnd:
     client_gone: bool  # the client went away first
     upstream_failed: bool  # the connection to Ollama failed (not because the client left)
     tail: bytes  # the answer's last bytes as sent, where Ollama puts its counters (upstream.counters)
+    line_framed: bool  # a stream of lines (the tail ends with its last line), or a whole answer
 
 
 class RelayResponse(Response):
@@ -123,6 +124,7 @@ class RelayResponse(Response):
                         client_gone=self._client_gone,
                         upstream_failed=self._upstream_failed and not self._client_gone,
                         tail=self._before_last + self._last,
+                        line_framed=self._line_framed,
                     )
                 )
         if refusal is not None:
