@@ -20,7 +20,7 @@ from core.errors import GatewayError
 from fleet.health import Health
 from fleet.learning import SlotLearner
 from fleet.scheduler import Candidate
-from upstream.client import Upstream, UpstreamTimeouts
+from upstream.client import Upstream, UpstreamTimeouts, public_url
 
 logger = logging.getLogger("gateway.fleet")
 
@@ -105,10 +105,13 @@ class Host:
 
 
 def environment_hosts(urls: list[str], slots: int | None) -> list[HostConfig]:
-    """OLLAMA_URL's hosts, named by their address (without credentials); ids `env-1`, `env-2`, ..."""
-    configs = []
+    """OLLAMA_URL's hosts, named by their address (without credentials; `#2` after a name already taken);
+    ids `env-1`, `env-2`, ..."""
+    configs: list[HostConfig] = []
     for number, url in enumerate(urls, start=1):
-        name = Upstream(url, UpstreamTimeouts(1, 1, 1)).public_url.split("://", 1)[-1]
+        name = public_url(url).split("://", 1)[-1]
+        if any(config.name == name for config in configs):
+            name = f"{name}#{number}"
         configs.append(HostConfig(id=f"env-{number}", name=name, url=url, slots=slots))
     return configs
 
