@@ -39,6 +39,12 @@ def checked_upstream_url(value: str) -> str:
         raise ValueError
     if any(char.isspace() for char in url.raw_host):
         raise ValueError("the host has a space in it")
+    try:
+        # Decoded and encoded again here, as the connection pool and the resolver will: an `xn--` label may
+        # not decode, a label of more than 63 characters does not encode.
+        (url.host or "").encode("idna")
+    except UnicodeError:
+        raise ValueError("the host is not a valid domain name") from None
     if url.explicit_port == 0:  # 0 is falsy: `if url.explicit_port` let it through
         raise ValueError("port 0 is not a port Ollama can listen on")
     if url.query_string or url.fragment or value.endswith(("?", "#")):

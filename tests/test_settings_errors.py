@@ -223,6 +223,18 @@ def test_an_ollama_url_on_port_0_is_refused(environment, value):
 
 
 @pytest.mark.parametrize(
+    "value",
+    ["http://xn--a.lan:11434", "http://user:s3cret@xn--a.lan", f"http://{'a' * 64}.lan", "http://a..lan"],
+    ids=["not-idna", "not-idna-with-password", "label-too-long", "empty-label"],
+)
+def test_an_ollama_url_whose_host_cannot_be_resolved_as_written_is_refused_not_a_crash(environment, value):
+    environment.setenv("OLLAMA_URL", value)
+    line = _mistake()
+    assert line.endswith("; the host is not a valid domain name")
+    assert "s3cret" not in line
+
+
+@pytest.mark.parametrize(
     "value", ["http://user:s3cret@ho\uff0fst", "http://user:s3c'ret\uff0f@host"], ids=["plain", "quote-in-it"]
 )
 def test_the_reason_for_a_broken_ollama_url_never_quotes_its_password(environment, value):
