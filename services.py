@@ -4,6 +4,7 @@ client), once, in the app's lifespan (`main.py`), and closes them. Routes receiv
 """
 
 import asyncio
+from functools import partial
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -22,15 +23,19 @@ from core.settings import ConfigurationError, Settings
 from db.changes import watch_changes
 from db.engine import Database, database_problem, database_url
 from fleet.admission import Fleet
-from fleet.hosts import Hosts, environment_hosts
+from fleet.changes import HostChanges
+from fleet.hosts import HostConfig, Hosts, environment_hosts
 from fleet.scheduler import Limits
+from fleet.store import HostStore
 from routes.dependencies import Services
 from uploads.store import UploadStore
 from upstream.client import UpstreamTimeouts
 
 
-def _open_storage(settings: Settings) -> tuple[Database, UserStore, UploadStore, str]:
-    """The blocking part of start-up (files, schema, first admin), run in a worker thread."""
+def _open_storage(
+    settings: Settings,
+) -> tuple[Database, UserStore, UploadStore, str, HostStore, list[HostConfig]]:
+    """The blocking part of start-up (files, schema, first admin, stored hosts), run in a worker thread."""
     try:
         # The first to write in DATA_DIR: a folder that can't be made or written is the operator's to fix.
         secret_key = load_secret_key(settings)
@@ -48,20 +53,28 @@ def _open_storage(settings: Settings) -> tuple[Database, UserStore, UploadStore,
     ensure_admin(settings, users)
     uploads = UploadStore(settings.uploads_dir, db, settings.max_upload_bytes)
     uploads.prepare()
-    return db, users, uploads, secret_key
+    host_store = HostStore(db)
+    return db, users, uploads, secret_key, host_store, host_store.configs()
 
 
 async def open_services(settings: Settings) -> Services:
-    db, users, uploads, secret_key = await asyncio.to_thread(_open_storage, settings)
+    opened = await asyncio.to_thread(_open_storage, settings)
+    db, users, uploads, secret_key, host_store, stored_hosts = opened
     timeouts = UpstreamTimeouts(
         connect=settings.upstream_connect_timeout,
         first_byte=settings.upstream_first_byte_timeout,
         idle=settings.upstream_idle_timeout,
     )
     hosts = Hosts(timeouts)
-    for config in environment_hosts(settings.ollama_urls, settings.ollama_parallel):
+    # The environment's first: the first of them answers /health and /api/version (upstream.probe).
+    for config in [*environment_hosts(settings.ollama_urls, settings.ollama_parallel), *stored_hosts]:
         hosts.add(config)
-    fleet = Fleet(hosts, queue_limits(settings), settings.host_check_seconds)
+    fleet = Fleet(
+        hosts,
+        queue_limits(settings),
+        settings.host_check_seconds,
+        read_stored=partial(db.run, host_store.configs),
+    )
 
     signer = TokenSigner(secret_key, settings.access_token_expire_minutes * 60)
     watcher = await asyncio.to_thread(watch_changes, db)
@@ -82,6 +95,7 @@ async def open_services(settings: Settings) -> Services:
         passwords=PasswordCheck(db, users, hasher, throttle),
         uploads=uploads,
         fleet=fleet,
+        host_changes=HostChanges(fleet, db, host_store),
         # The first of OLLAMA_URL's hosts answers /health and /api/version (upstream.probe).
         upstream=next(iter(hosts)).upstream,
         policy=ModelPolicy(),

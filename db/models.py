@@ -13,6 +13,11 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 STAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 ROLES = ("admin", "user")
+# An API key's requests go in this band of the fair queue (fleet.scheduler): a batch key's after everyone's
+# interactive ones.
+INTERACTIVE = "interactive"
+BATCH = "batch"
+PRIORITIES = (INTERACTIVE, BATCH)
 OUTCOMES = ("pending", "failed", "succeeded", "forgiven")
 
 # Emails compare without regard to letter case. SQLite's NOCASE collation does it in the column itself (and
@@ -126,8 +131,25 @@ class KnownAddress(Base):
     last_success: Mapped[float] = mapped_column(Float)
 
 
+class StoredHost(Base):
+    """An Ollama host an admin added at run time (fleet.store); OLLAMA_URL's hosts are not stored. Ids are
+    never reused: the gateway names the host `h<id>` in its API and its logs."""
+
+    __tablename__ = "hosts"
+    __table_args__ = ({"sqlite_autoincrement": True},)
+
+    id: Mapped[int] = mapped_column(RowId, primary_key=True)
+    name: Mapped[str] = mapped_column(Text, unique=True)
+    # With any user:password in it: sent to Ollama, never shown.
+    url: Mapped[str] = mapped_column(Text)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    draining: Mapped[bool] = mapped_column(Boolean, default=False)
+    slots: Mapped[int | None] = mapped_column(Integer, default=None)  # None: learned (fleet.learning)
+    created_at: Mapped[str] = mapped_column(Text, default=stamp)
+
+
 # The order a copy fills them in (db.copy): referenced tables first.
 TABLES = [
     Base.metadata.tables[name]
-    for name in ("users", "api_keys", "uploads", "login_attempts", "known_addresses")
+    for name in ("users", "api_keys", "uploads", "login_attempts", "known_addresses", "hosts")
 ]

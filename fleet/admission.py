@@ -4,16 +4,24 @@
 for one); `finish` gives the slot back on every path, with what Ollama's counters said. A host that failed the
 request is ejected (fleet.health) before its slot is handed on, so the next waiter goes elsewhere; slots
 unknown for a (host, model) are learned from the counters (fleet.learning).
+
+Hosts change while it runs (`put`, `remove`): through `/admin/hosts` (fleet.changes), and from the stored
+hosts, read again at every periodic check, so that a change `manage.py` or another replica made is taken
+up within HOST_CHECK_SECONDS (fleet.store).
 """
 
 import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fleet.hosts import Host, Hosts, shown_model
+from sqlalchemy.exc import SQLAlchemyError
+
+from core.storage_errors import StorageError
+from fleet.hosts import STORED, Host, HostConfig, Hosts, shown_model
 from fleet.learning import SlotLearner
 from fleet.scheduler import Ask, Grant, Limits, Refused, Scheduler
 from upstream.counters import Counters
@@ -34,11 +42,21 @@ class Ended:
 
 
 class Fleet:
-    def __init__(self, hosts: Hosts, limits: Limits, check_seconds: float) -> None:
+    def __init__(
+        self,
+        hosts: Hosts,
+        limits: Limits,
+        check_seconds: float,
+        read_stored: Callable[[], Awaitable[list[HostConfig]]] | None = None,
+    ) -> None:
         self.hosts = hosts
         self.scheduler = Scheduler(hosts.candidates, limits)
         self._check_seconds = check_seconds
         self._checks: asyncio.Task[None] | None = None
+        self._read_stored = read_stored
+        # Bumped by every change of the hosts: a read of the stored hosts begun before one may be older.
+        self._generation = 0
+        self._checking: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         """Check every host now and then every `check_seconds`, in the background."""
@@ -46,13 +64,16 @@ class Fleet:
 
     async def close(self) -> None:
         self.scheduler.close()
-        if self._checks is not None:
-            self._checks.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._checks
+        for task in [self._checks, *self._checking]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.hosts.close()
 
     async def check_now(self) -> None:
+        """Take up the stored hosts' changes, then ask every enabled host its models."""
+        await self.read_stored()
         await self.hosts.check_all()
         self.scheduler.refresh()
 
@@ -60,6 +81,65 @@ class Fleet:
         while True:
             await self.check_now()
             await asyncio.sleep(self._check_seconds)
+
+    # -- hosts changing while it runs ------------------------------------------------------------------------
+
+    async def read_stored(self) -> None:
+        """Make the stored hosts here what the database says (a change by `manage.py`, another replica)."""
+        if self._read_stored is None:
+            return
+        generation = self._generation
+        try:
+            configs = await self._read_stored()
+        except (SQLAlchemyError, StorageError) as exc:
+            logger.warning("could not read the stored Ollama hosts (the known ones are kept): %s", exc)
+            return
+        if generation == self._generation:  # else a change made here meanwhile is newer than what was read
+            self.sync_stored(configs)
+
+    def sync_stored(self, configs: list[HostConfig]) -> None:
+        wanted = {config.id: config for config in configs}
+        for host in self.hosts:
+            if host.config.source == STORED and host.id not in wanted:
+                self.remove(host.id)
+        for config in configs:
+            known = self.hosts.by_id.get(config.id)
+            if known is None or known.config != config:
+                self.put(config)
+
+    def put(self, config: HostConfig) -> Host:
+        """Add a host, or make a known one `config`, at once. A host new, at a new URL or enabled again is
+        checked straight away (its models); requests waiting are dispatched to whatever slots appeared."""
+        self._generation += 1
+        known = self.hosts.by_id.get(config.id)
+        if known is None or known.config.url != config.url:
+            host = self.hosts.add(config)
+            check = True
+            logger.info("Ollama host %s (%s) %s", host.name, host.id, "added" if known is None else "moved")
+        else:
+            host = known
+            check = not known.config.enabled
+            if config.slots != known.config.slots:
+                host.learners.clear()  # slots set again, or to be learned afresh
+            host.config = config
+        if check and config.enabled:
+            task = asyncio.get_running_loop().create_task(self._check(host))
+            self._checking.add(task)
+            task.add_done_callback(self._checking.discard)
+        self.scheduler.refresh()
+        return host
+
+    def remove(self, host_id: str) -> bool:
+        """Take a host out: no new work goes to it; what runs there finishes (Hosts.remove)."""
+        self._generation += 1
+        removed = self.hosts.remove(host_id)
+        if removed is not None:
+            logger.info("Ollama host %s (%s) removed", removed.name, removed.id)
+        return removed is not None
+
+    async def _check(self, host: Host) -> None:
+        await self.hosts.check(host)
+        self.scheduler.refresh()
 
     async def admit(self, ask: Ask) -> Grant:
         """A slot for the request (Refused: 429 or 503, with Retry-After)."""
@@ -129,36 +209,36 @@ class Fleet:
 
     def snapshot(self) -> list[dict[str, Any]]:
         """What `/admin/hosts` shows of each host (never its credentials)."""
+        return [self.describe(host) for host in self.hosts]
+
+    def describe(self, host: Host) -> dict[str, Any]:
+        """What `/admin/hosts` shows of one host: per model it holds loaded or runs, its slots (`capacity`,
+        and whether `configured` or `learned`), the requests in flight there and those waiting for it."""
         inflight = self.scheduler.inflight_by_slot()
         waiting = self.scheduler.waiting_models()
-        shown = []
-        for host in self.hosts:
-            models = sorted({model for (hid, model) in inflight if hid == host.id} | set(host.loaded))
-            shown.append(
-                {
-                    "id": host.id,
-                    "name": host.name,
-                    "url": host.upstream.public_url,
-                    "source": host.config.source,
-                    "enabled": host.config.enabled,
-                    "draining": host.config.draining,
-                    "slots": host.config.slots,
-                    "healthy": host.health.healthy,
-                    "problem": host.health.problem,
-                    "models": sorted(map(shown_model, host.models)) if host.models is not None else None,
-                    "loaded": sorted(map(shown_model, host.loaded)),
-                    "capacity": {
-                        shown_model(model): {
-                            "capacity": host.slots_for(model),
-                            "source": host.slots_source(model),
-                            "inflight": inflight.get((host.id, model), 0),
-                            "waiting": waiting.get(model, 0),
-                        }
-                        for model in models
-                    },
+        models = sorted({model for (hid, model) in inflight if hid == host.id} | set(host.loaded))
+        return {
+            "id": host.id,
+            "name": host.name,
+            "url": host.upstream.public_url,
+            "source": host.config.source,
+            "enabled": host.config.enabled,
+            "draining": host.config.draining,
+            "slots": host.config.slots,
+            "healthy": host.health.healthy,
+            "problem": host.health.problem,
+            "models": sorted(map(shown_model, host.models)) if host.models is not None else None,
+            "loaded": sorted(map(shown_model, host.loaded)),
+            "capacity": {
+                shown_model(model): {
+                    "capacity": host.slots_for(model),
+                    "source": host.slots_source(model),
+                    "inflight": inflight.get((host.id, model), 0),
+                    "waiting": waiting.get(model, 0),
                 }
-            )
-        return shown
+                for model in models
+            },
+        }
 
 
 __all__ = ["Ask", "Ended", "Fleet", "Grant", "Limits", "Refused"]

@@ -125,14 +125,21 @@ class Hosts:
         self.by_id: dict[str, Host] = {}
 
     def add(self, config: HostConfig) -> Host:
+        """A new host, or a host at a new URL: what was known of the one it replaces is forgotten."""
         host = Host(config, Upstream(config.url, self._timeouts))
+        replaced = self.by_id.get(config.id)
         self.by_id[config.id] = host
+        if replaced is not None:
+            replaced.upstream.retire()
         return host
 
-    async def remove(self, host_id: str) -> None:
+    def remove(self, host_id: str) -> Host | None:
+        """Take the host out: it gets no new work. Requests running on it finish; its connections close as
+        each one ends (their slots are given back all the same: the scheduler counts by host id)."""
         host = self.by_id.pop(host_id, None)
         if host is not None:
-            await host.upstream.close()
+            host.upstream.retire()
+        return host
 
     async def close(self) -> None:
         for host in list(self.by_id.values()):

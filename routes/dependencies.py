@@ -27,6 +27,7 @@ from core.settings import Settings
 from db.changes import ChangeWatcher
 from db.engine import Database
 from fleet.admission import Fleet
+from fleet.changes import HostChanges
 from routes.guard import take_user
 from uploads.store import UploadStore
 from upstream.client import Upstream
@@ -45,6 +46,7 @@ class Services:
     passwords: PasswordCheck
     uploads: UploadStore
     fleet: Fleet
+    host_changes: HostChanges
     upstream: Upstream
     policy: ModelPolicy
     changes: ChangeWatcher

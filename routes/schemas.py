@@ -8,6 +8,7 @@ from pydantic.json_schema import JsonDict
 
 from core.emails import EMAIL_MAX_LENGTH, checked_email
 from core.password_rule import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH, password_problem
+from core.setting_checks import checked_upstream_url
 from core.text import is_valid_text
 from routes.credentials import MAX_FIELD_LENGTH
 
@@ -200,6 +201,84 @@ class UploadInfo(BaseModel):
     size: int
     content_type: str
     created_at: str
+
+
+# Ollama hosts (`/admin/hosts`). A name is what X-Ollama-Host carries: a header value, so printable ASCII.
+HOST_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
+MAX_HOST_SLOTS = 1024
+HostId = Annotated[str, Path(min_length=1, max_length=64, examples=["h1"])]
+# Checked by `_checked_host_url` (core.setting_checks, as OLLAMA_URL); the pattern, for the schema only, is a
+# part of what the check accepts (see _EMAIL_SCHEMA): letters and digits, a single hyphen inside a label of at
+# most 62 characters.
+_LABEL = "[a-z0-9]{1,20}(-[a-z0-9]{1,20}){0,2}"
+_HOST_URL_SCHEMA: JsonDict = {
+    "pattern": f"^https?://([a-z0-9]+(:[a-z0-9]+)?@)?{_LABEL}(\\.{_LABEL}){{0,3}}(:[1-9][0-9]{{0,3}})?"
+    f"(/[a-z0-9_-]{{1,20}}){{0,3}}$",
+    "maxLength": 2048,
+}
+HOST_URL_EXAMPLE = "http://gpu-2.lan:11434"
+HOST_URL_DESCRIPTION = (
+    "Ollama's URL, http:// or https://, as in OLLAMA_URL; a user:password@ in it is sent to Ollama, never "
+    "shown"
+)
+HostUrl = Annotated[str, Field(description=HOST_URL_DESCRIPTION, json_schema_extra=_HOST_URL_SCHEMA)]
+SLOTS_DESCRIPTION = "Requests it runs at once per loaded model (its OLLAMA_NUM_PARALLEL); null: learned"
+
+
+def _checked_host_url(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if len(value) > 2048:
+        raise ValueError("expected at most 2048 characters")
+    try:
+        return checked_upstream_url(value)
+    except ValueError as exc:  # its reasons never quote the URL: a password stays unsaid
+        reason = f": {exc}" if str(exc) else ""
+        raise ValueError(f"expected an http:// or https:// URL such as {HOST_URL_EXAMPLE}{reason}") from None
+
+
+class NewHost(BaseModel):
+    name: str = Field(pattern=HOST_NAME_PATTERN, examples=["gpu-2"], description="What X-Ollama-Host names")
+    url: HostUrl = Field(examples=[HOST_URL_EXAMPLE])
+    slots: int | None = Field(default=None, ge=1, le=MAX_HOST_SLOTS, description=SLOTS_DESCRIPTION)
+    enabled: bool = True
+
+    _url = field_validator("url")(_checked_host_url)
+
+
+class HostPatch(BaseModel):
+    """Only the fields sent change; `"slots": null` has the gateway learn them. Of a host from OLLAMA_URL,
+    only `enabled` and `draining` change (until the next start)."""
+
+    name: str | None = Field(default=None, pattern=HOST_NAME_PATTERN)
+    url: HostUrl | None = None
+    enabled: bool | None = None
+    draining: bool | None = Field(default=None, description="true: no new work; what runs finishes")
+    slots: int | None = Field(default=None, ge=1, le=MAX_HOST_SLOTS, description=SLOTS_DESCRIPTION)
+
+    _url = field_validator("url")(_checked_host_url)
+
+
+class ModelSlots(BaseModel):
+    capacity: int | None = Field(description="Slots for this model; null: not known yet (not limited)")
+    source: Literal["configured", "learned"] | None
+    inflight: int = Field(description="Requests running there")
+    waiting: int = Field(description="Requests waiting in the gateway for this model")
+
+
+class HostOut(BaseModel):
+    id: str = Field(examples=["h1"], description="env-1, ... for OLLAMA_URL's hosts; h1, ... for stored ones")
+    name: str
+    url: str = Field(description="Without credentials")
+    source: Literal["environment", "stored"]
+    enabled: bool
+    draining: bool
+    slots: int | None = Field(description="As set (OLLAMA_PARALLEL, or the host's own); null: learned")
+    healthy: bool
+    problem: str | None = Field(description="Why it was last taken out of service")
+    models: list[str] | None = Field(description="What it holds; null: not checked yet")
+    loaded: list[str]
+    capacity: dict[str, ModelSlots] = Field(description="Per model loaded or running there")
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:

@@ -52,7 +52,8 @@ def test_a_gateway_copied_to_postgres_carries_on_there_as_before(tmp_path, fake_
     assert target is not None
     copied = _copy(data_dir, target)
     assert copied.returncode == 0, copied.stderr
-    assert "copied 2 users, 1 api_keys, 1 uploads, 5 login_attempts, 2 known_addresses to " in copied.stdout
+    counts = "2 users, 1 api_keys, 1 uploads, 5 login_attempts, 2 known_addresses, 0 hosts"
+    assert f"copied {counts} to " in copied.stdout
 
     moved = gateway_settings(data_dir, fake_ollama_server.url, database_url=target, login_max_failures=3)
     second, server = start_gateway(moved)

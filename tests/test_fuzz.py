@@ -51,25 +51,37 @@ class Fuzzer:
 def filter_path_parameters(context, path_parameters) -> bool:
     if path_parameters is None:
         return True
-    own_key = path_parameters.get("key_id") == Fuzzer.key_id
-    own_account = path_parameters.get("user_id") == Fuzzer.user_id
+    own_key = "key_id" in path_parameters and path_parameters["key_id"] == Fuzzer.key_id
+    own_account = "user_id" in path_parameters and path_parameters["user_id"] == Fuzzer.user_id
     return not (own_key or own_account)
+
+
+def _fuzzed_gateway(fake_ollama_server, tmp_path_factory, name: str):
+    settings = gateway_settings(tmp_path_factory.mktemp(name), fake_ollama_server.url, **NO_SIGN_IN_LIMITS)
+    gateway, server = start_gateway(settings)
+    with httpx.Client(base_url=gateway.url, headers=gateway.admin_headers()) as admin:
+        created = admin.post("/keys", json={"name": "fuzzer"}).json()
+        user_id = admin.get("/me").json()["id"]
+    return gateway, server, created, user_id
 
 
 @pytest.fixture(scope="module")
 def fuzzed(fake_ollama_server, tmp_path_factory):
     """A gateway of its own for the whole run, and the fuzzer's credentials: an admin's API key."""
-    settings = gateway_settings(
-        tmp_path_factory.mktemp("fuzzed"), fake_ollama_server.url, **NO_SIGN_IN_LIMITS
-    )
-    gateway, server = start_gateway(settings)
-    with httpx.Client(base_url=gateway.url, headers=gateway.admin_headers()) as admin:
-        created = admin.post("/keys", json={"name": "fuzzer"}).json()
-        Fuzzer.user_id = admin.get("/me").json()["id"]
+    gateway, server, created, Fuzzer.user_id = _fuzzed_gateway(fake_ollama_server, tmp_path_factory, "fuzzed")
     Fuzzer.key_id = created["id"]
     yield gateway, {"Authorization": f"Bearer {created['key']}"}
     server.stop()
     fake_ollama_server.reset()  # the fuzzer pulled, copied and deleted models
+
+
+@pytest.fixture(scope="module")
+def fuzzed_fleet(fake_ollama_server, tmp_path_factory):
+    """Another gateway for `/admin/hosts`: the hosts the fuzzer adds (model management then needs
+    X-Ollama-Host) and the one it may drain would change what every other operation answers."""
+    gateway, server, created, _ = _fuzzed_gateway(fake_ollama_server, tmp_path_factory, "fuzzed-fleet")
+    yield gateway, {"Authorization": f"Bearer {created['key']}"}
+    server.stop()
 
 
 def _excluded_checks(case) -> list:
@@ -90,8 +102,9 @@ def _fuzz_test(operation_id: str):
 
     @schema.include(operation_id=operation_id).parametrize()
     @FUZZ_SETTINGS
-    def test(case, fuzzed):
-        gateway, headers = fuzzed
+    def test(case, request):
+        fixture = "fuzzed_fleet" if case.path.startswith("/admin/hosts") else "fuzzed"
+        gateway, headers = request.getfixturevalue(fixture)
         case.call_and_validate(base_url=gateway.url, headers=headers, excluded_checks=_excluded_checks(case))
 
     return test

@@ -81,6 +81,10 @@ class Upstream:
     async def close(self) -> None:
         self._pool.close()
 
+    def retire(self) -> None:
+        """No new work will come: close each connection once its answer ends (what runs is not cut)."""
+        self._pool.retire()
+
     async def send(
         self,
         method: str,

@@ -627,6 +627,13 @@ class ConnectionPool:
     def idle_connections(self) -> int:
         return len(self._idle)
 
+    def retire(self) -> None:
+        """Keep no connection for later: the idle ones are closed now, the ones in use as their answers end.
+        Nothing running is cut (a host removed from the fleet while streams run on it)."""
+        self.max_idle = 0
+        while self._idle:
+            self._forget(self._idle.popleft())
+
     def close(self) -> None:
         for connection in self._idle:
             connection.idle = False  # its connection_lost, called later, must not look for it in `_idle`
