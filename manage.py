@@ -1,4 +1,4 @@
-"""The operator's command line: people and API keys, straight on the database in DATA_DIR.
+"""The operator's command line: people, API keys and Ollama hosts, straight on the database in DATA_DIR.
 
 It needs neither the HTTP API nor a running gateway, so a locked-out admin can always get back in. It reads
 the same settings as the gateway (environment and `.env`). Run it with the project's environment:
@@ -9,6 +9,11 @@ the same settings as the gateway (environment and `.env`). Run it with the proje
     .venv/bin/python manage.py create-key ada@example.com "nightly job" --expires-days 90
     .venv/bin/python manage.py keys
     .venv/bin/python manage.py revoke-key 3
+    .venv/bin/python manage.py hosts
+    .venv/bin/python manage.py add-host gpu-2 http://gpu-2.lan:11434 --slots 2
+    .venv/bin/python manage.py change-host h1 --no-drain --learn-slots
+    .venv/bin/python manage.py drain-host h1
+    .venv/bin/python manage.py remove-host h1
     .venv/bin/python manage.py copy-database --to postgresql://gateway@db.internal/gateway
 
 Passwords are generated and printed once unless `--password-stdin` reads one from standard input.
@@ -18,8 +23,13 @@ set, taken from the folder it is run in: it says which database it opened, and o
 new SQLite one. Any other command refuses when there is none, rather than create an empty one and report "no
 user" (issue 10, item 5).
 
-`copy-database --to URL` copies everything (users, keys, upload records, sign-in limits' state) from that
-database into an empty one, such as a new Postgres database for several replicas; then set DATABASE_URL to it.
+The host commands change the stored hosts (those `/admin/hosts` adds); a running gateway takes the change up
+at its next periodic check, within HOST_CHECK_SECONDS. OLLAMA_URL's hosts are listed too, as the environment
+sets them at start (what `/admin/hosts` changed of them in a running gateway is that gateway's alone).
+
+`copy-database --to URL` copies everything (users, keys, upload records, sign-in limits' state, stored hosts)
+from that database into an empty one, such as a new Postgres database for several replicas; then set
+DATABASE_URL to it.
 """
 
 import argparse
@@ -27,8 +37,9 @@ import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
 from auth.api_keys import ApiKeyStore
@@ -37,12 +48,17 @@ from auth.throttle import SignInLimits, SignInThrottle
 from auth.users import ROLES, User, UserStore
 from core.password_rule import password_problem
 from core.setting_checks import checked_database_url
-from core.settings import ConfigurationError
+from core.settings import ConfigurationError, Settings
 from core.settings_errors import configuration_error_line, read_settings
-from core.storage_errors import StorageError
+from core.storage_errors import NotFound, StorageError
 from db.copy import copy_database
 from db.engine import Database, database_problem, database_url
-from routes.schemas import NewUser
+from fleet.hosts import HostConfig, environment_hosts
+from fleet.store import HostChange, HostStore, refuse_clashes, row_id_of, stored_config
+from routes.schemas import HostPatch, NewHost, NewUser
+from upstream.client import public_url
+
+Checked = TypeVar("Checked", bound=BaseModel)
 
 
 class CommandError(Exception):
@@ -55,6 +71,8 @@ class Stores:
     users: UserStore
     keys: ApiKeyStore
     throttle: SignInThrottle
+    hosts: HostStore
+    settings: Settings
 
 
 def _password(args: argparse.Namespace) -> tuple[str, bool]:
@@ -127,6 +145,103 @@ def revoke_key(stores: Stores, args: argparse.Namespace) -> None:
     print(f"revoked key {args.key_id}")
 
 
+def _checked(model: type[Checked], **fields: Any) -> Checked:
+    """The same rules as the API's."""
+    try:
+        return model(**fields)
+    except ValidationError as exc:
+        problems = (f"{'.'.join(map(str, error['loc']))}: {error['msg']}" for error in exc.errors())
+        raise CommandError("; ".join(problems)) from None
+
+
+def _every_host(stores: Stores) -> list[HostConfig]:
+    settings = stores.settings
+    return [*environment_hosts(settings.ollama_urls, settings.ollama_parallel), *stores.hosts.configs()]
+
+
+def _state(config: HostConfig) -> str:
+    return "disabled" if not config.enabled else "draining" if config.draining else "enabled"
+
+
+def _described(config: HostConfig) -> str:
+    slots = "slots learned" if config.slots is None else f"{config.slots} slots"
+    return f"{config.id} '{config.name}' at {public_url(config.url)}, {_state(config)}, {slots}"
+
+
+def _taken_up(stores: Stores) -> str:
+    seconds = stores.settings.host_check_seconds
+    return f"a running gateway takes it up within HOST_CHECK_SECONDS ({seconds:g} s)"
+
+
+def _stored_row(host_id: str) -> int:
+    row_id = row_id_of(host_id)
+    if row_id is not None:
+        return row_id
+    if host_id.startswith("env-"):
+        raise CommandError(
+            f"{host_id} comes from OLLAMA_URL: change it there; a running gateway can drain or disable it "
+            f"until its next start (/admin/hosts)"
+        )
+    raise CommandError(f"no host with the id {host_id} (stored hosts are h1, h2, ...: see manage.py hosts)")
+
+
+def list_hosts(stores: Stores, _: argparse.Namespace) -> None:
+    for config in _every_host(stores):
+        slots = "learned" if config.slots is None else str(config.slots)
+        url = public_url(config.url)
+        print(f"{config.id}\t{config.name}\t{url}\t{config.source}\t{_state(config)}\tslots {slots}")
+
+
+def add_host(stores: Stores, args: argparse.Namespace) -> None:
+    new = _checked(NewHost, name=args.name, url=args.url, slots=args.slots, enabled=not args.disabled)
+    refuse_clashes(new.name, new.url, _every_host(stores))
+    row = stores.hosts.add(new.name, new.url, slots=new.slots, enabled=new.enabled)
+    print(f"added host {_described(stored_config(row))}; {_taken_up(stores)}")
+
+
+def _change(stores: Stores, host_id: str, change: HostChange) -> None:
+    row_id = _stored_row(host_id)
+    refuse_clashes(change.name, change.url, _every_host(stores), itself=host_id)
+    try:
+        row = stores.hosts.change(row_id, change)
+    except NotFound:
+        raise CommandError(f"no host with the id {host_id}") from None
+    print(f"changed host {_described(stored_config(row))}; {_taken_up(stores)}")
+
+
+def change_host(stores: Stores, args: argparse.Namespace) -> None:
+    sent = {name: getattr(args, name) for name in ("name", "url", "slots") if getattr(args, name) is not None}
+    patch = _checked(HostPatch, **sent)
+    change = HostChange(
+        name=patch.name,
+        url=patch.url,
+        enabled=args.enabled,
+        draining=args.draining,
+        slots=patch.slots,
+        learn_slots=args.learn_slots,
+    )
+    if change == HostChange():
+        raise CommandError(
+            "nothing to change: give --name, --url, --slots or --learn-slots, --enable or "
+            "--disable, --drain or --no-drain"
+        )
+    _change(stores, args.host_id, change)
+
+
+def drain_host(stores: Stores, args: argparse.Namespace) -> None:
+    _change(stores, args.host_id, HostChange(draining=True))
+
+
+def remove_host(stores: Stores, args: argparse.Namespace) -> None:
+    row_id = _stored_row(args.host_id)
+    try:
+        row = stores.hosts.remove(row_id)
+    except NotFound:
+        raise CommandError(f"no host with the id {args.host_id}") from None
+    config = stored_config(row)
+    print(f"removed host {config.id} '{config.name}'; {_taken_up(stores)} (what runs there finishes)")
+
+
 def copy_to(stores: Stores, args: argparse.Namespace) -> None:
     try:
         target = Database(database_url(checked_database_url(args.to), Path()))
@@ -175,6 +290,44 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("key_id", type=int)
     revoke.set_defaults(run=revoke_key)
 
+    commands.add_parser(
+        "hosts", help="list the Ollama hosts (OLLAMA_URL's, then the stored ones)"
+    ).set_defaults(run=list_hosts)
+
+    add = commands.add_parser("add-host", help="add an Ollama host (stored)")
+    add.add_argument("name", help="what X-Ollama-Host names it by")
+    add.add_argument("url", help="http(s)://[user:password@]host[:port][/path], as in OLLAMA_URL")
+    add.add_argument("--slots", type=int, help="requests it runs at once per loaded model (default: learned)")
+    add.add_argument("--disabled", action="store_true", help="add it disabled")
+    add.set_defaults(run=add_host)
+
+    change = commands.add_parser("change-host", help="change a stored host (by its id: h1, h2, ...)")
+    change.add_argument("host_id")
+    change.add_argument("--name")
+    change.add_argument("--url")
+    slots = change.add_mutually_exclusive_group()
+    slots.add_argument("--slots", type=int, help="requests it runs at once per loaded model")
+    slots.add_argument("--learn-slots", action="store_true", help="forget the slots set: learn them")
+    enabled = change.add_mutually_exclusive_group()
+    enabled.add_argument("--enable", dest="enabled", action="store_const", const=True)
+    enabled.add_argument("--disable", dest="enabled", action="store_const", const=False)
+    change.add_argument(
+        "--drain",
+        dest="draining",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="no new work (what runs finishes); --no-drain: take work again",
+    )
+    change.set_defaults(run=change_host)
+
+    drain = commands.add_parser("drain-host", help="send a stored host no new work (what runs finishes)")
+    drain.add_argument("host_id")
+    drain.set_defaults(run=drain_host)
+
+    remove = commands.add_parser("remove-host", help="remove a stored host (what runs there finishes)")
+    remove.add_argument("host_id")
+    remove.set_defaults(run=remove_host)
+
     copy = commands.add_parser("copy-database", help="copy everything into another (empty) database")
     copy.add_argument("--to", required=True, metavar="URL", help="postgresql://user@host/database")
     copy.set_defaults(run=copy_to)
@@ -203,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         db.migrate()
         throttle = SignInThrottle(db, SignInLimits.from_settings(settings))
-        args.run(Stores(db, UserStore(db), ApiKeyStore(db), throttle), args)
+        args.run(Stores(db, UserStore(db), ApiKeyStore(db), throttle, HostStore(db), settings), args)
     except (CommandError, StorageError) as exc:
         print(f"manage.py: {exc}", file=sys.stderr)
         return 1

@@ -16,12 +16,12 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from yarl import URL
 
 from core.storage_errors import Conflict, NotFound
-from db.engine import Database, affected
+from db.engine import Database
 from db.models import StoredHost
 from fleet.hosts import STORED, HostConfig
 
@@ -139,8 +139,11 @@ class HostStore:
             raise Conflict(f"a host named {change.name} already exists") from None
         return row
 
-    def remove(self, row_id: int) -> None:
-        """NotFound if there is no such host."""
+    def remove(self, row_id: int) -> StoredHost:
+        """The host removed. NotFound if there is no such host."""
         with self._db.transaction() as session:
-            if not affected(session.execute(delete(StoredHost).where(StoredHost.id == row_id))):
+            row = session.get(StoredHost, row_id, with_for_update=True)
+            if row is None:
                 raise NotFound(NO_SUCH_HOST)
+            session.delete(row)
+        return row

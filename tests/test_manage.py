@@ -4,6 +4,7 @@ import re
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -26,7 +27,12 @@ def manage(gateway, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(REPO / "manage.py"), *args],
         cwd=gateway.settings.data_dir.parent,
-        env=clean_environment(DATA_DIR=str(gateway.settings.data_dir), **_database_of(gateway)),
+        # The gateway's settings, as an operator's .env would give them both.
+        env=clean_environment(
+            DATA_DIR=str(gateway.settings.data_dir),
+            OLLAMA_URL=gateway.settings.ollama_url,
+            **_database_of(gateway),
+        ),
         input=stdin,
         capture_output=True,
         text=True,
@@ -209,3 +215,83 @@ def test_a_data_dir_that_cannot_be_made_is_one_line(tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.splitlines()[-1].startswith("manage.py: cannot use /sys/ollama-gateway-data/")
+
+
+# Ollama hosts
+
+
+async def _check_every_host_checks(gateway) -> None:
+    gateway.services.fleet.start()  # what `python main.py` does at start: check now, then every interval
+
+
+def _hosts_of(gateway) -> dict[str, dict]:
+    listed = httpx.get(f"{gateway.url}/admin/hosts", headers=gateway.admin_headers()).json()
+    return {host["id"]: host for host in listed}
+
+
+def _until(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "not within the time"
+        time.sleep(0.05)
+
+
+def test_hosts_added_changed_and_removed_here_reach_a_running_gateway_at_its_next_check(
+    make_gateway, tmp_path
+):
+    gateway = make_gateway(data_dir=tmp_path / "data", host_check_seconds=0.2)
+    gateway.run(_check_every_host_checks(gateway))
+    added = manage(gateway, "add-host", "gpu-2", "http://ops:s3cret@gpu-2.lan:11434", "--slots", "2")
+    assert added.returncode == 0, added.stderr
+    assert added.stdout.startswith("added host h1 'gpu-2' at http://gpu-2.lan:11434, enabled, 2 slots; ")
+    assert "a running gateway takes it up within HOST_CHECK_SECONDS (10 s)" in added.stdout
+    _until(lambda: "h1" in _hosts_of(gateway))
+    assert (_hosts_of(gateway)["h1"]["name"], _hosts_of(gateway)["h1"]["slots"]) == ("gpu-2", 2)
+
+    drained = manage(gateway, "drain-host", "h1")
+    assert drained.returncode == 0, drained.stderr
+    assert drained.stdout.startswith("changed host h1 'gpu-2' at http://gpu-2.lan:11434, draining, 2 slots")
+    _until(lambda: _hosts_of(gateway)["h1"]["draining"])
+    changed = manage(gateway, "change-host", "h1", "--name", "gpu-two", "--no-drain", "--learn-slots")
+    assert changed.returncode == 0, changed.stderr
+    assert "h1 'gpu-two' at http://gpu-2.lan:11434, enabled, slots learned" in changed.stdout
+    _until(lambda: _hosts_of(gateway)["h1"]["name"] == "gpu-two")
+    assert (_hosts_of(gateway)["h1"]["draining"], _hosts_of(gateway)["h1"]["slots"]) == (False, None)
+
+    listing = manage(gateway, "hosts").stdout.splitlines()
+    assert listing == [
+        f"env-1\t{gateway.settings.ollama_url.split('://')[1]}\t{gateway.settings.ollama_url}\tenvironment"
+        "\tenabled\tslots learned",
+        "h1\tgpu-two\thttp://gpu-2.lan:11434\tstored\tenabled\tslots learned",
+    ]
+    assert all("s3cret" not in result.stdout for result in (added, drained, changed))
+
+    removed = manage(gateway, "remove-host", "h1")
+    assert removed.returncode == 0, removed.stderr
+    assert removed.stdout.startswith("removed host h1 'gpu-two'; ")
+    _until(lambda: "h1" not in _hosts_of(gateway))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("add-host", "gpu-2", "ftp://ops:s3cret@gpu-2.lan"), "url: Value error, expected an http://"),
+        (("add-host", "gpu 2", "http://gpu-2.lan"), "name: "),
+        (("add-host", "gpu-2", "http://gpu-2.lan", "--slots", "0"), "slots: "),
+        (("add-host", "h4", "http://gpu-2.lan"), "can't look like a host's id"),
+        (("add-host", "gpu-2", "{environment}"), "that Ollama is already a host: env-1"),
+        (("change-host", "env-1", "--drain"), "env-1 comes from OLLAMA_URL"),
+        (("change-host", "h9", "--drain"), "no host with the id h9"),
+        (("change-host", "h9"), "nothing to change"),
+        (("drain-host", "gpu-2"), "no host with the id gpu-2"),
+        (("remove-host", "h9"), "no host with the id h9"),
+        (("remove-host", "env-1"), "env-1 comes from OLLAMA_URL"),
+    ],
+    ids=lambda value: " ".join(value) if isinstance(value, tuple) else None,
+)
+def test_a_host_command_mistake_is_one_line_and_exit_status_1(gateway, args, message):
+    result = manage(gateway, *(arg.format(environment=gateway.settings.ollama_url) for arg in args))
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()[1:]
+    assert line.startswith("manage.py: ") and message in line
+    assert "s3cret" not in result.stderr
