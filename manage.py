@@ -6,7 +6,7 @@ the same settings as the gateway (environment and `.env`). Run it with the proje
     .venv/bin/python manage.py users
     .venv/bin/python manage.py create-user ada@example.com --role admin
     .venv/bin/python manage.py reset-password ada@example.com
-    .venv/bin/python manage.py create-key ada@example.com "nightly job" --expires-days 90
+    .venv/bin/python manage.py create-key ada@example.com "nightly job" --expires-days 90 --batch
     .venv/bin/python manage.py keys
     .venv/bin/python manage.py revoke-key 3
     .venv/bin/python manage.py hosts
@@ -53,6 +53,7 @@ from core.settings_errors import configuration_error_line, read_settings
 from core.storage_errors import NotFound, StorageError
 from db.copy import copy_database
 from db.engine import Database, database_problem, database_url
+from db.models import BATCH, INTERACTIVE
 from fleet.hosts import HostConfig, environment_hosts
 from fleet.store import HostChange, HostStore, refuse_clashes, row_id_of, stored_config
 from routes.schemas import HostPatch, NewHost, NewUser
@@ -127,16 +128,20 @@ def reset_password(stores: Stores, args: argparse.Namespace) -> None:
 
 def create_key(stores: Stores, args: argparse.Namespace) -> None:
     user = _user(stores.users, args.email)
-    record, key = stores.keys.create(user.id, args.name, args.expires_days)
+    record, key = stores.keys.create(
+        user.id, args.name, args.expires_days, BATCH if args.batch else INTERACTIVE
+    )
     expiry = f", expires {record.expires_at}" if record.expires_at else ""
-    print(f"created key {record.id} '{record.name}' for {user.email}{expiry}")
+    batch = ", batch: its requests wait behind interactive ones" if record.priority == BATCH else ""
+    print(f"created key {record.id} '{record.name}' for {user.email}{expiry}{batch}")
     print(f"key: {key}")
     print("It is shown only this once.")
 
 
 def list_keys(stores: Stores, _: argparse.Namespace) -> None:
     for key, email in stores.keys.all():
-        print(f"{key.id}\t{key.prefix}…\t{email}\t{key.name}\tlast used {key.last_used_at or 'never'}")
+        used = key.last_used_at or "never"
+        print(f"{key.id}\t{key.prefix}…\t{email}\t{key.name}\t{key.priority}\tlast used {used}")
 
 
 def revoke_key(stores: Stores, args: argparse.Namespace) -> None:
@@ -282,6 +287,7 @@ def _parser() -> argparse.ArgumentParser:
     key.add_argument("email")
     key.add_argument("name")
     key.add_argument("--expires-days", type=int, default=None)
+    key.add_argument("--batch", action="store_true", help="its requests wait behind interactive ones")
     key.set_defaults(run=create_key)
 
     commands.add_parser("keys", help="list every API key (no secrets)").set_defaults(run=list_keys)

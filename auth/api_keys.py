@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 
 from core.storage_errors import NotFound
 from db.engine import Database, affected
-from db.models import ApiKey, User, stamp
+from db.models import INTERACTIVE, ApiKey, User, stamp
 
 __all__ = ["ApiKey", "ApiKeyStore", "looks_like_api_key"]
 
@@ -46,9 +46,11 @@ class ApiKeyStore:
         # the recording of a newer key's use.
         self._touched: dict[int, float] = {}
 
-    def create(self, user_id: int, name: str, expires_in_days: int | None = None) -> tuple[ApiKey, str]:
+    def create(
+        self, user_id: int, name: str, expires_in_days: int | None = None, priority: str = INTERACTIVE
+    ) -> tuple[ApiKey, str]:
         """A new key for the user: its record, and the full key, which is never available again. NotFound if
-        the user is gone."""
+        the user is gone. A batch key's requests wait behind everyone's interactive ones (fleet.scheduler)."""
         key = f"{KEY_PREFIX}{secrets.token_urlsafe(6)}_{secrets.token_urlsafe(32)}"
         expires_at = (
             stamp(datetime.now(UTC) + timedelta(days=expires_in_days))
@@ -61,6 +63,7 @@ class ApiKeyStore:
             prefix=key[:SHOWN_PREFIX_LENGTH],
             key_hash=key_hash(key),
             expires_at=expires_at,
+            priority=priority,
         )
         try:
             with self._db.transaction() as session:

@@ -1,4 +1,5 @@
-"""From an Authorization header to a user: the one place that decides who is calling.
+"""From an Authorization header to a user (and the API key it came with, if any): the one place that decides
+who is calling.
 
 Used by the credentials guard, the `CurrentUser` dependency and the relay endpoints alike. A credential is a
 JWT from `/login` or an API key, sent as `Authorization: Bearer <credential>` (what the OpenAI SDKs send as
@@ -14,6 +15,7 @@ working at once all the same, since every such change empties the cache.
 import base64
 import binascii
 import logging
+from dataclasses import dataclass
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -49,6 +51,15 @@ def token_from_header(authorization: str | None) -> str:
     raise Unauthorized(EXPECTED)
 
 
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is calling, and with which API key (None: a token). The key's record comes from the same cache
+    entry as its owner: knowing it costs nothing more."""
+
+    user: User
+    key: ApiKey | None = None
+
+
 class Authenticator:
     def __init__(
         self,
@@ -65,15 +76,19 @@ class Authenticator:
         self._cache = cache
 
     async def authenticate(self, authorization: str | None) -> User:
+        return (await self.identify(authorization)).user
+
+    async def identify(self, authorization: str | None) -> Caller:
+        """The caller, and the API key they came with, if they came with one."""
         credential = token_from_header(authorization)
-        user = (
-            await self._key_owner(credential)
-            if looks_like_api_key(credential)
-            else await self._token_owner(credential)
-        )
-        if user is None or user.disabled:
+        if looks_like_api_key(credential):
+            caller: Caller | None = await self._key_caller(credential)
+        else:
+            user = await self._token_owner(credential)
+            caller = Caller(user) if user is not None else None
+        if caller is None or caller.user.disabled:
             raise Unauthorized("invalid or expired token")
-        return user
+        return caller
 
     async def _token_owner(self, token: str) -> User | None:
         try:
@@ -90,7 +105,7 @@ class Authenticator:
             raise Unauthorized("this token was issued before a password change: sign in again")
         return user
 
-    async def _key_owner(self, key: str) -> User | None:
+    async def _key_caller(self, key: str) -> Caller:
         hashed = key_hash(key)
         found: tuple[ApiKey, User] | None = self._cache.key(hashed)
         if found is None:
@@ -103,7 +118,7 @@ class Authenticator:
         record, owner = found
         if self._keys.needs_touch(record.id):
             self._db.submit(self._touch, record.id)
-        return owner
+        return Caller(owner, record)
 
     def _touch(self, key_id: int) -> None:
         try:

@@ -86,6 +86,7 @@ class ApiKey(Base):
     created_at: Mapped[str] = mapped_column(Text, default=stamp)
     last_used_at: Mapped[str | None] = mapped_column(Text, default=None)
     expires_at: Mapped[str | None] = mapped_column(Text, default=None)
+    priority: Mapped[str] = mapped_column(Text, default=INTERACTIVE)
 
     def is_expired(self, now: datetime | None = None) -> bool:
         return self.expires_at is not None and parse_stamp(self.expires_at) <= (now or datetime.now(UTC))

@@ -5,7 +5,8 @@ authentication as a dependency alone, a stranger could make the gateway read and
 route's cap) without any credential. This pure ASGI guard sits in front of the router: it authenticates from
 the Authorization header, answers 401 at once to anyone without valid credentials, and leaves the user in the
 request's state, where `CurrentUser` or the relay endpoint takes it from (one authentication per request;
-taken, not read, so that a stream held open for minutes does not keep it).
+taken, not read, so that a stream held open for minutes does not keep it). A request made with an API key
+also leaves the key's id there (caps count per key) and, for a batch key, that its requests are batch.
 
 Public: the web page, its icon and files, `/health`, `/login`, the docs, Ollama's `/api/version`, and CORS
 preflights (OPTIONS).
@@ -16,6 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from auth.users import User
 from core.errors import GatewayError, error_response, rendered_by_the_app
 from core.storage_errors import StorageError
+from db.models import BATCH
 
 # `/api/version` as in Ollama, which serves it (and `HEAD /`) to anyone: clients use it to test a connection.
 PUBLIC_PATHS = frozenset(
@@ -33,6 +35,7 @@ PUBLIC_PATHS = frozenset(
 PUBLIC_PREFIXES = ("/static/",)
 USER_STATE_KEY = "user"
 API_KEY_STATE_KEY = "api_key"
+BATCH_KEY_STATE_KEY = "batch_key"
 
 
 def take_user(scope: Scope) -> User | None:
@@ -45,6 +48,11 @@ def take_api_key(scope: Scope) -> str | None:
     """The id of the API key the request came with, if it came with one (its caps count per key)."""
     key = scope.get("state", {}).pop(API_KEY_STATE_KEY, None)
     return key if isinstance(key, str) else None
+
+
+def take_batch_key(scope: Scope) -> bool:
+    """Whether the request came with a batch API key: its model calls wait behind interactive ones."""
+    return scope.get("state", {}).pop(BATCH_KEY_STATE_KEY, False) is True
 
 
 def is_public(method: str, path: str) -> bool:
@@ -61,7 +69,7 @@ class CredentialsFirst:
             return
         authorization = next((value for name, value in scope["headers"] if name == b"authorization"), None)
         try:
-            user = await scope["app"].state.services.authenticator.authenticate(
+            caller = await scope["app"].state.services.authenticator.identify(
                 authorization.decode("latin-1") if authorization is not None else None
             )
         except GatewayError as refused:
@@ -75,5 +83,10 @@ class CredentialsFirst:
             # outside FastAPI's exception middleware).
             await (await rendered_by_the_app(scope, receive, failed))(scope, receive, send)
             return
-        scope.setdefault("state", {})[USER_STATE_KEY] = user
+        state = scope.setdefault("state", {})
+        state[USER_STATE_KEY] = caller.user
+        if caller.key is not None:
+            state[API_KEY_STATE_KEY] = str(caller.key.id)
+            if caller.key.priority == BATCH:
+                state[BATCH_KEY_STATE_KEY] = True
         await self.app(scope, receive, send)

@@ -20,7 +20,9 @@ router = APIRouter(tags=["keys"])
 )
 async def create_key(body: NewKey, user: CurrentUser, services: AppServices) -> CreatedKey:
     try:
-        record, key = await services.db.run(services.keys.create, user.id, body.name, body.expires_in_days)
+        record, key = await services.db.run(
+            services.keys.create, user.id, body.name, body.expires_in_days, body.priority
+        )
     except NotFound:
         # The account was removed after this request was authenticated.
         raise Unauthorized("this account no longer exists") from None

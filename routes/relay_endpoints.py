@@ -45,7 +45,7 @@ from routes.dispatch import (
     named_host,
     on_every_host,
 )
-from routes.guard import take_api_key, take_user
+from routes.guard import take_api_key, take_batch_key, take_user
 from upstream.bodies import (
     BodyRules,
     model_named_in,
@@ -247,7 +247,9 @@ class RelayEndpoint:
         headers = upstream_request_headers(scope["headers"])
         fleet = services.fleet
         if route.runs_model and isinstance(body, bytes) and model is not None:
-            ask = Ask(str(user.id), canonical_model(model), head.band, key=take_api_key(scope))
+            # A batch key's requests are batch whatever they say; any request may lower itself (X-Priority).
+            band = Band.BATCH if take_batch_key(scope) else head.band
+            ask = Ask(str(user.id), canonical_model(model), band, key=take_api_key(scope))
             return await admitted_relay(
                 fleet, ask, receive, route.method, upstream_path, headers=headers, body=body
             )

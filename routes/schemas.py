@@ -165,9 +165,18 @@ class PasswordChange(BaseModel):
     _new_password = field_validator("new_password")(_checked_password)
 
 
+KEY_PRIORITY_DESCRIPTION = (
+    "batch: the key's requests to models wait behind everyone's interactive ones (scripts, bulk jobs); "
+    "interactive: as a person's"
+)
+
+
 class NewKey(BaseModel):
     name: str = Field(min_length=1, max_length=100, examples=["nightly summariser"])
     expires_in_days: int | None = Field(default=None, ge=1, le=3650, description="null: never expires")
+    priority: Literal["interactive", "batch"] = Field(
+        default="interactive", description=KEY_PRIORITY_DESCRIPTION
+    )
 
     _name = field_validator("name")(_checked_text)
 
@@ -181,6 +190,7 @@ class KeyInfo(BaseModel):
     created_at: str
     last_used_at: str | None
     expires_at: str | None
+    priority: Literal["interactive", "batch"] = Field(description=KEY_PRIORITY_DESCRIPTION)
 
 
 class CreatedKey(KeyInfo):

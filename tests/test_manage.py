@@ -120,11 +120,20 @@ def test_create_and_revoke_a_key(gateway):
     assert httpx.get(f"{gateway.url}/me", headers={"Authorization": f"Bearer {key}"}).status_code == 200
 
     listing = manage(gateway, "keys").stdout
-    assert "backup job" in listing
+    assert "backup job\tinteractive\tlast used " in listing
     assert key not in listing
     key_id = listing.split("\t", 1)[0]
     assert manage(gateway, "revoke-key", key_id).returncode == 0
     assert httpx.get(f"{gateway.url}/me", headers={"Authorization": f"Bearer {key}"}).status_code == 401
+
+
+def test_a_batch_key_is_made_with_batch(gateway):
+    created = manage(gateway, "create-key", gateway.admin_email, "nightly", "--batch")
+    assert created.returncode == 0, created.stderr
+    assert f"created key 1 'nightly' for {gateway.admin_email}, batch: " in created.stdout
+    (key,) = KEY_LINE.findall(created.stdout)
+    assert gateway.services.keys.find(key).priority == "batch"
+    assert "nightly\tbatch\tlast used never" in manage(gateway, "keys").stdout
 
 
 @pytest.mark.sqlite_only

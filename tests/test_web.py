@@ -352,6 +352,19 @@ def test_api_keys_are_created_shown_once_listed_and_revoked(page, web):
     assert web.services.keys.find(key) is None
 
 
+def test_a_batch_key_is_made_with_its_checkbox_and_listed_as_batch(page, web):
+    admin_sign_in(page, web)
+    page.get_by_role("button", name="API keys").click()
+    page.get_by_label("Key name").fill("nightly job")
+    page.get_by_label("Batch").check()
+    page.get_by_role("button", name="Create key").click()
+    expect(page.locator("#new-key-value")).to_contain_text("ogw_")
+    key = page.locator("#new-key-value").inner_text()
+    expect(page.locator("#key-rows tr", has_text="nightly job")).to_contain_text("batch")
+    expect(page.get_by_label("Batch")).not_to_be_checked()
+    assert web.services.keys.find(key).priority == "batch"
+
+
 def test_an_admin_adds_disables_and_limits_a_user(page, web):
     admin_sign_in(page, web)
     page.get_by_role("button", name="Users").click()

@@ -36,6 +36,7 @@ export function setUpKeys($) {
           const row = document.createElement("tr");
           cell(row, key.name);
           cell(row, `${key.prefix}…`);
+          cell(row, key.priority);
           cell(row, date(key.created_at));
           cell(row, date(key.last_used_at));
           cell(row, key.expires_at ? date(key.expires_at) : "never");
@@ -66,6 +67,7 @@ export function setUpKeys($) {
       const created = await sendJson("POST", "/keys", {
         name: $("#key-name").value.trim(),
         expires_in_days: days ? Number(days) : null,
+        priority: $("#key-batch").checked ? "batch" : "interactive",
       });
       $("#new-key-value").textContent = created.key;
       $("#new-key").hidden = false;
