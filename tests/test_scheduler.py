@@ -223,14 +223,17 @@ def test_past_the_waiting_cap_a_request_is_refused_with_429():
         running = await scheduler.acquire(Ask("a", "m"))
         waiting = [start(scheduler, Ask("a", "m")) for _ in range(2)]
         await settle()
+        assert not any(task.done() for task in waiting), "as many as the cap wait"
         with pytest.raises(Refused) as refused:
             await scheduler.acquire(Ask("a", "m"))
-        assert refused.value.status == 429
+        assert (refused.value.status, refused.value.message) == (429, "you already have 2 requests waiting")
         # Someone else still may wait; a key at its own cap may not.
         others = start(scheduler, Ask("b", "m", key="k"))
         await settle()
+        assert not others.done()
         with pytest.raises(Refused):
             await scheduler.acquire(Ask("c", "m", key="k"))
+        assert scheduler.waiting()["interactive"] == 3
         for task in [*waiting, others]:
             task.cancel()
         scheduler.release(running)
