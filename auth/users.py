@@ -89,9 +89,14 @@ class UserStore:
         clear_models: bool = False,
         disabled: bool | None = None,
         password_hash: str | None = None,
+        max_inflight: int | None = None,
+        max_waiting: int | None = None,
+        default_inflight: bool = False,
+        default_waiting: bool = False,
     ) -> User | None:
         """Change what is given, in one transaction; a new password hash also ends every token issued before.
-        Refuses (Conflict) to leave the gateway without an enabled admin."""
+        Refuses (Conflict) to leave the gateway without an enabled admin. `max_inflight`, `max_waiting`: the
+        person's own caps in the fair queue (0: none); `default_...`: back to the settings'."""
         with self._db.transaction() as session:
             self._db.serialize(session, _ADMINS)
             user = session.get(User, user_id, with_for_update=True)
@@ -106,6 +111,10 @@ class UserStore:
             if password_hash is not None:
                 user.password_hash = password_hash
                 user.token_version += 1
+            if max_inflight is not None or default_inflight:
+                user.max_inflight = max_inflight
+            if max_waiting is not None or default_waiting:
+                user.max_waiting = max_waiting
             session.flush()
             _require_an_enabled_admin(session)
             self._db.announce_credentials_changed(session)

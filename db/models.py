@@ -66,6 +66,9 @@ class User(Base):
     )  # None: every model
     # A password change bumps it: tokens issued before name an older version and stop working.
     token_version: Mapped[int] = mapped_column(Integer, default=0)
+    # Their own caps in the fair queue (fleet.scheduler); None: the settings', 0: no limit.
+    max_inflight: Mapped[int | None] = mapped_column(Integer, default=None)
+    max_waiting: Mapped[int | None] = mapped_column(Integer, default=None)
 
     @property
     def is_admin(self) -> bool:

@@ -54,7 +54,8 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Limits:
-    """Per person and per API key; None: no limit."""
+    """Per person and per API key; None: no limit. A person's own caps, where an admin set them, come with
+    each of their requests (`Ask`) and stand in for the first two."""
 
     user_inflight: int | None = None
     user_waiting: int | None = 64
@@ -88,6 +89,10 @@ class Ask:
     key: str | None = None
     # Hosts not to use (one that just failed this request).
     avoid: frozenset[str] = frozenset()
+    # The person's own caps on requests in flight and waiting, as their record says (read with their
+    # credentials, so no lookup here): None, the Limits'; 0, no limit.
+    user_inflight: int | None = None
+    user_waiting: int | None = None
 
 
 @dataclass(eq=False)
@@ -271,7 +276,8 @@ class Scheduler:
 
     def _within_inflight_caps(self, ask: Ask) -> bool:
         limits = self.limits
-        if limits.user_inflight is not None and self._user_inflight.get(ask.user, 0) >= limits.user_inflight:
+        cap = limits.user_inflight if ask.user_inflight is None else ask.user_inflight or None
+        if cap is not None and self._user_inflight.get(ask.user, 0) >= cap:
             return False
         if ask.key is not None and limits.key_inflight is not None:
             return self._key_inflight.get(ask.key, 0) < limits.key_inflight
@@ -281,8 +287,9 @@ class Scheduler:
         """Called for a request just queued (so counted): over a cap, it may not wait."""
         limits = self.limits
         retry = _retry_after(self._cost_of(ask.model))
-        if limits.user_waiting is not None and self._user_waiting.get(ask.user, 0) > limits.user_waiting:
-            raise Refused(429, f"you already have {limits.user_waiting} requests waiting", retry)
+        cap = limits.user_waiting if ask.user_waiting is None else ask.user_waiting or None
+        if cap is not None and self._user_waiting.get(ask.user, 0) > cap:
+            raise Refused(429, f"you already have {cap} requests waiting", retry)
         if (
             ask.key is not None
             and limits.key_waiting is not None

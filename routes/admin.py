@@ -48,7 +48,7 @@ async def get_user(user_id: UserId, services: AppServices) -> User:
     "/users/{user_id}",
     response_model=UserOut,
     responses=errors(400, 404, 409, 413, 422),
-    summary="Change role, model allow-list, disabled or password",
+    summary="Change role, model allow-list, disabled, password or caps in the queue",
 )
 async def update_user(user_id: UserId, body: UserPatch, services: AppServices) -> User:
     sent = body.model_fields_set
@@ -62,6 +62,10 @@ async def update_user(user_id: UserId, body: UserPatch, services: AppServices) -
             clear_models="models" in sent and body.models is None,
             disabled=body.disabled,
             password_hash=password_hash,
+            max_inflight=body.max_inflight,
+            max_waiting=body.max_waiting,
+            default_inflight="max_inflight" in sent and body.max_inflight is None,
+            default_waiting="max_waiting" in sent and body.max_waiting is None,
         )
     )
     if user is None:

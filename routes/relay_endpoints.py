@@ -249,7 +249,14 @@ class RelayEndpoint:
         if route.runs_model and isinstance(body, bytes) and model is not None:
             # A batch key's requests are batch whatever they say; any request may lower itself (X-Priority).
             band = Band.BATCH if take_batch_key(scope) else head.band
-            ask = Ask(str(user.id), canonical_model(model), band, key=take_api_key(scope))
+            ask = Ask(
+                str(user.id),
+                canonical_model(model),
+                band,
+                key=take_api_key(scope),
+                user_inflight=user.max_inflight,
+                user_waiting=user.max_waiting,
+            )
             return await admitted_relay(
                 fleet, ask, receive, route.method, upstream_path, headers=headers, body=body
             )

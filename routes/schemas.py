@@ -116,6 +116,14 @@ _PASSWORD_SCHEMA: JsonDict = {"minLength": MIN_PASSWORD_LENGTH, "maxLength": MAX
 # must never call valid an address the check refuses (it accepts more than the schema says, not less).
 _EMAIL_SCHEMA: JsonDict = {"pattern": "^[!-~]+@[!-?A-~]+$", "maxLength": EMAIL_MAX_LENGTH}
 MODELS_DESCRIPTION = "The models this user may use; null: every model"
+MAX_CAP = 1_000_000
+MAX_INFLIGHT_DESCRIPTION = (
+    "Their requests running at once, at most (more wait in the gateway's queue); "
+    "null: MAX_INFLIGHT_PER_USER; 0: no limit"
+)
+MAX_WAITING_DESCRIPTION = (
+    "Their requests waiting at once, at most (more are answered 429); null: MAX_WAITING_PER_USER; 0: no limit"
+)
 
 
 # The shapes the API answers with are read from the stored records themselves (db.models).
@@ -128,6 +136,8 @@ class UserOut(BaseModel):
     models: UserModels = Field(description=MODELS_DESCRIPTION)
     disabled: bool
     created_at: str
+    max_inflight: int | None = Field(description=MAX_INFLIGHT_DESCRIPTION)
+    max_waiting: int | None = Field(description=MAX_WAITING_DESCRIPTION)
 
 
 class NewUser(BaseModel):
@@ -144,12 +154,15 @@ class NewUser(BaseModel):
 
 
 class UserPatch(BaseModel):
-    """Only the fields sent change; `"models": null` lets the user use every model."""
+    """Only the fields sent change; `"models": null` lets the user use every model, `"max_inflight": null`
+    and `"max_waiting": null` give them the settings' caps again."""
 
     role: Literal["admin", "user"] | None = None
     models: NewUserModels = Field(default=None, description=MODELS_DESCRIPTION)
     disabled: bool | None = None
     password: str | None = Field(default=None, json_schema_extra=_PASSWORD_SCHEMA)
+    max_inflight: int | None = Field(default=None, ge=0, le=MAX_CAP, description=MAX_INFLIGHT_DESCRIPTION)
+    max_waiting: int | None = Field(default=None, ge=0, le=MAX_CAP, description=MAX_WAITING_DESCRIPTION)
 
     _password = field_validator("password")(
         lambda value: value if value is None else _checked_password(value)

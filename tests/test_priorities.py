@@ -145,3 +145,68 @@ def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "not within the time"
         time.sleep(0.01)
+
+
+# Per-person caps
+
+
+def patch_user(gateway: RunningGateway, user_id: int, change: dict) -> httpx.Response:
+    return httpx.patch(f"{gateway.url}/admin/users/{user_id}", json=change, headers=gateway.admin_headers())
+
+
+def test_an_admin_sets_a_persons_caps_and_null_gives_back_the_settings(gateway):
+    token = add_user(gateway, "caps@example.com")
+    person = gateway.services.users.find_by_email("caps@example.com")
+    assert (person.max_inflight, person.max_waiting) == (None, None)
+    changed = patch_user(gateway, person.id, {"max_inflight": 2, "max_waiting": 0})
+    assert changed.status_code == 200
+    assert (changed.json()["max_inflight"], changed.json()["max_waiting"]) == (2, 0)
+    me = httpx.get(f"{gateway.url}/me", headers=bearer(token)).json()
+    assert (me["max_inflight"], me["max_waiting"]) == (2, 0), "they see their own caps"
+    reset = patch_user(gateway, person.id, {"max_inflight": None})
+    assert (reset.json()["max_inflight"], reset.json()["max_waiting"]) == (None, 0), "only what was sent"
+
+
+@pytest.mark.parametrize("change", [{"max_inflight": -1}, {"max_waiting": 10**7}, {"max_waiting": "many"}])
+def test_a_cap_out_of_range_is_422(gateway, change):
+    response = patch_user(gateway, 1, change)
+    assert response.status_code == 422
+    [field] = change
+    assert field in response.json()["error"]
+
+
+def test_a_persons_own_waiting_cap_applies_from_their_next_request(make_gateway, one_slot):
+    gateway = make_gateway(ollama_url=one_slot.url, ollama_parallel=1, max_waiting_per_user=1)
+    bob = bearer(add_user(gateway, "bob@example.com"))
+    assert chat(gateway, bob).status_code == 200  # his credentials are in the cache now
+    bob_id = gateway.services.users.find_by_email("bob@example.com").id
+    assert patch_user(gateway, bob_id, {"max_waiting": 2}).status_code == 200
+    scheduler = gateway.services.fleet.scheduler
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        busy = pool.submit(chat, gateway, gateway.admin_headers(), "first", tokens=10, interval=0.05)
+        _until(lambda: scheduler.inflight_by_slot() != {})
+        waiting = []
+        for number in (1, 2):
+            waiting.append(pool.submit(chat, gateway, bob))
+            _until(_waiting(scheduler, "interactive", number))
+        refused = chat(gateway, bob)
+        answers = [future.result() for future in (busy, *waiting)]
+    assert [answer.status_code for answer in answers] == [200] * 3
+    assert refused.status_code == 429
+    assert refused.json() == {"error": "you already have 2 requests waiting"}
+    assert int(refused.headers["retry-after"]) >= 1
+
+
+def test_a_persons_own_inflight_cap_holds_their_requests_back_while_slots_are_free(make_gateway):
+    host = FakeOllama(num_parallel=2).start()
+    try:
+        gateway = make_gateway(ollama_url=host.url, ollama_parallel=2)
+        bob = bearer(add_user(gateway, "bob@example.com"))
+        bob_id = gateway.services.users.find_by_email("bob@example.com").id
+        assert patch_user(gateway, bob_id, {"max_inflight": 1}).status_code == 200
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(lambda _: chat(gateway, bob, tokens=5, interval=0.03), range(3)))
+        assert [answer.status_code for answer in answers] == [200] * 3
+        assert host.model_stats(MODEL).max_in_flight == 1
+    finally:
+        host.stop()

@@ -258,6 +258,47 @@ def test_a_person_at_the_inflight_cap_waits_while_others_go():
     run(test)
 
 
+def test_a_persons_own_waiting_cap_stands_in_for_the_default_and_0_lifts_it():
+    async def test():
+        scheduler = Scheduler(one_host(1), Limits(user_waiting=1))
+        running = await scheduler.acquire(Ask("a", "m"))
+        # Ada's own cap is 2: a second request of hers may wait, where the default allows one.
+        ada = [start(scheduler, Ask("ada", "m", user_waiting=2)) for _ in range(2)]
+        await settle()
+        with pytest.raises(Refused) as refused:
+            await scheduler.acquire(Ask("ada", "m", user_waiting=2))
+        assert (refused.value.status, refused.value.message) == (429, "you already have 2 requests waiting")
+        # 0: no cap at all for Bob.
+        bob = [start(scheduler, Ask("bob", "m", user_waiting=0)) for _ in range(5)]
+        await settle()
+        assert not any(task.done() for task in bob)
+        assert scheduler.waiting()["interactive"] == 7
+        for task in [*ada, *bob]:
+            task.cancel()
+        await settle()
+        scheduler.release(running)
+        assert scheduler.inflight_by_slot() == {}
+
+    run(test)
+
+
+def test_a_persons_own_inflight_cap_stands_in_for_the_default_and_0_lifts_it():
+    async def test():
+        scheduler = Scheduler(one_host(4), Limits(user_inflight=2))
+        capped = [await scheduler.acquire(Ask("a", "m", user_inflight=1))]
+        second = start(scheduler, Ask("a", "m", user_inflight=1))
+        unlimited = [await scheduler.acquire(Ask("b", "m", user_inflight=0)) for _ in range(3)]
+        await settle()
+        assert not second.done(), "a's own cap is 1"
+        assert len(unlimited) == 3, "b has none, where the default is 2"
+        for grant in [*capped, *unlimited]:
+            scheduler.release(grant)
+        await settle()
+        scheduler.release(second.result())
+
+    run(test)
+
+
 def test_host_choice_prefers_loaded_then_least_loaded_and_avoids_a_failed_host():
     async def test():
         candidates = hosts(

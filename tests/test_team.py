@@ -68,6 +68,8 @@ def test_admin_manages_a_users_whole_life(team):
             "models": None,
             "disabled": False,
             "created_at": "",
+            "max_inflight": None,
+            "max_waiting": None,
         }
         assert "cy@example.com" in {listed["email"] for listed in admin.get("/admin/users").json()}
         assert admin.get(f"/admin/users/{user['id']}").json()["email"] == "cy@example.com"
