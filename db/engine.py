@@ -193,7 +193,7 @@ class Database:
             return column == email  # the column's NOCASE collation, and its index
         return func.lower(column) == func.lower(email)
 
-    def migrate(self) -> None:
+    def migrate(self, revision: str = "head") -> None:
         """Create or upgrade the schema in place (Alembic); existing rows are kept."""
         from db.migrations import upgrade_to_head
 
@@ -214,7 +214,7 @@ class Database:
             try:
                 conn.execution_options(write=True)
                 with conn.begin():
-                    upgrade_to_head(conn)
+                    upgrade_to_head(conn, revision)
             finally:
                 if raw is not None:
                     raw.execute("PRAGMA foreign_keys = ON")

@@ -11,7 +11,13 @@ import shutil
 from pathlib import Path
 
 import httpx
+import pytest
+from sqlalchemy import text
 
+from auth.api_keys import key_hash
+from auth.passwords import hash_password
+from db.engine import Database, database_url
+from db.migrations import head_revision
 from tests.databases import execute
 from tests.servers import gateway_settings, start_gateway
 
@@ -59,5 +65,37 @@ def test_a_database_made_before_alembic_upgrades_in_place_losing_nothing(tmp_pat
                 "/admin/users", json={"email": "gus@example.com", "password": "guss-password-1"}
             )
             assert added.json()["id"] == 4, "neither the removed person's id (2) nor any other is given again"
+    finally:
+        server.stop()
+
+
+@pytest.mark.storage
+def test_the_schema_before_hosts_batch_keys_and_caps_upgrades_in_place(tmp_path, fake_ollama_server):
+    """The last schema before stored hosts, key priorities and per-person caps (revision 0001), with a person
+    and a key in it, on SQLite and on Postgres: its key keeps working, as an interactive one."""
+    settings = gateway_settings(tmp_path / "data", fake_ollama_server.url, secret_key=SECRET_KEY)
+    before = Database(database_url(settings.database_url, settings.data_dir))
+    before.migrate("0001")
+    with before.engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO users (email, password_hash, role) VALUES ('ada@example.com', :hash, 'admin')"),
+            {"hash": hash_password("adas-password-1")},
+        )
+        conn.execute(
+            text("INSERT INTO api_keys (user_id, name, prefix, key_hash) VALUES (1, 'nightly job', :p, :h)"),
+            {"p": ADA_KEY[:12], "h": key_hash(ADA_KEY)},
+        )
+    before.close()
+    gateway, server = start_gateway(settings)
+    try:
+        with httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {ADA_KEY}"}) as script:
+            [key] = script.get("/keys").json()
+            assert (key["name"], key["priority"]) == ("nightly job", "interactive")
+            [ada] = [user for user in script.get("/admin/users").json() if user["email"] == "ada@example.com"]
+            assert (ada["max_inflight"], ada["max_waiting"]) == (None, None)
+            assert [host["id"] for host in script.get("/admin/hosts").json()] == ["env-1"]
+            added = script.post("/admin/hosts", json={"name": "gpu-2", "url": "http://gpu-2.lan:11434"})
+            assert added.json()["id"] == "h1"
+        assert execute(settings, "SELECT version_num FROM alembic_version") == [(head_revision(),)]
     finally:
         server.stop()

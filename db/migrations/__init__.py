@@ -25,9 +25,10 @@ def _config(conn: Connection | None = None) -> Config:
     return config
 
 
-def upgrade_to_head(conn: Connection) -> None:
-    """Run every revision the database has not run, on `conn`, inside its transaction."""
-    command.upgrade(_config(conn), "head")
+def upgrade_to_head(conn: Connection, revision: str = "head") -> None:
+    """Run every revision the database has not run, on `conn`, inside its transaction (up to `revision`:
+    tests make the schema of an earlier release)."""
+    command.upgrade(_config(conn), revision)
 
 
 def head_revision() -> str | None:
