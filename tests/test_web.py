@@ -9,6 +9,7 @@ from playwright.sync_api import Browser, Page, expect
 
 from tests import tokens
 from tests.browser import screenshot, send_message, sign_in
+from tests.fake_ollama import FakeOllama
 
 pytestmark = pytest.mark.storage
 
@@ -211,6 +212,7 @@ def test_model_output_can_never_run_script(page, web, ollama):
 def test_a_user_sees_no_users_page_and_only_their_models(page, web):
     sign_in(page, web.url, "user@example.com", USER_PASSWORD)
     expect(page.get_by_role("button", name="Users")).to_be_hidden()
+    expect(page.get_by_role("button", name="Hosts")).to_be_hidden()
     options = page.get_by_label("Model", exact=True).locator("option")
     assert options.all_text_contents() == ["llama3.2:1b (1.2B)"]
     status = page.evaluate(
@@ -387,6 +389,47 @@ def test_an_admin_adds_disables_and_limits_a_user(page, web):
     assert (stored.role, stored.models, stored.disabled) == ("admin", None, True)
 
 
+def test_an_admin_sees_adds_drains_and_removes_ollama_hosts(page, web, ollama):
+    second = FakeOllama(num_parallel=2).start()
+    try:
+        admin_sign_in(page, web)
+        page.get_by_role("button", name="Hosts").click()
+        environment = page.locator("#host-rows tr").first
+        expect(environment).to_contain_text("environment")
+        expect(environment).to_contain_text("healthy")
+        expect(environment.get_by_role("button", name="Remove")).to_have_count(0)
+
+        form = page.locator("#host-form")
+        form.get_by_label("Host name").fill("gpu-2")
+        form.get_by_label("URL").fill(second.url.replace("http://", "http://ops:sekrit@"))
+        form.get_by_label("Slots").fill("2")
+        form.get_by_role("button", name="Add host").click()
+        row = page.locator("#host-rows tr", has_text="gpu-2")
+        expect(row).to_contain_text(second.url)
+        expect(row).to_contain_text("stored")
+        expect(page.locator("#host-rows")).not_to_contain_text("sekrit")
+        # Its check lists its models: each with its slots, running and waiting requests.
+        second.wait_until(lambda: any(r.path == "/api/ps" for r in second.requests), timeout=5)
+        page.get_by_role("button", name="Refresh").click()
+        expect(row).to_contain_text("llama3.2:1b: 2 slots (configured), 0 running, 0 waiting")
+
+        row.get_by_role("button", name="Drain gpu-2").click()
+        expect(row).to_contain_text("draining")
+        assert web.services.fleet.hosts.by_id["h1"].config.draining
+        row.get_by_role("button", name="Resume gpu-2").click()
+        expect(row).not_to_contain_text("draining")
+        row.get_by_role("button", name="Remove gpu-2").click()
+        expect(page.locator("#host-rows tr")).to_have_count(1)
+        assert "h1" not in web.services.fleet.hosts.by_id
+
+        form.get_by_label("Host name").fill("again")
+        form.get_by_label("URL").fill(web.settings.ollama_url)
+        form.get_by_role("button", name="Add host").click()
+        expect(page.locator("#hosts-error")).to_contain_text("that Ollama is already a host: env-1")
+    finally:
+        second.stop()
+
+
 @pytest.mark.parametrize("theme", ["light", "dark"])
 def test_themes_follow_the_system_and_toggle_with_screenshots(browser, web, ollama, theme):
     page = open_page(browser, theme=theme)
@@ -406,6 +449,9 @@ def test_themes_follow_the_system_and_toggle_with_screenshots(browser, web, olla
         page.get_by_role("button", name="Users").click()
         expect(page.locator("#user-rows tr")).to_have_count(2)
         screenshot(page, f"users-{theme}")
+        page.get_by_role("button", name="Hosts").click()
+        expect(page.locator("#host-rows tr")).to_have_count(1)
+        screenshot(page, f"hosts-{theme}")
         other = "dark" if theme == "light" else "light"
         page.get_by_role("button", name="Dark theme").click()
         assert page.evaluate("document.documentElement.dataset.theme") == other
@@ -423,7 +469,7 @@ def test_the_page_fits_phone_and_desktop_widths(browser, web, ollama, width):
         expect(last_reply(page).locator("pre")).to_be_visible()
         if width == 375:
             screenshot(page, "chat-phone")
-        for view in ("Chat", "API keys", "Users"):
+        for view in ("Chat", "API keys", "Users", "Hosts"):
             page.get_by_role("button", name=view, exact=True).click()
             overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
             assert overflow <= 0, f"{view} scrolls sideways by {overflow}px at {width}px"

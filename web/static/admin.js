@@ -1,4 +1,4 @@
-// The "API keys" page (everyone's own keys) and the "Users" page (admins only).
+// The "API keys" page (everyone's own keys), and the "Users" and "Hosts" pages (admins only).
 
 import { getJson, sendJson } from "./api.js";
 import { copyText } from "./markdown.js";
@@ -144,5 +144,90 @@ export function setUpUsers($) {
       showError($("#users-error"), error);
     }
   });
+  return refresh;
+}
+
+// One line per model a host holds loaded or runs: its slots (set or learned), requests running, waiting.
+function modelLines(host) {
+  const lines = Object.entries(host.capacity).map(([model, slots]) => {
+    const capacity = slots.capacity === null ? "slots not known yet" : `${slots.capacity} slots (${slots.source})`;
+    return `${model}: ${capacity}, ${slots.inflight} running, ${slots.waiting} waiting`;
+  });
+  return lines.length ? lines.join("\n") : "none loaded";
+}
+
+function hostState(host) {
+  if (!host.enabled) return "disabled";
+  return host.draining ? "draining" : "enabled";
+}
+
+export function setUpHosts($) {
+  async function change(request) {
+    try {
+      await request();
+      await refresh();
+    } catch (error) {
+      showError($("#hosts-error"), error);
+    }
+  }
+
+  async function refresh() {
+    try {
+      const hosts = await getJson("/admin/hosts");
+      $("#host-rows").replaceChildren(
+        ...hosts.map((host) => {
+          const row = document.createElement("tr");
+          cell(row, host.name);
+          cell(row, host.url);
+          cell(row, host.source);
+          cell(row, host.healthy ? "healthy" : `out of service: ${host.problem}`);
+          cell(row, hostState(host));
+          cell(row, modelLines(host)).className = "lines";
+          const path = `/admin/hosts/${encodeURIComponent(host.id)}`;
+          const actions = cell(row, "");
+          actions.append(
+            button(host.draining ? "Resume" : "Drain", () =>
+              change(() => sendJson("PATCH", path, { draining: !host.draining })),
+            ),
+            button(host.enabled ? "Disable" : "Enable", () =>
+              change(() => sendJson("PATCH", path, { enabled: !host.enabled })),
+            ),
+          );
+          if (host.source === "stored") {
+            actions.append(
+              button("Remove", () => {
+                if (!confirm(`Remove the host "${host.name}"? Requests running there finish.`)) return;
+                change(() => sendJson("DELETE", path));
+              }),
+            );
+          }
+          for (const control of actions.querySelectorAll("button")) {
+            control.setAttribute("aria-label", `${control.textContent} ${host.name}`);
+          }
+          return row;
+        }),
+      );
+      showError($("#hosts-error"), null);
+    } catch (error) {
+      showError($("#hosts-error"), error);
+    }
+  }
+
+  $("#host-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const slots = $("#new-host-slots").value;
+    try {
+      await sendJson("POST", "/admin/hosts", {
+        name: $("#new-host-name").value.trim(),
+        url: $("#new-host-url").value.trim(),
+        slots: slots ? Number(slots) : null,
+      });
+      event.target.reset();
+      await refresh();
+    } catch (error) {
+      showError($("#hosts-error"), error);
+    }
+  });
+  $("#refresh-hosts").addEventListener("click", refresh);
   return refresh;
 }

@@ -1,6 +1,6 @@
-// The chat page: signing in, conversations kept in this browser, streamed replies, keys and users.
+// The chat page: signing in, conversations kept in this browser, streamed replies, keys, users and hosts.
 
-import { setUpKeys, setUpUsers } from "./admin.js";
+import { setUpHosts, setUpKeys, setUpUsers } from "./admin.js";
 import { ApiError, forgetToken, getJson, signIn, streamChat, token, tokenExpiry, whenSignedOut } from "./api.js";
 import { prepareAttachment, withAttachments } from "./attachments.js";
 import * as store from "./conversations.js";
@@ -75,7 +75,7 @@ whenSignedOut(signOut);
 // ---- views
 
 function showView(name) {
-  for (const view of ["chat", "keys", "users"]) {
+  for (const view of ["chat", "keys", "users", "hosts"]) {
     $(`#${view}-view`).hidden = view !== name;
     const tab = document.querySelector(`nav [data-view="${view}"]`);
     if (view === name) tab.setAttribute("aria-current", "page");
@@ -84,6 +84,7 @@ function showView(name) {
   $("#sidebar").classList.toggle("only-chat", name !== "chat");
   if (name === "keys") refreshKeys();
   if (name === "users") refreshUsers();
+  if (name === "hosts") refreshHosts();
 }
 
 for (const tab of document.querySelectorAll("nav [data-view]")) {
@@ -97,6 +98,7 @@ $("#toggle-sidebar").addEventListener("click", () => {
 
 const refreshKeys = setUpKeys($);
 const refreshUsers = setUpUsers($);
+const refreshHosts = setUpHosts($);
 setUpTheme($("#theme-toggle"));
 
 // ---- conversations
@@ -449,6 +451,7 @@ async function start() {
   watchExpiry();
   $("#whoami").textContent = state.me.email;
   $("#nav-users").hidden = state.me.role !== "admin";
+  $("#nav-hosts").hidden = state.me.role !== "admin";
   $("#signin-view").hidden = true;
   $("#app-view").hidden = false;
   state.modelsProblem = await loadModels();
