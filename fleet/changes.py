@@ -11,13 +11,22 @@ either, and takes no model management. Removal is the same for what runs (it fin
 connections close as each request ends), and the host is gone for new work at once, without a drain first.
 """
 
+from collections.abc import Awaitable
 from dataclasses import replace
 
 from core.storage_errors import Conflict, NotFound
 from db.engine import Database
 from fleet.admission import Fleet
 from fleet.hosts import ENVIRONMENT, Host, HostConfig
-from fleet.store import NO_SUCH_HOST, HostChange, HostStore, refuse_clashes, row_id_of, stored_config
+from fleet.store import (
+    NO_SUCH_HOST,
+    HostChange,
+    HostStore,
+    StoredHost,
+    refuse_clashes,
+    row_id_of,
+    stored_config,
+)
 
 
 def _from_environment(host: Host, what: str) -> Conflict:
@@ -50,7 +59,7 @@ class HostChanges:
         if row_id is None:
             raise NotFound(NO_SUCH_HOST)
         refuse_clashes(change.name, change.url, self._configs(), itself=host_id)
-        row = await self._db.run(self._store.change, row_id, change)
+        row = await self._gone_if_not_found(host_id, self._db.run(self._store.change, row_id, change))
         return self._fleet.put(stored_config(row))
 
     async def remove(self, host_id: str) -> None:
@@ -62,8 +71,17 @@ class HostChanges:
         row_id = row_id_of(host_id)
         if row_id is None:
             raise NotFound(NO_SUCH_HOST)
-        await self._db.run(self._store.remove, row_id)
+        await self._gone_if_not_found(host_id, self._db.run(self._store.remove, row_id))
         self._fleet.remove(host_id)
+
+    async def _gone_if_not_found(self, host_id: str, stored: Awaitable[StoredHost]) -> StoredHost:
+        """A host removed from the database elsewhere (manage.py, another replica) before this process's
+        next check: it goes here too, and the change is answered as for any host not found."""
+        try:
+            return await stored
+        except NotFound:
+            self._fleet.remove(host_id)
+            raise
 
     def _change_for_now(self, host: Host, change: HostChange) -> Host:
         """An environment host: enabled and draining change until the next start; nothing else changes."""

@@ -12,6 +12,7 @@ removed host's id never comes to name another.
 Every method of `HostStore` blocks: from async code, call it through `Database.run`.
 """
 
+import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -20,10 +21,13 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from yarl import URL
 
+from core.setting_checks import checked_upstream_url
 from core.storage_errors import Conflict, NotFound
 from db.engine import Database
 from db.models import StoredHost
 from fleet.hosts import STORED, HostConfig
+
+logger = logging.getLogger("gateway.fleet")
 
 __all__ = ["HostChange", "HostStore", "StoredHost", "refuse_clashes", "row_id_of", "stored_config"]
 
@@ -104,8 +108,19 @@ class HostStore:
             return list(session.scalars(select(StoredHost).order_by(StoredHost.id)))
 
     def configs(self) -> list[HostConfig]:
-        """Every stored host, as the fleet runs it."""
-        return [stored_config(row) for row in self.all()]
+        """Every stored host, as the fleet runs it; one whose URL can't be used (written into the table by
+        hand) is left out, and said in the log."""
+        configs = []
+        for row in self.all():
+            try:
+                checked_upstream_url(row.url)
+            except ValueError as exc:
+                logger.warning(
+                    "stored Ollama host %s (%s) left out: its URL can't be used: %s", row.id, row.name, exc
+                )
+                continue
+            configs.append(stored_config(row))
+        return configs
 
     def add(self, name: str, url: str, *, slots: int | None = None, enabled: bool = True) -> StoredHost:
         """Store a new host. Conflict if the name is taken."""

@@ -279,7 +279,7 @@ def test_stored_hosts_come_back_after_a_restart(tmp_path, hosts):
 
 def test_hosts_changed_in_the_database_are_taken_up_at_the_next_check(make_gateway, hosts):
     elsewhere = hosts(OTHER)
-    gateway = make_gateway()
+    gateway = make_gateway(ollama_url=hosts(MODEL).url)
     settings = gateway.settings
     # As manage.py or another replica would: straight in the database.
     execute(
@@ -330,3 +330,30 @@ def test_a_host_removed_while_a_stream_runs_lets_it_finish_and_gives_its_slot_ba
     assert len(lines) == 21
     assert gateway.services.fleet.scheduler.inflight_by_slot() == {}
     assert chats(stored) == 1
+
+
+def test_a_host_removed_elsewhere_is_404_here_and_gone_at_once(make_gateway):
+    gateway = make_gateway()
+    with admin(gateway) as http:
+        assert http.post("/admin/hosts", json={"name": "gpu-2", "url": "http://gpu-2.lan:11434"}).is_success
+        execute(gateway.settings, "DELETE FROM hosts")  # manage.py remove-host, before the next check
+        assert http.patch("/admin/hosts/h1", json={"draining": True}).status_code == 404
+    assert list(shown(gateway)) == ["env-1"]
+
+
+def test_a_stored_host_whose_url_cant_be_used_is_left_out_at_start_and_at_checks(tmp_path, caplog):
+    settings = gateway_settings(tmp_path / "data", "http://127.0.0.1:9")
+    gateway, server = start_gateway(settings)
+    try:
+        insert = "INSERT INTO hosts (name, url, enabled, draining) VALUES (:name, :url, true, false)"
+        execute(settings, insert, {"name": "by-hand", "url": "gpu-2.lan:11434"})  # no scheme
+        checked(gateway)
+        assert list(shown(gateway)) == ["env-1"]
+    finally:
+        server.stop()
+    gateway, server = start_gateway(settings)
+    try:
+        assert list(shown(gateway)) == ["env-1"]
+    finally:
+        server.stop()
+    assert "stored Ollama host 1 (by-hand) left out: its URL can't be used" in caplog.text
