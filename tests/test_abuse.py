@@ -332,6 +332,7 @@ _SPEC = create_app(Settings(_env_file=None)).openapi()
 _PATH_VALUES = {
     "user_id": "999999",  # no such user or key: nothing is changed or removed
     "key_id": "999999",
+    "host_id": "h999999",
     "filename": "0" * 32 + "_nothing.txt",
     "digest": "sha256:" + "0" * 64,
     "model": "llama3.2:1b",
