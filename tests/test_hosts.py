@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
+from fleet.hosts import canonical_model
 from tests.databases import execute
 from tests.fake_ollama import FakeOllama, default_models
 from tests.servers import RunningGateway, add_user, gateway_settings, start_gateway
@@ -321,7 +322,7 @@ def test_a_host_removed_while_a_stream_runs_lets_it_finish_and_gives_its_slot_ba
     deadline = time.monotonic() + 5
     while not gateway.services.fleet.scheduler.inflight_by_slot() and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert gateway.services.fleet.scheduler.inflight_by_slot() == {("h1", MODEL): 1}
+    assert gateway.services.fleet.scheduler.inflight_by_slot() == {("h1", canonical_model(MODEL)): 1}
     with admin(gateway) as http:
         assert http.delete("/admin/hosts/h1").status_code == 204
         assert "h1" not in {host["id"] for host in http.get("/admin/hosts").json()}
