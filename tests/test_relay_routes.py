@@ -85,7 +85,7 @@ def test_relay_routes_are_documented_from_the_routes_themselves(gateway):
 
 
 class _LockedAuthenticator:
-    async def authenticate(self, authorization):
+    async def identify(self, authorization):
         raise Busy("database is locked")
 
 
