@@ -146,13 +146,7 @@ def test_a_client_that_leaves_while_waiting_never_reaches_ollama(make_gateway, o
     )
     running.start()
     time.sleep(0.15)
-    body = json.dumps({**chat_body(text="left"), "stream": False}).encode()
-    sock = open_post(
-        gateway.url,
-        "/api/chat",
-        {**headers, "Content-Type": "application/json", "Content-Length": str(len(body))},
-    )
-    sock.sendall(body)
+    sock = open_chat(gateway, headers, {**chat_body(text="left"), "stream": False})
     time.sleep(0.1)
     assert gateway.services.fleet.scheduler.waiting()["interactive"] == 1
     sock.close()
@@ -166,15 +160,21 @@ def test_a_client_that_leaves_while_waiting_never_reaches_ollama(make_gateway, o
     assert ran == ["running"]
 
 
-def _abort(gateway: RunningGateway, headers: dict[str, str], when: str, rng: random.Random) -> None:
-    body = json.dumps(chat_body(tokens=6, interval=0.03, load=0.1)).encode()
+def open_chat(gateway: RunningGateway, headers: dict[str, str], body: dict) -> socket.socket:
+    """A chat sent on a raw connection, whose answer is left to the caller to read, or not."""
+    raw = json.dumps(body).encode()
     sock = open_post(
         gateway.url,
         "/api/chat",
-        {**headers, "Content-Type": "application/json", "Content-Length": str(len(body))},
+        {**headers, "Content-Type": "application/json", "Content-Length": str(len(raw))},
     )
+    sock.sendall(raw)
+    return sock
+
+
+def _abort(gateway: RunningGateway, headers: dict[str, str], when: str, rng: random.Random) -> None:
+    sock = open_chat(gateway, headers, chat_body(tokens=6, interval=0.03, load=0.1))
     try:
-        sock.sendall(body)
         if when == "waiting":
             time.sleep(rng.uniform(0.0, 0.1))
         elif when == "before the first byte":
@@ -240,14 +240,8 @@ def test_past_the_waiting_cap_every_surface_answers_429_in_its_own_shape(
 def _hang_up_soon(gateway: RunningGateway, headers: dict[str, str], seed: int) -> None:
     rng = random.Random(seed)
     for _ in range(25):
-        body = json.dumps({**chat_body(tokens=1, interval=0.0), "stream": False}).encode()
-        sock = open_post(
-            gateway.url,
-            "/api/chat",
-            {**headers, "Content-Type": "application/json", "Content-Length": str(len(body))},
-        )
+        sock = open_chat(gateway, headers, {**chat_body(tokens=1, interval=0.0), "stream": False})
         try:
-            sock.sendall(body)
             time.sleep(rng.uniform(0.0, 0.03))
         finally:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
