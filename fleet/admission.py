@@ -165,7 +165,8 @@ class Fleet:
         if host is not None:
             more_slots = self._judge(host, grant, ended)
             if counters is not None:
-                host.loaded = host.loaded | {grant.model}
+                if grant.model not in host.loaded:  # most answers come from a model known loaded
+                    host.loaded = host.loaded | {grant.model}
                 more_slots = self._learn(host, grant, counters) or more_slots
         self.scheduler.release(grant, counters.slot_seconds if counters is not None else None)
         if more_slots:

@@ -261,18 +261,16 @@ class Scheduler:
         return counts
 
     def waiting_models(self) -> dict[str, int]:
-        return {model: sum(self.waiting(model).values()) for model in self._queues}
-
-    def estimated_cost(self, model: str) -> float:
-        return self._cost_of(model)
+        """Requests waiting, by model, every band together."""
+        return {
+            model: sum(len(waiting) for people in bands.values() for waiting in people.values())
+            for model, bands in self._queues.items()
+        }
 
     # -- inside ----------------------------------------------------------------------------------------------
 
     def _cost_of(self, model: str) -> float:
         return self._cost.get(model, DEFAULT_COST)
-
-    def _has_waiters(self, model: str) -> bool:
-        return model in self._queues
 
     def _within_inflight_caps(self, ask: Ask) -> bool:
         limits = self.limits
@@ -378,17 +376,18 @@ class Scheduler:
             bands = self._queues.get(model)
             if not bands:
                 return
-            chosen = self._next_waiter(bands)
+            chosen = self._next_waiter(model, bands)
             if chosen is None:
                 return
             waiter, host = chosen
             self._remove(waiter)
             waiter.future.set_result(self._grant(waiter.ask, host, since=waiter.since))
 
-    def _next_waiter(self, bands: dict[Band, dict[str, deque[_Waiter]]]) -> tuple[_Waiter, str] | None:
+    def _next_waiter(
+        self, model: str, bands: dict[Band, dict[str, deque[_Waiter]]]
+    ) -> tuple[_Waiter, str] | None:
         """Interactive before batch; in a band, the person with the least slot-time received (then whoever
         has waited longest), their oldest request first."""
-        model = next(iter(next(iter(bands.values())).values()))[0].ask.model
         times = self._vtime.get(model, {})
         for band in sorted(bands):
             people = bands[band]

@@ -34,7 +34,7 @@ from fleet.scheduler import Ask, Grant, Refused
 from upstream.client import MAX_JSON_BODY, Unreachable, Upstream, error_from
 from upstream.counters import read_counters, read_final_line
 from upstream.http11 import UpstreamError, UpstreamResponse
-from upstream.passthrough import RelayEnd, relay
+from upstream.passthrough import RelayEnd, relay, until_disconnected
 
 HOST_HEADER = "X-Ollama-Host"
 HOST_FAILURE_STATUSES = frozenset({502, 503, 504})
@@ -110,7 +110,7 @@ async def _slot(fleet: Fleet, ask: Ask, receive: Receive) -> Grant:
         return grant
     loop = asyncio.get_running_loop()
     admitted = loop.create_task(fleet.admit(ask))
-    gone = loop.create_task(_disconnected(receive))
+    gone = loop.create_task(until_disconnected(receive))
     try:
         await asyncio.wait((admitted, gone), return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -132,11 +132,6 @@ async def _slot(fleet: Fleet, ask: Ask, receive: Receive) -> Grant:
         fleet.finish(grant, Ended(host_answered=False))
         raise ClientDisconnect
     return grant
-
-
-async def _disconnected(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 def host_holding(fleet: Fleet, model: str | None) -> Upstream:

@@ -44,6 +44,12 @@ SSE_FIELDS = (b"data:", b"event:", b"id:", b"retry:", b":")
 FIRST_LINE_PREFIX = 6
 
 
+async def until_disconnected(receive: Receive) -> None:
+    """Returns when the client has gone away (what it still sends, if anything, is dropped)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 def _ndjson_error(message: str) -> bytes:
     return json.dumps({"error": message}).encode() + b"\n"
 
@@ -222,8 +228,7 @@ class RelayResponse(Response):
         self._upstream.close()
 
     async def _close_upstream_on_disconnect(self, receive: Receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
+        await until_disconnected(receive)
         self._client_gone = True
         self._upstream.close()
 
