@@ -5,9 +5,11 @@ The layers, from the ground up:
 
 0. `core`: settings, errors, the server's plumbing. Imports nothing of the project.
 1. `db`: the storage layer (models, engine, migrations).
-2. `auth`, `uploads`, `upstream`: the domain (people and credentials, stored files, talking to Ollama).
+2. `auth`, `uploads`, `upstream`, `usage`: the domain (people and credentials, stored files, talking to
+   Ollama, what each person used and may still use).
    Siblings: one may use another, as long as no two packages end up importing each other.
-3. `fleet`: the Ollama hosts, their slots and the fair queue in front of them (uses `upstream` to ask them).
+3. `fleet`, `observe`: the Ollama hosts, their slots and the fair queue in front of them (uses `upstream` to
+   ask them); what operators watch (the access log, metrics).
 4. `routes`: the web layer (routers, their dependencies, the credentials guard, the relay endpoints).
 5. `services`: the composition root, which builds every store and client.
 6. `main`, `manage`: what starts the gateway, and the command-line tool.
@@ -25,8 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS: list[frozenset[str]] = [
     frozenset({"core"}),
     frozenset({"db"}),
-    frozenset({"auth", "uploads", "upstream"}),
-    frozenset({"fleet"}),
+    frozenset({"auth", "uploads", "upstream", "usage"}),
+    frozenset({"fleet", "observe"}),
     frozenset({"routes"}),
     frozenset({"services"}),
     frozenset({"main", "manage"}),

@@ -1,0 +1,1 @@
+"""What operators watch: the access log (one line per request), Prometheus metrics, the request id."""
