@@ -35,6 +35,7 @@ class UsageRecord:
     completion_tokens: int | None = None
     slot_seconds: float | None = None  # prompt_eval_duration + eval_duration
     load_seconds: float | None = None
+    model_load: bool = False  # the host had to load the model for this request
     queue_seconds: float = 0.0  # waiting in the gateway's fair queue
     ttfb_seconds: float | None = None  # from arrival to the answer's first byte
     duration_seconds: float = 0.0  # from arrival to the end
