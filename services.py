@@ -5,6 +5,7 @@ client), once, in the app's lifespan (`main.py`), and closes them. Routes receiv
 
 import asyncio
 from functools import partial
+from zoneinfo import ZoneInfo
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -30,6 +31,10 @@ from fleet.store import HostStore
 from routes.dependencies import Services
 from uploads.store import UploadStore
 from upstream.client import UpstreamTimeouts
+from usage.book import UsageBook
+from usage.quotas import QuotaBook
+from usage.store import UsageStore
+from usage.writer import UsageWriter
 
 
 def _open_storage(
@@ -83,6 +88,10 @@ async def open_services(settings: Settings) -> Services:
     keys = ApiKeyStore(db, on_change=cache.forget_all)
     hasher = PasswordHasher()
     throttle = SignInThrottle(db, SignInLimits.from_settings(settings))
+    zone = ZoneInfo(settings.time_zone)
+    usage_store = UsageStore(db, zone)
+    usage_writer = UsageWriter(db, usage_store)
+    usage_writer.start()
     return Services(
         settings=settings,
         db=db,
@@ -100,6 +109,8 @@ async def open_services(settings: Settings) -> Services:
         upstream=next(iter(hosts)).upstream,
         policy=ModelPolicy(),
         changes=watcher,
+        usage=UsageBook(usage_writer, QuotaBook(db, usage_store, zone)),
+        usage_store=usage_store,
     )
 
 
@@ -119,5 +130,6 @@ def queue_limits(settings: Settings) -> Limits:
 
 async def close_services(services: Services) -> None:
     await services.fleet.close()
+    await services.usage.writer.close()
     services.changes.close()
     services.db.close()

@@ -9,6 +9,7 @@ settings error (`core.settings_errors`) puts both in one line.
 import ipaddress
 import re
 from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from yarl import URL
 
@@ -110,3 +111,11 @@ def checked_database_url(value: str | None) -> str | None:
     if url.fragment:
         raise ValueError("nothing may follow the options (no #fragment)")
     return value
+
+
+def checked_time_zone(value: str) -> ZoneInfo:
+    """An IANA time zone name this machine knows (its tz database, or Python's tzdata)."""
+    try:
+        return ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {value!r}") from None

@@ -23,6 +23,7 @@ from core.setting_checks import (
     checked_database_url,
     checked_listen_host,
     checked_origins,
+    checked_time_zone,
     checked_upstream_url,
 )
 
@@ -133,6 +134,8 @@ class Settings(BaseSettings):
     max_inflight_per_user: int = Field(default=0, ge=0, description=_COUNT_OR_ZERO)
     max_waiting_per_key: int = Field(default=0, ge=0, description=_COUNT_OR_ZERO)
     max_inflight_per_key: int = Field(default=0, ge=0, description=_COUNT_OR_ZERO)
+    # The time zone quotas' days and months and the usage reports' days are counted in (an IANA name).
+    time_zone: str = Field(default="UTC", description="a time zone name, such as UTC or Europe/Paris")
 
     # On SIGTERM, requests already running (streams included) get this long to finish; then they are cut.
     graceful_shutdown_seconds: float = Field(
@@ -152,6 +155,12 @@ class Settings(BaseSettings):
         if not urls:
             raise ValueError
         return ",".join(urls)
+
+    @field_validator("time_zone")
+    @classmethod
+    def _check_time_zone(cls, value: str) -> str:
+        checked_time_zone(value)
+        return value
 
     @field_validator("secret_key")
     @classmethod

@@ -69,6 +69,8 @@ class User(Base):
     # Their own caps in the fair queue (fleet.scheduler); None: the settings', 0: no limit.
     max_inflight: Mapped[int | None] = mapped_column(Integer, default=None)
     max_waiting: Mapped[int | None] = mapped_column(Integer, default=None)
+    # Their quota (usage.quotas: period, tokens, slot_seconds, requests); None: unlimited.
+    quota: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), default=None)
 
     @property
     def is_admin(self) -> bool:
@@ -90,6 +92,7 @@ class ApiKey(Base):
     last_used_at: Mapped[str | None] = mapped_column(Text, default=None)
     expires_at: Mapped[str | None] = mapped_column(Text, default=None)
     priority: Mapped[str] = mapped_column(Text, default=INTERACTIVE)
+    quota: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), default=None)  # as a person's
 
     def is_expired(self, now: datetime | None = None) -> bool:
         return self.expires_at is not None and parse_stamp(self.expires_at) <= (now or datetime.now(UTC))
@@ -152,8 +155,44 @@ class StoredHost(Base):
     created_at: Mapped[str] = mapped_column(Text, default=stamp)
 
 
+class UsageRow(Base):
+    """One usage record (usage.records): what one model call that reached admission used."""
+
+    __tablename__ = "usage_records"
+
+    id: Mapped[int] = mapped_column(RowId, primary_key=True)
+    at: Mapped[float] = mapped_column(Float)  # seconds since the epoch
+    day: Mapped[str] = mapped_column(Text)  # in the gateway's time zone (TIME_ZONE) when recorded
+    user_id: Mapped[int] = mapped_column(BigInteger)
+    key_id: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    surface: Mapped[str] = mapped_column(Text)
+    model: Mapped[str] = mapped_column(Text)
+    host: Mapped[str | None] = mapped_column(Text, default=None)
+    band: Mapped[str] = mapped_column(Text)
+    outcome: Mapped[str] = mapped_column(Text)
+    status: Mapped[int] = mapped_column(Integer)
+    prompt_tokens: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    completion_tokens: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    slot_seconds: Mapped[float | None] = mapped_column(Float, default=None)
+    load_seconds: Mapped[float | None] = mapped_column(Float, default=None)
+    queue_seconds: Mapped[float] = mapped_column(Float)
+    ttfb_seconds: Mapped[float | None] = mapped_column(Float, default=None)
+    duration_seconds: Mapped[float] = mapped_column(Float)
+    estimated: Mapped[bool] = mapped_column(Boolean)
+    model_load: Mapped[bool] = mapped_column(Boolean)
+    request_id: Mapped[str | None] = mapped_column(Text, default=None)
+
+
 # The order a copy fills them in (db.copy): referenced tables first.
 TABLES = [
     Base.metadata.tables[name]
-    for name in ("users", "api_keys", "uploads", "login_attempts", "known_addresses", "hosts")
+    for name in (
+        "users",
+        "api_keys",
+        "uploads",
+        "login_attempts",
+        "known_addresses",
+        "hosts",
+        "usage_records",
+    )
 ]

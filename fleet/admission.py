@@ -155,23 +155,27 @@ class Fleet:
         tried = grant.ask.avoid | {grant.host}
         return any(candidate.host not in tried for candidate in self.hosts.candidates(grant.model))
 
-    def finish(self, grant: Grant, ended: Ended) -> None:
-        """Give the slot back, once, whatever happened; learn from how it went."""
+    def finish(self, grant: Grant, ended: Ended) -> bool:
+        """Give the slot back, once, whatever happened; learn from how it went. True when this request
+        loaded its model on the host: the first answer from a model the host was not known to hold loaded
+        (the periodic check forgets a model the host unloaded)."""
         if grant.released:
-            return
+            return False
         host = self.host(grant)
         counters = ended.counters
-        more_slots = False
+        more_slots = loaded_model = False
         if host is not None:
             more_slots = self._judge(host, grant, ended)
             if counters is not None:
                 if grant.model not in host.loaded:  # most answers come from a model known loaded
                     host.loaded = host.loaded | {grant.model}
+                    loaded_model = True
                 more_slots = self._learn(host, grant, counters) or more_slots
         self.scheduler.release(grant, counters.slot_seconds if counters is not None else None)
         if more_slots:
             # A host back in service, or slots now known, may serve requests waiting for any model.
             self.scheduler.refresh()
+        return loaded_model
 
     def _judge(self, host: Host, grant: Grant, ended: Ended) -> bool:
         """Ejects a host that failed; True when one comes back into service: only by a request sent to it

@@ -191,7 +191,7 @@ class Scheduler:
                 return waiter.future.result()
             self._remove(waiter)
             message = f"no slot for this model came free within {timeout:g} s"
-            raise Refused(503, message, _retry_after(self._cost_of(ask.model))) from None
+            raise Refused(503, message, _retry_after(self.cost_of(ask.model))) from None
         except asyncio.CancelledError:
             if _granted(waiter.future):
                 self.release(waiter.future.result(), slot_seconds=0.0)
@@ -267,10 +267,11 @@ class Scheduler:
             for model, bands in self._queues.items()
         }
 
-    # -- inside ----------------------------------------------------------------------------------------------
-
-    def _cost_of(self, model: str) -> float:
+    def cost_of(self, model: str) -> float:
+        """The slot-seconds a request for `model` usually takes (its running average)."""
         return self._cost.get(model, DEFAULT_COST)
+
+    # -- inside ----------------------------------------------------------------------------------------------
 
     def _within_inflight_caps(self, ask: Ask) -> bool:
         limits = self.limits
@@ -284,7 +285,7 @@ class Scheduler:
     def _check_waiting_caps(self, ask: Ask) -> None:
         """Called for a request just queued (so counted): over a cap, it may not wait."""
         limits = self.limits
-        retry = _retry_after(self._cost_of(ask.model))
+        retry = _retry_after(self.cost_of(ask.model))
         cap = limits.user_waiting if ask.user_waiting is None else ask.user_waiting or None
         if cap is not None and self._user_waiting.get(ask.user, 0) > cap:
             raise Refused(429, f"you already have {cap} requests waiting", retry)
@@ -332,7 +333,7 @@ class Scheduler:
         clock = self._clock_of.get((ask.model, ask.band), 0.0)
         start = max(times.get((ask.band, ask.user), clock), clock)
         self._clock_of[(ask.model, ask.band)] = start
-        charged = self._cost_of(ask.model)
+        charged = self.cost_of(ask.model)
         times[(ask.band, ask.user)] = start + charged
         waited = now - since
         return Grant(host, ask.model, ask, charged, waited, started=now, running=self._inflight[slot])

@@ -31,6 +31,8 @@ from fleet.changes import HostChanges
 from routes.guard import take_user
 from uploads.store import UploadStore
 from upstream.client import Upstream
+from usage.book import UsageBook
+from usage.store import UsageStore
 
 
 @dataclass
@@ -50,6 +52,8 @@ class Services:
     upstream: Upstream
     policy: ModelPolicy
     changes: ChangeWatcher
+    usage: UsageBook
+    usage_store: UsageStore
 
 
 async def get_services(request: Request) -> Services:

@@ -35,12 +35,17 @@ from upstream.client import MAX_JSON_BODY, Unreachable, Upstream, error_from
 from upstream.counters import read_counters, read_final_line
 from upstream.http11 import UpstreamError, UpstreamResponse
 from upstream.passthrough import RelayEnd, relay, until_disconnected
+from usage.records import Outcome
+from usage.tally import Tally
 
 HOST_HEADER = "X-Ollama-Host"
 HOST_FAILURE_STATUSES = frozenset({502, 503, 504})
 # A host that holds a model list back is left out of it after this long, rather than hold everyone's.
 LIST_TIMEOUT = 5.0
 EVERY_HOST = "all"
+# What the usage record and the access log say of a request whose client went away before any answer
+# (nginx's number for it).
+CLIENT_GONE = 499
 
 
 async def admitted_relay(
@@ -52,19 +57,48 @@ async def admitted_relay(
     *,
     headers: list[tuple[str, str]],
     body: bytes,
+    tally: Tally,
+    hide_usage: bool = False,
 ) -> Response:
     """Relay a model call once it has a slot; on another host, once, if its first host failed it before
-    answering."""
+    answering. Its usage is recorded however it ends (`tally`): here if no answer is relayed, by the relay
+    when it ends otherwise."""
+    try:
+        return await _admitted_relay(fleet, ask, receive, method, path, headers, body, tally, hide_usage)
+    except ClientDisconnect:
+        tally.finish(Outcome.CANCELLED, CLIENT_GONE)
+        raise
+    except GatewayError as error:
+        tally.finish(_outcome_of(error), error.status)
+        raise
+    except BaseException:
+        tally.finish(Outcome.ERROR, 503)  # cancelled: the gateway is shutting down
+        raise
+
+
+async def _admitted_relay(
+    fleet: Fleet,
+    ask: Ask,
+    receive: Receive,
+    method: str,
+    path: str,
+    headers: list[tuple[str, str]],
+    body: bytes,
+    tally: Tally,
+    hide_usage: bool,
+) -> Response:
     grant = await _slot(fleet, ask, receive)
     retried = False
     while True:
         host = fleet.host(grant)
+        tally.dispatched(host.name if host is not None else grant.host, tally.queue_seconds + grant.waited)
         sent = time.monotonic()
         try:
             if host is None:  # removed while the request waited
                 raise GatewayError(503, "the Ollama host chosen for this request was removed")
+            on_end = partial(_ended, fleet, grant, tally)
             return await relay(
-                host.upstream, method, path, headers=headers, body=body, on_end=partial(_ended, fleet, grant)
+                host.upstream, method, path, headers=headers, body=body, on_end=on_end, hide_usage=hide_usage
             )
         except GatewayError as error:
             failure = _host_failure(error, time.monotonic() - sent)
@@ -79,12 +113,25 @@ async def admitted_relay(
             raise
 
 
-def _ended(fleet: Fleet, grant: Grant, end: RelayEnd) -> None:
+def _ended(fleet: Fleet, grant: Grant, tally: Tally, end: RelayEnd) -> None:
     counters = None
     if end.completed:
         counters = read_final_line(end.tail) if end.line_framed else read_counters(end.tail)
     failure = "the connection to Ollama was lost mid-answer" if end.upstream_failed else None
-    fleet.finish(grant, Ended(counters=counters, host_failed=failure, host_answered=failure is None))
+    loaded = fleet.finish(grant, Ended(counters=counters, host_failed=failure, host_answered=failure is None))
+    tally.relay_ended(end, counters, loaded)
+
+
+class QueueRefused(GatewayError):
+    """The fair queue refused the request: a cap (429) or its wait ran out (503)."""
+
+
+def _outcome_of(error: GatewayError) -> Outcome:
+    if isinstance(error, QueueRefused):
+        return Outcome.REFUSED if error.status == 429 else Outcome.TIMEOUT
+    if isinstance(error, Unreachable) or error.status >= 500:
+        return Outcome.UPSTREAM_ERROR
+    return Outcome.ERROR
 
 
 def _retryable(error: GatewayError) -> bool:
@@ -125,7 +172,7 @@ async def _slot(fleet: Fleet, ask: Ask, receive: Receive) -> Grant:
     if (refused := admitted.exception()) is not None:
         if isinstance(refused, Refused):
             headers = {"Retry-After": str(refused.retry_after)}
-            raise GatewayError(refused.status, refused.message, headers) from None
+            raise QueueRefused(refused.status, refused.message, headers) from None
         raise refused
     grant = admitted.result()
     if left:  # its turn came as the client went away: the slot goes straight back

@@ -36,6 +36,7 @@ PUBLIC_PREFIXES = ("/static/",)
 USER_STATE_KEY = "user"
 API_KEY_STATE_KEY = "api_key"
 BATCH_KEY_STATE_KEY = "batch_key"
+KEY_QUOTA_STATE_KEY = "key_quota"
 
 
 def take_user(scope: Scope) -> User | None:
@@ -53,6 +54,12 @@ def take_api_key(scope: Scope) -> str | None:
 def take_batch_key(scope: Scope) -> bool:
     """Whether the request came with a batch API key: its model calls wait behind interactive ones."""
     return scope.get("state", {}).pop(BATCH_KEY_STATE_KEY, False) is True
+
+
+def take_key_quota(scope: Scope) -> dict | None:
+    """The quota of the API key the request came with, if it has one (usage.quotas)."""
+    quota = scope.get("state", {}).pop(KEY_QUOTA_STATE_KEY, None)
+    return quota if isinstance(quota, dict) else None
 
 
 def is_public(method: str, path: str) -> bool:
@@ -89,4 +96,6 @@ class CredentialsFirst:
             state[API_KEY_STATE_KEY] = str(caller.key.id)
             if caller.key.priority == BATCH:
                 state[BATCH_KEY_STATE_KEY] = True
+            if caller.key.quota:
+                state[KEY_QUOTA_STATE_KEY] = caller.key.quota
         await self.app(scope, receive, send)

@@ -53,6 +53,8 @@ def _check_model_param(model: str) -> None:
 MODEL_ONLY = BodyRules(model_fields=("model",))
 MODEL_OR_NAME = BodyRules(model_fields=("model", "name"))
 CHAT = BodyRules(model_fields=("model",), checked_fields=("messages",), check=check_chat_messages)
+# An OpenAI-style call that may stream: whether it streams, and asked for its usage (routes.relay_endpoints).
+OPENAI_STREAMING = BodyRules(model_fields=("model",), checked_fields=("stream", "stream_options"))
 
 
 def _model_call(
@@ -62,6 +64,8 @@ def _model_call(
     tags: tuple[str, ...] = ("ollama",),
     rules: BodyRules = MODEL_ONLY,
     runs_model: bool = True,
+    asks_usage: bool = False,
+    embeds: bool = False,
 ) -> RelayRoute:
     return RelayRoute(
         "POST",
@@ -72,6 +76,8 @@ def _model_call(
         response_doc=response_doc or {},
         tags=tags,
         runs_model=runs_model,
+        asks_usage=asks_usage,
+        embeds=embeds,
     )
 
 
@@ -124,8 +130,8 @@ RELAY_ROUTES = [
     ),
     _model_call("/api/chat", "Chat (NDJSON stream)", NDJSON_STREAM),
     _model_call("/api/generate", "Generate a completion (NDJSON stream)", NDJSON_STREAM),
-    _model_call("/api/embed", "Embeddings for one or more inputs"),
-    _model_call("/api/embeddings", "Embedding for one prompt (legacy)"),
+    _model_call("/api/embed", "Embeddings for one or more inputs", embeds=True),
+    _model_call("/api/embeddings", "Embedding for one prompt (legacy)", embeds=True),
     _model_call("/api/show", "A model's details", rules=MODEL_OR_NAME, runs_model=False),
     _admin_call("POST", "/api/pull", "Pull a model (admins)", PROGRESS_STREAM),
     _admin_call("POST", "/api/push", "Push a model (admins)", PROGRESS_STREAM),
@@ -153,10 +159,22 @@ RELAY_ROUTES = [
     ),
     # The OpenAI-compatible API.
     _model_call(
-        "/v1/chat/completions", "Chat completions (SSE when stream is true)", SSE_STREAM, ("openai",)
+        "/v1/chat/completions",
+        "Chat completions (SSE when stream is true)",
+        SSE_STREAM,
+        ("openai",),
+        rules=OPENAI_STREAMING,
+        asks_usage=True,
     ),
-    _model_call("/v1/completions", "Completions (SSE when stream is true)", SSE_STREAM, ("openai",)),
-    _model_call("/v1/embeddings", "Embeddings", tags=("openai",)),
+    _model_call(
+        "/v1/completions",
+        "Completions (SSE when stream is true)",
+        SSE_STREAM,
+        ("openai",),
+        rules=OPENAI_STREAMING,
+        asks_usage=True,
+    ),
+    _model_call("/v1/embeddings", "Embeddings", tags=("openai",), embeds=True),
     _model_call("/v1/responses", "Responses API (SSE when stream is true)", SSE_STREAM, ("openai",)),
     RelayRoute("GET", "/v1/models", "The models you may use", model_list=OPENAI_MODEL_LIST, tags=("openai",)),
     RelayRoute(

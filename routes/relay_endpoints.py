@@ -33,8 +33,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from auth.users import User
 from core.errors import Forbidden, GatewayError, error_response, rendered_by_the_app
-from fleet.hosts import canonical_model
+from fleet.hosts import canonical_model, shown_model
 from fleet.scheduler import Ask, Band
+from observe.request_log import request_log
 from routes.dependencies import Services
 from routes.dispatch import (
     EVERY_HOST,
@@ -45,15 +46,18 @@ from routes.dispatch import (
     named_host,
     on_every_host,
 )
-from routes.guard import take_api_key, take_batch_key, take_user
+from routes.guard import take_api_key, take_batch_key, take_key_quota, take_user
 from upstream.bodies import (
     BodyRules,
     model_named_in,
     read_body_fields,
     refuse_content_encoding,
+    with_usage_asked,
 )
+from upstream.go_json import GoFields
 from upstream.headers import upstream_request_headers
 from upstream.passthrough import relay
+from usage.quotas import QuotaExceeded, subjects_of
 
 # RFC 3986 pchar and "/": what may stand unencoded in a request line's path.
 PATH_SAFE = "/:@!$&'()*+,;="
@@ -116,6 +120,9 @@ class RelayRoute(Route):
         body_rules: BodyRules | None = None,
         model_list: ModelList | None = None,  # the answer is a model list, filtered by the policy
         runs_model: bool = False,  # a model call: admitted by the fleet's fair queue (routes.dispatch)
+        # An OpenAI-style stream whose usage the gateway asks Ollama for (`stream_options.include_usage`).
+        asks_usage: bool = False,
+        embeds: bool = False,  # an embedding: nothing generated, no completion tokens
         request_model: Any = None,  # pydantic model describing the body, for the docs
         body_schema: dict[str, Any] | None = None,  # or a JSON schema describing it
         param_schema: dict[str, Any] | None = None,  # the path parameter's JSON schema, for the docs
@@ -139,6 +146,8 @@ class RelayRoute(Route):
         self.body_rules = body_rules or BodyRules()
         self.model_list = model_list
         self.runs_model = runs_model
+        self.asks_usage = asks_usage
+        self.embeds = embeds
         self.request_model = request_model
         self.body_schema = body_schema
         self.param_schema = param_schema
@@ -241,25 +250,14 @@ class RelayEndpoint:
             upstream_path += quote(param, safe=PATH_SAFE)
         if route.model_list is not None:
             return await _filtered_list(services, user, route.model_list, upstream_path)
-        body, length, model = await _body(route, head, receive, services, user)
+        body, length, model, fields = await _body(route, head, receive, services, user)
         if scope.get("query_string"):
             upstream_path += "?" + scope["query_string"].decode("latin-1")
         headers = upstream_request_headers(scope["headers"])
+        if route.runs_model and isinstance(body, bytes) and model is not None and fields is not None:
+            call = _ModelCall(route, user, head, upstream_path, headers, body, model, fields)
+            return await _model_call(scope, receive, services, call)
         fleet = services.fleet
-        if route.runs_model and isinstance(body, bytes) and model is not None:
-            # A batch key's requests are batch whatever they say; any request may lower itself (X-Priority).
-            band = Band.BATCH if take_batch_key(scope) else head.band
-            ask = Ask(
-                str(user.id),
-                canonical_model(model),
-                band,
-                key=take_api_key(scope),
-                user_inflight=user.max_inflight,
-                user_waiting=user.max_waiting,
-            )
-            return await admitted_relay(
-                fleet, ask, receive, route.method, upstream_path, headers=headers, body=body
-            )
         if route.access is Access.ADMIN:
             if (head.ollama_host or "").strip().lower() == EVERY_HOST:
                 if not isinstance(body, bytes | None):
@@ -270,6 +268,73 @@ class RelayEndpoint:
             named = scope["path_params"][route.param] if route.param_names_model and route.param else model
             upstream = host_holding(fleet, canonical_model(named) if named else None)
         return await relay(upstream, route.method, upstream_path, headers=headers, body=body, length=length)
+
+
+@dataclass(frozen=True)
+class _ModelCall:
+    route: RelayRoute
+    user: User
+    head: "_RequestHead"
+    upstream_path: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    model: str
+    fields: GoFields
+
+
+async def _model_call(scope: Scope, receive: Receive, services: Services, call: _ModelCall) -> Response:
+    """A call that runs a model: held against the quotas, admitted by the fair queue, relayed, recorded."""
+    # A batch key's requests are batch whatever they say; any request may lower itself (X-Priority).
+    route, user, body = call.route, call.user, call.body
+    band = Band.BATCH if take_batch_key(scope) else call.head.band
+    key_id = take_api_key(scope)
+    key_quota = take_key_quota(scope)
+    model_key = canonical_model(call.model)
+    hide_usage = False
+    fields = call.fields
+    if (
+        route.asks_usage
+        and fields.flag("stream")
+        and not fields.member_flag("stream_options", "include_usage")
+    ):
+        # Ollama says what an OpenAI-style stream used only when asked; the client did not ask, so the
+        # gateway asks, and keeps that last event to itself.
+        body, hide_usage = with_usage_asked(body), True
+    tally = services.usage.open(
+        user_id=user.id,
+        key_id=int(key_id) if key_id is not None else None,
+        surface=route.path,
+        model=shown_model(model_key),
+        band=band.label,
+        openai=route.path.startswith("/v1/"),
+        embeds=route.embeds,
+        body_bytes=len(body),
+        holder=request_log(scope),
+    )
+    subjects = subjects_of(user.id, user.quota, int(key_id) if key_id is not None else None, key_quota)
+    try:
+        await services.usage.hold(tally, subjects, services.fleet.scheduler.cost_of(model_key))
+    except QuotaExceeded as exceeded:
+        raise GatewayError(429, exceeded.message, {"Retry-After": str(exceeded.retry_after)}) from None
+    ask = Ask(
+        str(user.id),
+        model_key,
+        band,
+        key=key_id,
+        user_inflight=user.max_inflight,
+        user_waiting=user.max_waiting,
+    )
+    return await admitted_relay(
+        services.fleet,
+        ask,
+        receive,
+        route.method,
+        call.upstream_path,
+        headers=call.headers,
+        body=body,
+        tally=tally,
+        hide_usage=hide_usage,
+    )
 
 
 class RelayRoutesFirst:
@@ -334,13 +399,15 @@ class _RequestHead:
 
 async def _body(
     route: RelayRoute, head: _RequestHead, receive: Receive, services: Services, user: User
-) -> tuple[bytes | AsyncIterator[bytes] | None, int | None, str | None]:
-    """The body to forward, its length if streamed, and the model it names (checked by the policy)."""
+) -> tuple[bytes | AsyncIterator[bytes] | None, int | None, str | None, GoFields | None]:
+    """The body to forward, its length if streamed, the model it names (checked by the policy), and the
+    fields the gateway read of it."""
     if route.body is Body.STREAM:
         declared = head.content_length
-        return _passed_through(receive), int(declared) if declared and declared.isdigit() else None, None
+        length = int(declared) if declared and declared.isdigit() else None
+        return _passed_through(receive), length, None, None
     if route.body is Body.NONE:
-        return None, None, None
+        return None, None, None, None
     refuse_content_encoding(head.content_encoding)
     raw = await _whole_body(receive)
     rules = route.body_rules
@@ -351,7 +418,7 @@ async def _body(
         services.policy.require(user, model)
     if rules.check is not None:
         rules.check(fields)
-    return raw, None, model
+    return raw, None, model, fields
 
 
 async def _filtered_list(

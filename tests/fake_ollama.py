@@ -380,6 +380,11 @@ def generate_reply(model: str, tokens: list[str], run: Run) -> Reply:
     )
 
 
+def _asks_usage(body: dict[str, Any]) -> bool:
+    stream_options = body.get("stream_options")
+    return isinstance(stream_options, dict) and bool(stream_options.get("include_usage"))
+
+
 def openai_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {
         "prompt_tokens": prompt_tokens,
@@ -427,8 +432,9 @@ def openai_chat_reply(model: str, tokens: list[str], prompt_tokens: int, include
     )
 
 
-def openai_completion_reply(model: str, tokens: list[str], prompt_tokens: int) -> Reply:
+def openai_completion_reply(model: str, tokens: list[str], prompt_tokens: int, include_usage: bool) -> Reply:
     head = {"id": f"cmpl-{random.randrange(999)}", "model": model, "system_fingerprint": "fp_ollama"}
+    usage = openai_usage(prompt_tokens, len(tokens))
 
     def completion(text: str, finish_reason: str | None) -> dict[str, Any]:
         choice = {"text": text, "index": 0, "finish_reason": finish_reason}
@@ -438,11 +444,15 @@ def openai_completion_reply(model: str, tokens: list[str], prompt_tokens: int) -
         content_type=EVENT_STREAM,
         items=tokens,
         line=lambda token: sse_event(completion(token, None)),
-        closing=lambda: [sse_event(completion("", "stop")), b"data: [DONE]\n\n"],
+        closing=lambda: [
+            sse_event(completion("", "stop")),
+            *([sse_event({**completion("", None), "choices": [], "usage": usage})] if include_usage else []),
+            b"data: [DONE]\n\n",
+        ],
         error_line=sse_event(openai_error(500, MODEL_ERROR_MESSAGE)),
         whole=lambda: {
             **completion("".join(tokens), "stop"),
-            "usage": openai_usage(prompt_tokens, len(tokens)),
+            "usage": usage,
         },
     )
 
@@ -557,7 +567,9 @@ COPY_REQUEST = GoStruct("api.CopyRequest", {"source": STRING, "destination": STR
 OPENAI_CHAT_REQUEST = GoStruct(
     "openai.ChatCompletionRequest", {"model": STRING, "messages": ANY, "stream_options": ANY, **_KNOBS}
 )
-OPENAI_COMPLETION_REQUEST = GoStruct("openai.CompletionRequest", {"model": STRING, "prompt": ANY, **_KNOBS})
+OPENAI_COMPLETION_REQUEST = GoStruct(
+    "openai.CompletionRequest", {"model": STRING, "prompt": ANY, "stream_options": ANY, **_KNOBS}
+)
 OPENAI_EMBED_REQUEST = GoStruct("openai.EmbedRequest", {"model": STRING, "input": ANY, **_KNOBS})
 OPENAI_RESPONSES_REQUEST = GoStruct("openai.ResponsesRequest", {"model": STRING, "input": ANY, **_KNOBS})
 
@@ -1432,8 +1444,7 @@ class FakeOllama:
         messages = [message for message in body.get("messages") or [] if isinstance(message, dict)]
         last = text_of(messages[-1].get("content")) if messages else ""
         prompt = " ".join(text_of(message.get("content")) for message in messages)
-        stream_options = body.get("stream_options")
-        include_usage = isinstance(stream_options, dict) and bool(stream_options.get("include_usage"))
+        include_usage = _asks_usage(body)
         run = self._model_run(model, count_prompt_tokens(prompt), started)
         reply = openai_chat_reply(model, knobs.content(last), run.prompt_tokens, include_usage)
         return await self._answer(request, model, knobs, body.get("stream") is True, reply, run)
@@ -1442,7 +1453,7 @@ class FakeOllama:
         started, body, model, knobs = await self._model_request(request, OPENAI_COMPLETION_REQUEST)
         prompt = str(body.get("prompt") or "")
         run = self._model_run(model, count_prompt_tokens(prompt), started)
-        reply = openai_completion_reply(model, knobs.content(prompt), run.prompt_tokens)
+        reply = openai_completion_reply(model, knobs.content(prompt), run.prompt_tokens, _asks_usage(body))
         return await self._answer(request, model, knobs, body.get("stream") is True, reply, run)
 
     async def _openai_responses(self, request: web.Request) -> web.StreamResponse:

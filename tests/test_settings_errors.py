@@ -19,6 +19,7 @@ WRONG_VALUES = {
     "max_inflight_per_user": "1.5",
     "max_waiting_per_key": "none",
     "max_inflight_per_key": "-3",
+    "time_zone": "Mars/Olympus_Mons",
     "secret_key": "too-short-secret",
     "admin_email": "admin at example.com",
     "admin_password": "password123",

@@ -63,3 +63,17 @@ def refuse_content_encoding(content_encoding: str | None) -> None:
         raise GatewayError(
             415, f"compressed request bodies are not accepted (Content-Encoding: {content_encoding})"
         )
+
+
+USAGE_ASKED = b'"stream_options":{"include_usage":true}'
+
+
+def with_usage_asked(raw: bytes) -> bytes:
+    """An OpenAI-style streaming body that also asks Ollama for the usage event (the gateway's, for the
+    record; `upstream.passthrough` keeps it from a client that did not ask). Added as the object's last
+    member: Go binds members in order, so it wins, and it is bound into a `stream_options` the client gave,
+    leaving the client's other options as they were. The body was read as one JSON object with only
+    whitespace after it (`upstream.go_json`)."""
+    body = raw.rstrip()
+    inner = body[:-1].rstrip()
+    return inner + (USAGE_ASKED if inner.endswith(b"{") else b"," + USAGE_ASKED) + b"}"

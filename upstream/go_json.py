@@ -82,7 +82,8 @@ class Kind(Enum):
     OTHER = "other"  # a number, true or false
 
 
-FieldValue = str | Kind
+# A string as Go holds it, true or false as a bool, anything else by its kind.
+FieldValue = str | bool | Kind
 
 
 class GoFields:
@@ -92,8 +93,9 @@ class GoFields:
     Given once and spelt exactly (anything else was refused), a null is the same as absent for every Go type:
     it leaves a string as it was (empty) and sets a slice, map or pointer to nil."""
 
-    def __init__(self, values: dict[str, FieldValue]) -> None:
+    def __init__(self, values: dict[str, FieldValue], objects: dict[str, Any] | None = None) -> None:
         self._values = values
+        self._objects = objects or {}  # an object field's value: parsed (small bodies) or its raw bytes
 
     def string(self, name: str) -> str:
         """The field as Go's `string` holds it; "" when absent or null (Go's zero value)."""
@@ -104,6 +106,35 @@ class GoFields:
 
     def is_array(self, name: str) -> bool:
         return self._values.get(name) is Kind.ARRAY
+
+    def flag(self, name: str, default: bool = False) -> bool:
+        """The field as Go's `bool` holds it (`default` when absent or null)."""
+        value = self._values.get(name, default)
+        if not isinstance(value, bool):
+            raise BodyRefused(f"'{name}' must be true or false")
+        return value
+
+    def member_flag(self, name: str, member: str) -> bool:
+        """A bool inside an object field (`stream_options.include_usage`), as Go binds it into its struct:
+        the member's key matched without regard to case, the last one given winning, null leaving it false."""
+        raw = self._objects.get(name)
+        if raw is None:
+            return False
+        if isinstance(raw, bytes):
+            if len(raw) > PARSE_WHOLE_LIMIT:
+                raise BodyRefused(f"'{name}' is too large")
+            try:
+                raw = _DECODER.decode(raw.decode("utf-8"))
+            except (ValueError, RecursionError):
+                raise BodyRefused("the request body is not valid JSON") from None
+        wanted, value = go_fold(member), False
+        for key, item in raw:
+            if go_fold(go_string(key)) != wanted or item is None:
+                continue
+            if not isinstance(item, bool):
+                raise BodyRefused(f"'{name}.{member}' must be true or false")
+            value = item
+        return value
 
 
 def read_fields(body: bytes, names: Collection[str]) -> GoFields:
@@ -117,6 +148,7 @@ def read_fields(body: bytes, names: Collection[str]) -> GoFields:
     else:
         members, value_of = _TopLevelReader(body).members(), _value_of_raw
     found: dict[str, FieldValue] = {}
+    objects: dict[str, Any] = {}
     seen: set[str] = set()
     for key, payload in members:
         name = wanted.get(go_fold(key))
@@ -130,7 +162,9 @@ def read_fields(body: bytes, names: Collection[str]) -> GoFields:
         value = value_of(payload)
         if value is not None:
             found[name] = value
-    return GoFields(found)
+        if value is Kind.OBJECT:
+            objects[name] = payload
+    return GoFields(found, objects)
 
 
 # -- small bodies: parsed whole by Python's C parser ------------------------------------------------------
@@ -163,6 +197,8 @@ def _value_of_parsed(item: Any) -> FieldValue | None:
         return None
     if isinstance(item, str):
         return go_string(item)
+    if isinstance(item, bool):
+        return item
     if isinstance(item, _Object):
         return Kind.OBJECT
     return Kind.ARRAY if isinstance(item, list) else Kind.OTHER
@@ -176,6 +212,8 @@ def _value_of_raw(raw: bytes) -> FieldValue | None:
         return None
     if raw.startswith(b'"'):
         return _decoded_string(raw, "a field the gateway reads")
+    if raw in (b"true", b"false"):
+        return raw == b"true"
     return {b"[": Kind.ARRAY, b"{": Kind.OBJECT}.get(raw[:1], Kind.OTHER)
 
 

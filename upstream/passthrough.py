@@ -26,6 +26,7 @@ Beside the copy loop:
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -68,6 +69,15 @@ class RelayEnd:
     upstream_failed: bool  # the connection to Ollama failed (not because the client left)
     tail: bytes  # the answer's last bytes as sent, where Ollama puts its counters (upstream.counters)
     line_framed: bool  # a stream of lines (the tail ends with its last line), or a whole answer
+    event_stream: bool = False  # server-sent events (the OpenAI-style API)
+    lines: int = 0  # lines sent, of a line-framed stream: about one token each (usage.reading)
+    first_byte_at: float | None = None  # time.monotonic() when the answer's head went out
+    held: bytes = b""  # the usage event held back from a client that did not ask for it (below)
+
+
+# The last event of an OpenAI-style stream when the request asked for usage: no choices, only the counts.
+_USAGE_KEY = b'"usage"'
+_NO_CHOICES = b'"choices":[]'
 
 
 class RelayResponse(Response):
@@ -76,9 +86,13 @@ class RelayResponse(Response):
         upstream_response: UpstreamResponse,
         idle_timeout: float,
         on_end: Callable[[RelayEnd], None] | None = None,
+        hide_usage: bool = False,
     ) -> None:
         self._upstream = upstream_response
         self._on_end = on_end
+        self._lines = 0
+        self._first_byte_at: float | None = None
+        self._held = b""
         # The last two pieces sent: a line-framed stream's final line is the last piece's end (pieces end at
         # a line's end); a whole answer's counters may straddle the two. Kept by reference, never copied.
         self._before_last = self._last = b""
@@ -89,6 +103,8 @@ class RelayResponse(Response):
         content_type = (upstream_response.header(b"content-type") or b"").lower()
         self._is_sse = b"event-stream" in content_type
         self._line_framed = self._is_sse or b"ndjson" in content_type
+        # The gateway asked Ollama for usage (usage.openai) where the client did not: that event is its own.
+        self._hide_usage = hide_usage and self._is_sse
         headers = downstream_response_headers(upstream_response.headers)
         self.raw_headers = headers + STREAMING_HEADERS if self._line_framed else headers
         self._awaiting_upstream_since: float | None = None
@@ -110,6 +126,7 @@ class RelayResponse(Response):
                 await send(
                     {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
                 )
+                self._first_byte_at = time.monotonic()
                 started = True
                 ending = await self._copy_body(send, first)
         except asyncio.CancelledError:
@@ -131,6 +148,10 @@ class RelayResponse(Response):
                         upstream_failed=self._upstream_failed and not self._client_gone,
                         tail=self._before_last + self._last,
                         line_framed=self._line_framed,
+                        event_stream=self._is_sse,
+                        lines=self._lines,
+                        first_byte_at=self._first_byte_at,
+                        held=self._held,
                     )
                 )
         if refusal is not None:
@@ -180,7 +201,7 @@ class RelayResponse(Response):
             if first:
                 end = first.rfind(b"\n") + 1
                 if end:
-                    self._last = first[:end]
+                    self._last = self._relayed_lines(first[:end])
                     await send({"type": "http.response.body", "body": self._last, "more_body": True})
                 partial = first[end:]
             while True:
@@ -200,6 +221,9 @@ class RelayResponse(Response):
                         chunk, partial = chunk[:end], chunk[end:]
                     if not chunk:
                         continue
+                    chunk = self._relayed_lines(chunk)
+                    if not chunk:
+                        continue
                 self._before_last, self._last = self._last, chunk
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except UpstreamError:
@@ -211,6 +235,20 @@ class RelayResponse(Response):
             else:
                 reason = "the connection to Ollama was lost mid-stream"
             return self._error_line(reason)
+
+    def _relayed_lines(self, chunk: bytes) -> bytes:
+        """Whole lines about to be sent: counted, and the usage event taken out if it is the gateway's."""
+        if self._hide_usage and _USAGE_KEY in chunk:
+            events = chunk.split(b"\n\n")
+            kept = []
+            for number, event in enumerate(events, 1):
+                if _USAGE_KEY in event and _NO_CHOICES in event.replace(b" ", b""):
+                    self._held = event
+                else:
+                    kept.append(event if number == len(events) else event + b"\n\n")
+            chunk = b"".join(kept)
+        self._lines += chunk.count(b"\n")
+        return chunk
 
     def _error_line(self, reason: str) -> bytes:
         """The last line of a line-framed stream that failed, in the stream's own format."""
@@ -242,6 +280,7 @@ async def relay(
     body: bytes | AsyncIterator[bytes] | None = None,
     length: int | None = None,
     on_end: Callable[[RelayEnd], None] | None = None,
+    hide_usage: bool = False,
 ) -> Response:
     """Forward one request to Ollama and answer with its response, streamed through unchanged; `on_end`
     hears how the answer ended (not called when this raises: the caller knows then).
@@ -255,7 +294,7 @@ async def relay(
             raise await error_from(response, upstream.timeouts.idle)
         finally:
             response.close()
-    relayed = RelayResponse(response, upstream.timeouts.idle, on_end)
+    relayed = RelayResponse(response, upstream.timeouts.idle, on_end, hide_usage)
     coding = content_coding(response) if relayed._line_framed else None
     if coding is not None:
         response.close()
