@@ -28,7 +28,7 @@ from core.server import (
 from core.settings import MIB, ConfigurationError, Settings
 from core.settings_errors import configuration_error_line, read_settings
 from core.startup_errors import OneLineStartupErrors
-from routes import admin, api_docs, auth, files, health, hosts, keys, me, web
+from routes import admin, api_docs, auth, files, health, hosts, keys, me, usage, web
 from routes.guard import CredentialsFirst
 from routes.ollama import RELAY_ROUTES
 from routes.relay_docs import install_relay_docs
@@ -131,7 +131,7 @@ def create_app(settings: Settings | None = None, *, probe_ollama_at_start: bool 
     app.add_middleware(OneLineStartupErrors)
     # First: the router tries its entries in order, and the relay routes carry nearly all of the traffic.
     app.router.routes.insert(0, relay_routes)
-    for module in (web, api_docs, auth, me, keys, files, admin, hosts, health):
+    for module in (web, api_docs, auth, me, keys, files, admin, hosts, usage, health):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
     install_relay_docs(app)

@@ -11,6 +11,7 @@ import secrets
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
@@ -90,9 +91,11 @@ class ApiKeyStore:
         with self._db.session() as session:
             return list(session.scalars(select(ApiKey).where(ApiKey.user_id == user_id).order_by(ApiKey.id)))
 
-    def all(self) -> list[tuple[ApiKey, str]]:
-        """Every key, with its owner's email."""
+    def all(self, key_id: int | None = None) -> list[tuple[ApiKey, str]]:
+        """Every key (or the one `key_id`), with its owner's email."""
         query = select(ApiKey, User.email).join(User, User.id == ApiKey.user_id).order_by(ApiKey.id)
+        if key_id is not None:
+            query = query.where(ApiKey.id == key_id)
         with self._db.session() as session:
             return [(key, email) for key, email in session.execute(query)]
 
@@ -107,6 +110,17 @@ class ApiKeyStore:
         self._touched.pop(key_id, None)
         self.on_change()
         return bool(deleted)
+
+    def set_quota(self, key_id: int, quota: dict[str, Any] | None) -> ApiKey | None:
+        """Give a key its own quota (None: unlimited); None when there is no such key."""
+        with self._db.transaction() as session:
+            key = session.get(ApiKey, key_id, with_for_update=True)
+            if key is None:
+                return None
+            key.quota = quota
+            self._db.announce_credentials_changed(session)  # the quota travels with the cached key
+        self.on_change()
+        return key
 
     def needs_touch(self, key_id: int) -> bool:
         now = time.monotonic()

@@ -14,6 +14,7 @@ once.
 """
 
 from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
@@ -93,6 +94,8 @@ class UserStore:
         max_waiting: int | None = None,
         default_inflight: bool = False,
         default_waiting: bool = False,
+        quota: dict[str, Any] | None = None,
+        clear_quota: bool = False,
     ) -> User | None:
         """Change what is given, in one transaction; a new password hash also ends every token issued before.
         Refuses (Conflict) to leave the gateway without an enabled admin. `max_inflight`, `max_waiting`: the
@@ -115,6 +118,8 @@ class UserStore:
                 user.max_inflight = max_inflight
             if max_waiting is not None or default_waiting:
                 user.max_waiting = max_waiting
+            if quota is not None or clear_quota:
+                user.quota = quota
             session.flush()
             _require_an_enabled_admin(session)
             self._db.announce_credentials_changed(session)

@@ -8,13 +8,24 @@ from auth.users import User
 from core.errors import GatewayError
 from routes.accounts import delete_account
 from routes.dependencies import AppServices, admin_user
-from routes.schemas import KeyId, KeyInfo, NewUser, OwnedKeyInfo, UserId, UserOut, UserPatch, errors
+from routes.schemas import (
+    KeyId,
+    KeyInfo,
+    KeyPatch,
+    NewUser,
+    OwnedKeyInfo,
+    UserId,
+    UserOut,
+    UserPatch,
+    errors,
+)
 
 router = APIRouter(
     prefix="/admin", tags=["admin"], dependencies=[Depends(admin_user)], responses=errors(401, 403)
 )
 
 NO_SUCH_USER = "no such user"
+NO_SUCH_KEY = "no such key"
 
 
 @router.post(
@@ -48,7 +59,7 @@ async def get_user(user_id: UserId, services: AppServices) -> User:
     "/users/{user_id}",
     response_model=UserOut,
     responses=errors(400, 404, 409, 413, 422),
-    summary="Change role, model allow-list, disabled, password or caps in the queue",
+    summary="Change role, model allow-list, disabled, password, caps in the queue or quota",
 )
 async def update_user(user_id: UserId, body: UserPatch, services: AppServices) -> User:
     sent = body.model_fields_set
@@ -66,6 +77,8 @@ async def update_user(user_id: UserId, body: UserPatch, services: AppServices) -
             max_waiting=body.max_waiting,
             default_inflight="max_inflight" in sent and body.max_inflight is None,
             default_waiting="max_waiting" in sent and body.max_waiting is None,
+            quota=body.quota.model_dump() if body.quota is not None else None,
+            clear_quota="quota" in sent and body.quota is None,
         )
     )
     if user is None:
@@ -93,8 +106,24 @@ async def list_all_keys(services: AppServices) -> list[OwnedKeyInfo]:
     ]
 
 
+@router.patch(
+    "/keys/{key_id}",
+    response_model=OwnedKeyInfo,
+    responses=errors(404, 413, 422),
+    summary="Set or clear anyone's key's quota",
+)
+async def update_key(key_id: KeyId, body: KeyPatch, services: AppServices) -> OwnedKeyInfo:
+    if "quota" in body.model_fields_set:
+        quota = body.quota.model_dump() if body.quota is not None else None
+        if await services.db.run(services.keys.set_quota, key_id, quota) is None:
+            raise GatewayError(404, NO_SUCH_KEY)
+    for key, email in await services.db.run(services.keys.all, key_id):
+        return OwnedKeyInfo(**KeyInfo.model_validate(key).model_dump(), user_id=key.user_id, email=email)
+    raise GatewayError(404, NO_SUCH_KEY)
+
+
 @router.delete("/keys/{key_id}", status_code=204, responses=errors(404, 422), summary="Revoke anyone's key")
 async def revoke_any_key(key_id: KeyId, services: AppServices) -> Response:
     if not await services.db.run(services.keys.revoke, key_id):
-        raise GatewayError(404, "no such key")
+        raise GatewayError(404, NO_SUCH_KEY)
     return Response(status_code=204)

@@ -126,6 +126,25 @@ MAX_WAITING_DESCRIPTION = (
 )
 
 
+QUOTA_DESCRIPTION = (
+    "Limits per day or month (in TIME_ZONE) on tokens, slot-seconds and/or requests, each optional "
+    "(null: no limit on that); the whole quota null: unlimited"
+)
+
+
+class Quota(BaseModel):
+    """A quota (usage.quotas): beyond a limit, requests are answered 429 until the period resets."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    period: Literal["day", "month"]
+    tokens: int | None = Field(default=None, ge=1, le=10**15, description="prompt and completion tokens")
+    slot_seconds: float | None = Field(
+        default=None, gt=0, le=10**12, allow_inf_nan=False, description="seconds a slot worked for them"
+    )
+    requests: int | None = Field(default=None, ge=1, le=10**12, description="requests sent to Ollama")
+
+
 # The shapes the API answers with are read from the stored records themselves (db.models).
 class UserOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
@@ -138,6 +157,7 @@ class UserOut(BaseModel):
     created_at: str
     max_inflight: int | None = Field(description=MAX_INFLIGHT_DESCRIPTION)
     max_waiting: int | None = Field(description=MAX_WAITING_DESCRIPTION)
+    quota: Quota | None = Field(default=None, description=QUOTA_DESCRIPTION)
 
 
 class NewUser(BaseModel):
@@ -163,6 +183,7 @@ class UserPatch(BaseModel):
     password: str | None = Field(default=None, json_schema_extra=_PASSWORD_SCHEMA)
     max_inflight: int | None = Field(default=None, ge=0, le=MAX_CAP, description=MAX_INFLIGHT_DESCRIPTION)
     max_waiting: int | None = Field(default=None, ge=0, le=MAX_CAP, description=MAX_WAITING_DESCRIPTION)
+    quota: Quota | None = Field(default=None, description=QUOTA_DESCRIPTION)
 
     _password = field_validator("password")(
         lambda value: value if value is None else _checked_password(value)
@@ -204,6 +225,16 @@ class KeyInfo(BaseModel):
     last_used_at: str | None
     expires_at: str | None
     priority: Literal["interactive", "batch"] = Field(description=KEY_PRIORITY_DESCRIPTION)
+    quota: Quota | None = Field(default=None, description=QUOTA_DESCRIPTION)
+
+
+class KeyPatch(BaseModel):
+    """Only the fields sent change; `"quota": null` makes the key unlimited again (its owner's quota still
+    counts)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    quota: Quota | None = Field(default=None, description=QUOTA_DESCRIPTION)
 
 
 class CreatedKey(KeyInfo):
@@ -307,3 +338,17 @@ class HostOut(BaseModel):
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for error statuses, all of which answer `{"error": ...}`."""
     return {status: {"model": ErrorBody} for status in statuses}
+
+
+class UsageReport(BaseModel):
+    """Sums per group; each row holds its grouping fields (`user` with its `email`, `key`, `model`, `host`,
+    `day`) and the figures."""
+
+    rows: list[dict[str, Any]] = Field(
+        description="requests, prompt_tokens, completion_tokens, slot_seconds, and how many of the requests "
+        "were cancelled, failed (errors) or have estimated figures"
+    )
+    totals: dict[str, Any]
+    quota: dict[str, Any] | None = Field(
+        default=None, description="/me/usage: your quota, what you used of it this period, and when it resets"
+    )

@@ -70,6 +70,7 @@ def test_admin_manages_a_users_whole_life(team):
             "created_at": "",
             "max_inflight": None,
             "max_waiting": None,
+            "quota": None,
         }
         assert "cy@example.com" in {listed["email"] for listed in admin.get("/admin/users").json()}
         assert admin.get(f"/admin/users/{user['id']}").json()["email"] == "cy@example.com"

@@ -1,0 +1,141 @@
+"""Usage reports: `GET /me/usage` (yours) and `GET /admin/usage` (everyone's), summed per group over a time
+range, as JSON or CSV (usage.store)."""
+
+import csv
+import io
+from datetime import date, datetime, time
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo
+
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import JSONResponse, Response
+
+from auth.users import User
+from core.errors import GatewayError
+from routes.dependencies import AppServices, CurrentUser, admin_user
+from routes.schemas import MAX_ROW_ID, UsageReport, errors
+from usage.periods import current_span
+from usage.quotas import Quota
+from usage.store import FIGURES, GROUPS, Report
+
+router = APIRouter(tags=["usage"])
+
+SINCE = "From this moment (ISO-8601 date-time) or day (a date, from its start in TIME_ZONE); default: all"
+UNTIL = "Up to this moment or day (excluded); default: now"
+GROUP_BY = f"Comma-separated, any of: {', '.join(GROUPS)}; none: totals only"
+Format = Literal["json", "csv"]
+
+
+@router.get(
+    "/me/usage",
+    response_model=UsageReport,
+    responses=errors(400, 401, 422),
+    summary="What you used: requests, tokens and slot-seconds, per model, key, host or day; and your quota",
+)
+async def my_usage(
+    user: CurrentUser,
+    services: AppServices,
+    since: Annotated[str | None, Query(description=SINCE)] = None,
+    until: Annotated[str | None, Query(description=UNTIL)] = None,
+    group_by: Annotated[str | None, Query(description=GROUP_BY)] = None,
+    format: Annotated[Format, Query(description="json, or csv (one row per group)")] = "json",
+) -> Response:
+    report = await _report(services, group_by, since, until, user.id)
+    quota = await _quota_now(services, user)
+    return _answer(report, _groups(group_by), format, "my-usage.csv", {"quota": quota})
+
+
+@router.get(
+    "/admin/usage",
+    response_model=UsageReport,
+    responses=errors(400, 401, 403, 422),
+    dependencies=[Depends(admin_user)],
+    summary="What everyone used (or one person: user_id), per user, key, model, host or day",
+)
+async def everyones_usage(
+    services: AppServices,
+    since: Annotated[str | None, Query(description=SINCE)] = None,
+    until: Annotated[str | None, Query(description=UNTIL)] = None,
+    group_by: Annotated[str | None, Query(description=GROUP_BY)] = None,
+    user_id: Annotated[int | None, Query(ge=1, le=MAX_ROW_ID)] = None,
+    format: Annotated[Format, Query(description="json, or csv (one row per group)")] = "json",
+) -> Response:
+    report = await _report(services, group_by, since, until, user_id)
+    return _answer(report, _groups(group_by), format, "usage.csv", {})
+
+
+async def _report(
+    services: AppServices, group_by: str | None, since: str | None, until: str | None, user_id: int | None
+) -> Report:
+    groups = _groups(group_by)
+    zone = services.usage_store.zone
+    start, end = _moment(since, "since", zone), _moment(until, "until", zone)
+    if start is not None and end is not None and end <= start:
+        raise GatewayError(400, "'until' must come after 'since'")
+    await services.usage.writer.flush()  # what just ended is in the report
+    return await services.db.run(services.usage_store.report, groups, start, end, user_id)
+
+
+def _groups(group_by: str | None) -> list[str]:
+    names = [name.strip() for name in (group_by or "").split(",") if name.strip()]
+    for name in names:
+        if name not in GROUPS:
+            raise GatewayError(400, f"group_by: unknown group {name!r} (any of: {', '.join(GROUPS)})")
+    return list(dict.fromkeys(names))
+
+
+def _moment(text: str | None, name: str, zone: ZoneInfo) -> datetime | None:
+    if text is None or not text.strip():
+        return None
+    text = text.strip()
+    try:
+        if len(text) == 10:
+            return datetime.combine(date.fromisoformat(text), time(), tzinfo=zone)
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise GatewayError(
+            400, f"{name}: expected an ISO-8601 date or date-time, got {text[:40]!r}"
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=zone)
+
+
+async def _quota_now(services: AppServices, user: User) -> dict[str, Any] | None:
+    """Your quota, what you used of it in its current period, and when that period ends."""
+    quota = Quota.from_stored(user.quota)
+    if quota is None:
+        return None
+    span = current_span(quota.period, services.usage_store.zone)
+    spent = await services.db.run(services.usage_store.spent, span.start, user_id=user.id)
+    return {
+        **(user.quota or {}),
+        "used": {
+            "requests": spent.requests,
+            "tokens": spent.tokens,
+            "slot_seconds": round(spent.slot_seconds, 3),
+        },
+        "resets_at": span.end.isoformat(),
+    }
+
+
+def _answer(
+    report: Report, groups: list[str], format: Format, filename: str, extra: dict[str, Any]
+) -> Response:
+    if format == "json":
+        return JSONResponse({"rows": report.rows, "totals": report.totals, **extra})
+    out = io.StringIO()
+    fields = [*groups, *(["email"] if "user" in groups else []), *FIGURES]
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(fields)
+    writer.writerows([_cell(row.get(name)) for name in fields] for row in report.rows)
+    return Response(
+        out.getvalue(),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+def _cell(value: object) -> object:
+    """A model name or an email as text a spreadsheet shows, never a formula it runs."""
+    if isinstance(value, str) and value.startswith(("=", "+", "-", "@", "\t", "\r")):
+        return "'" + value
+    return value
