@@ -29,6 +29,8 @@ from core.setting_checks import (
 
 MIB = 1024 * 1024
 MIN_SECRET_KEY_LENGTH = 32
+MIN_METRICS_TOKEN_LENGTH = 32
+LOG_FORMATS = ("text", "json")
 
 _SECONDS = "a number of seconds greater than 0"
 _COUNT = "a whole number of at least 1"
@@ -142,6 +144,15 @@ class Settings(BaseSettings):
         default=30, ge=0, allow_inf_nan=False, description="a number of seconds, 0 or more"
     )
 
+    # The access log's lines (observe.access_log): key=value text, or one JSON object per line.
+    log_format: str = Field(default="text", description="text or json")
+    # A bearer token Prometheus may read GET /metrics with (admins always may). Unset: admins only.
+    metrics_token: SecretStr | None = Field(
+        default=None,
+        description=f"at least {MIN_METRICS_TOKEN_LENGTH} characters with no spaces, or no value for "
+        "admins only",
+    )
+
     host: str = Field(
         default="127.0.0.1",
         description="an IP address or host name to listen on, such as 127.0.0.1 or 0.0.0.0",
@@ -167,6 +178,28 @@ class Settings(BaseSettings):
     def _check_secret_key(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and len(value.get_secret_value()) < MIN_SECRET_KEY_LENGTH:
             raise ValueError  # how long it is would be a hint about a secret
+        return value
+
+    @field_validator("log_format")
+    @classmethod
+    def _check_log_format(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in LOG_FORMATS:
+            raise ValueError
+        return value
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _check_metrics_token(cls, value: SecretStr | None) -> SecretStr | None:
+        # Compared with what a client sends in a header: spaces or control characters could never match.
+        token = value.get_secret_value() if value is not None else None
+        if token is not None and (
+            len(token) < MIN_METRICS_TOKEN_LENGTH
+            or not token.isascii()
+            or not token.isprintable()
+            or " " in token
+        ):
+            raise ValueError  # what is wrong with it would be a hint about a secret
         return value
 
     @field_validator("admin_email")

@@ -42,10 +42,12 @@ WRONG_VALUES = {
     "request_header_timeout": "twenty",
     "request_body_timeout": "-0.5",
     "graceful_shutdown_seconds": "-1",
+    "log_format": "xml",
+    "metrics_token": "short token",
     "host": "localhost:8000",
     "port": "0",
 }
-SECRETS = {"secret_key", "admin_password"}
+SECRETS = {"secret_key", "admin_password", "metrics_token"}
 
 
 @pytest.fixture
