@@ -28,7 +28,9 @@ from core.server import (
 from core.settings import MIB, ConfigurationError, Settings
 from core.settings_errors import configuration_error_line, read_settings
 from core.startup_errors import OneLineStartupErrors
-from routes import admin, api_docs, auth, files, health, hosts, keys, me, usage, web
+from observe.access_log import AccessLog, configure_access_logger
+from observe.metrics import publish_fleet_gauges
+from routes import admin, api_docs, auth, files, health, hosts, keys, me, metrics, usage, web
 from routes.guard import CredentialsFirst
 from routes.ollama import RELAY_ROUTES
 from routes.relay_docs import install_relay_docs
@@ -52,6 +54,7 @@ def create_app(settings: Settings | None = None, *, probe_ollama_at_start: bool 
     reachable (upstream.probe), and check every host now and then (fleet.hosts). Tests that script every
     byte Ollama sees turn it off."""
     settings = settings or read_settings()
+    configure_access_logger()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -70,13 +73,15 @@ def create_app(settings: Settings | None = None, *, probe_ollama_at_start: bool 
             if probe_ollama_at_start
             else None
         )
+        gauges = asyncio.create_task(publish_fleet_gauges(app.state.services.fleet))
         try:
             yield
         finally:
-            if probe is not None:
-                probe.cancel()
-                with suppress(asyncio.CancelledError):
-                    await probe
+            for task in (probe, gauges):
+                if task is not None:
+                    task.cancel()
+                    with suppress(asyncio.CancelledError):
+                        await task
             await close_services(app.state.services)
             gc.unfreeze()  # an app made and stopped in a longer-lived process (tests) leaves nothing pinned
 
@@ -94,7 +99,8 @@ def create_app(settings: Settings | None = None, *, probe_ollama_at_start: bool 
     )
     install_error_handlers(app)
     relay_routes = RelayRoutes(RELAY_ROUTES)
-    # Middleware added last runs first: CORS, credentials, the body cap, the relay endpoints, then the router.
+    # Middleware added last runs first: the access log, CORS, credentials, the body cap, the relay endpoints,
+    # then the router.
     app.add_middleware(RelayRoutesFirst, routes=relay_routes)
     # (Request heads and bodies are timed by the gateway's protocol, core.server.)
     app.add_middleware(
@@ -129,9 +135,11 @@ def create_app(settings: Settings | None = None, *, probe_ollama_at_start: bool 
             max_age=600,
         )
     app.add_middleware(OneLineStartupErrors)
+    # Outermost: the request id and the access log see every request, refused or not.
+    app.add_middleware(AccessLog, log_format=settings.log_format, trusted_proxies=settings.trusted_proxies)
     # First: the router tries its entries in order, and the relay routes carry nearly all of the traffic.
     app.router.routes.insert(0, relay_routes)
-    for module in (web, api_docs, auth, me, keys, files, admin, hosts, usage, health):
+    for module in (web, api_docs, auth, me, keys, files, admin, hosts, usage, health, metrics):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
     install_relay_docs(app)
@@ -153,6 +161,8 @@ def serve() -> None:
         http=gateway_protocol(settings.request_header_timeout, settings.request_body_timeout),
         # The gateway reads X-Forwarded-For itself, and only from TRUSTED_PROXIES (core.client_address).
         proxy_headers=False,
+        # The gateway writes its own access log (observe.access_log), with the request id and the caller.
+        access_log=False,
         # Annotated as int, but uvicorn only hands it to asyncio.wait_for, which takes seconds as a float.
         timeout_graceful_shutdown=settings.graceful_shutdown_seconds,  # type: ignore[arg-type]
     )

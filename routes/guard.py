@@ -9,7 +9,10 @@ taken, not read, so that a stream held open for minutes does not keep it). A req
 also leaves the key's id there (caps count per key) and, for a batch key, that its requests are batch.
 
 Public: the web page, its icon and files, `/health`, `/login`, the docs, Ollama's `/api/version`, and CORS
-preflights (OPTIONS).
+preflights (OPTIONS). `/metrics` checks its readers itself: Prometheus may come with METRICS_TOKEN, which is
+no one's credential (routes.metrics).
+
+The caller's user and key ids go into the request's access log entry (observe.request_log).
 """
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -18,6 +21,7 @@ from auth.users import User
 from core.errors import GatewayError, error_response, rendered_by_the_app
 from core.storage_errors import StorageError
 from db.models import BATCH
+from observe.request_log import request_log
 
 # `/api/version` as in Ollama, which serves it (and `HEAD /`) to anyone: clients use it to test a connection.
 PUBLIC_PATHS = frozenset(
@@ -33,6 +37,8 @@ PUBLIC_PATHS = frozenset(
     }
 )
 PUBLIC_PREFIXES = ("/static/",)
+# Paths whose route accepts credentials of its own besides a user's, and checks them itself; no body is read.
+SELF_CHECKED_PATHS = frozenset({"/metrics"})
 USER_STATE_KEY = "user"
 API_KEY_STATE_KEY = "api_key"
 BATCH_KEY_STATE_KEY = "batch_key"
@@ -71,7 +77,11 @@ class CredentialsFirst:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or is_public(scope["method"], scope["path"]):
+        if (
+            scope["type"] != "http"
+            or is_public(scope["method"], scope["path"])
+            or scope["path"] in SELF_CHECKED_PATHS
+        ):
             await self.app(scope, receive, send)
             return
         authorization = next((value for name, value in scope["headers"] if name == b"authorization"), None)
@@ -90,6 +100,10 @@ class CredentialsFirst:
             # outside FastAPI's exception middleware).
             await (await rendered_by_the_app(scope, receive, failed))(scope, receive, send)
             return
+        entry = request_log(scope)
+        if entry is not None:
+            entry.user_id = caller.user.id
+            entry.key_id = caller.key.id if caller.key is not None else None
         state = scope.setdefault("state", {})
         state[USER_STATE_KEY] = caller.user
         if caller.key is not None:
