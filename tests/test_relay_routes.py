@@ -6,6 +6,7 @@ import pytest
 from core.body_limit import BodyLimitMiddleware
 from core.startup_errors import OneLineStartupErrors
 from core.storage_errors import Busy
+from observe.access_log import AccessLog
 from routes.guard import CredentialsFirst
 from routes.ollama import RELAY_ROUTES
 from routes.relay_endpoints import RelayRoute, RelayRoutes, RelayRoutesFirst
@@ -20,7 +21,13 @@ def test_relay_routes_are_the_first_entry_of_the_apps_router(gateway):
     assert not any(isinstance(route, RelayRoute | RelayRoutes) for route in others)
     # No second routing table: the middleware that calls a relay endpoint first asks the router's own entry.
     middleware = {entry.cls: entry for entry in gateway.app.user_middleware}
-    assert set(middleware) == {OneLineStartupErrors, CredentialsFirst, BodyLimitMiddleware, RelayRoutesFirst}
+    assert set(middleware) == {
+        AccessLog,
+        OneLineStartupErrors,
+        CredentialsFirst,
+        BodyLimitMiddleware,
+        RelayRoutesFirst,
+    }
     assert middleware[RelayRoutesFirst].kwargs["routes"] is first
 
 
