@@ -28,6 +28,7 @@ from fleet.changes import HostChanges
 from fleet.hosts import HostConfig, Hosts, environment_hosts
 from fleet.scheduler import Limits
 from fleet.store import HostStore
+from observe.metrics import record_usage
 from routes.dependencies import Services
 from uploads.store import UploadStore
 from upstream.client import UpstreamTimeouts
@@ -109,7 +110,7 @@ async def open_services(settings: Settings) -> Services:
         upstream=next(iter(hosts)).upstream,
         policy=ModelPolicy(),
         changes=watcher,
-        usage=UsageBook(usage_writer, QuotaBook(db, usage_store, zone)),
+        usage=UsageBook(usage_writer, QuotaBook(db, usage_store, zone), observers=[record_usage]),
         usage_store=usage_store,
     )
 
