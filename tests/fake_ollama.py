@@ -138,6 +138,7 @@ class Knobs:
     fault_after: int = 0
     garbage: bool = False
     echo: bool = False
+    cached_prompt: bool = False  # the prompt is in the cache: Ollama evaluates none of it
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> "Knobs":
@@ -154,6 +155,7 @@ class Knobs:
                 fault_after=fault_after,
                 garbage=bool(options.get("fake_garbage", False)),
                 echo=bool(options.get("fake_echo", False)),
+                cached_prompt=bool(options.get("fake_cached_prompt", False)),
             )
         except (TypeError, ValueError) as error:
             # A typo in a test's knobs should fail that test clearly, not as an anonymous 500.
@@ -331,7 +333,7 @@ class Run:
         """Ollama's final counters, in nanoseconds, as of now: the phases add up to the total, except for the
         wait for a slot, which only `total_duration` includes."""
         now = time.monotonic()
-        return {
+        counters = {
             "total_duration": nanoseconds(now - self.started),
             "load_duration": nanoseconds(self.loaded_at - self.started),
             "prompt_eval_count": self.prompt_tokens,
@@ -339,6 +341,8 @@ class Run:
             "eval_count": eval_count,
             "eval_duration": nanoseconds(now - self.prompt_done_at),
         }
+        # api.Metrics' fields are all `omitempty`: a prompt served whole from the cache has no count.
+        return {name: value for name, value in counters.items() if value}
 
 
 def chat_reply(model: str, tokens: list[str], run: Run) -> Reply:
@@ -1322,7 +1326,7 @@ class FakeOllama:
         messages = [message for message in body.get("messages") or [] if isinstance(message, dict)]
         last = text_of(messages[-1].get("content")) if messages else ""
         prompt = " ".join(text_of(message.get("content")) for message in messages)
-        run = self._model_run(model, count_prompt_tokens(prompt), started)
+        run = self._model_run(model, 0 if knobs.cached_prompt else count_prompt_tokens(prompt), started)
         reply = chat_reply(model, knobs.content(last), run)
         return await self._answer(request, model, knobs, body.get("stream") is not False, reply, run)
 
@@ -1345,7 +1349,7 @@ class FakeOllama:
                 "embeddings": [fake_embedding(text) for text in inputs],
                 "total_duration": counters["total_duration"],
                 "load_duration": counters["load_duration"],
-                "prompt_eval_count": counters["prompt_eval_count"],
+                "prompt_eval_count": counters.get("prompt_eval_count", 0),
             }
         )
 
