@@ -15,7 +15,7 @@ from db.models import TABLES, Base
 
 BATCH = 1000
 # The tables whose ids come from a counter that never goes back (AUTOINCREMENT, identity columns).
-_COUNTED = ("users", "api_keys", "login_attempts", "hosts")
+_COUNTED = ("users", "api_keys", "login_attempts", "hosts", "audit_entries")
 
 
 def copy_database(source: Database, target: Database) -> dict[str, int]:

@@ -7,8 +7,9 @@ API shows (`2026-05-01T12:00:00Z`), as the first releases stored them.
 
 import secrets
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Integer, Text
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 STAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
@@ -183,6 +184,26 @@ class UsageRow(Base):
     request_id: Mapped[str | None] = mapped_column(Text, default=None)
 
 
+class AuditEntry(Base):
+    """One admin action that succeeded (audit.trail): who, what, to what, when, from where.
+
+    `actor_id` is no foreign key: the trail outlives the people in it (ids are never reused, so it still
+    names the one who acted), and `actor` keeps their email as it was. NULL for `manage.py`, the command
+    line, which has neither an account nor an address. `details` never holds a secret."""
+
+    __tablename__ = "audit_entries"
+    __table_args__ = (Index("audit_entries_by_time", "at"), {"sqlite_autoincrement": True})
+
+    id: Mapped[int] = mapped_column(RowId, primary_key=True)
+    at: Mapped[str] = mapped_column(Text, default=stamp)
+    actor_id: Mapped[int | None] = mapped_column(RowId, default=None)
+    actor: Mapped[str] = mapped_column(Text)
+    action: Mapped[str] = mapped_column(Text)
+    target: Mapped[str | None] = mapped_column(Text, default=None)
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), default=None)
+    address: Mapped[str | None] = mapped_column(Text, default=None)
+
+
 # The order a copy fills them in (db.copy): referenced tables first.
 TABLES = [
     Base.metadata.tables[name]
@@ -194,5 +215,6 @@ TABLES = [
         "known_addresses",
         "hosts",
         "usage_records",
+        "audit_entries",
     )
 ]

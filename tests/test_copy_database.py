@@ -52,7 +52,7 @@ def test_a_gateway_copied_to_postgres_carries_on_there_as_before(tmp_path, fake_
     assert target is not None
     copied = _copy(data_dir, target)
     assert copied.returncode == 0, copied.stderr
-    counts = "2 users, 1 api_keys, 1 uploads, 5 login_attempts, 2 known_addresses, 0 hosts"
+    counts = "2 users, 1 api_keys, 1 uploads, 5 login_attempts, 2 known_addresses, 0 hosts, 4 audit_entries"
     assert f"copied {counts} to " in copied.stdout
 
     moved = gateway_settings(data_dir, fake_ollama_server.url, database_url=target, login_max_failures=3)
