@@ -5,8 +5,8 @@ The layers, from the ground up:
 
 0. `core`: settings, errors, the server's plumbing. Imports nothing of the project.
 1. `db`: the storage layer (models, engine, migrations).
-2. `auth`, `uploads`, `upstream`, `usage`: the domain (people and credentials, stored files, talking to
-   Ollama, what each person used and may still use).
+2. `audit`, `auth`, `uploads`, `upstream`, `usage`: the domain (the trail of admin actions, people and
+   credentials, stored files, talking to Ollama, what each person used and may still use).
    Siblings: one may use another, as long as no two packages end up importing each other.
 3. `fleet`, `observe`: the Ollama hosts, their slots and the fair queue in front of them (uses `upstream` to
    ask them); what operators watch (the access log, metrics).
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS: list[frozenset[str]] = [
     frozenset({"core"}),
     frozenset({"db"}),
-    frozenset({"auth", "uploads", "upstream", "usage"}),
+    frozenset({"audit", "auth", "uploads", "upstream", "usage"}),
     frozenset({"fleet", "observe"}),
     frozenset({"routes"}),
     frozenset({"services"}),
