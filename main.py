@@ -30,7 +30,7 @@ from core.settings_errors import configuration_error_line, read_settings
 from core.startup_errors import OneLineStartupErrors
 from observe.access_log import AccessLog, configure_access_logger
 from observe.metrics import publish_fleet_gauges
-from routes import admin, api_docs, auth, files, health, hosts, keys, me, metrics, usage, web
+from routes import admin, api_docs, audit, auth, files, health, hosts, keys, me, metrics, usage, web
 from routes.guard import CredentialsFirst
 from routes.ollama import RELAY_ROUTES
 from routes.relay_docs import install_relay_docs
@@ -139,7 +139,7 @@ def create_app(settings: Settings | None = None, *, probe_ollama_at_start: bool 
     app.add_middleware(AccessLog, log_format=settings.log_format, trusted_proxies=settings.trusted_proxies)
     # First: the router tries its entries in order, and the relay routes carry nearly all of the traffic.
     app.router.routes.insert(0, relay_routes)
-    for module in (web, api_docs, auth, me, keys, files, admin, hosts, usage, health, metrics):
+    for module in (web, api_docs, auth, me, keys, files, admin, hosts, audit, usage, health, metrics):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
     install_relay_docs(app)

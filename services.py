@@ -9,6 +9,7 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from audit.store import AuditStore
 from auth.api_keys import ApiKeyStore
 from auth.authenticate import Authenticator
 from auth.bootstrap import ensure_admin, load_secret_key
@@ -112,6 +113,7 @@ async def open_services(settings: Settings) -> Services:
         changes=watcher,
         usage=UsageBook(usage_writer, QuotaBook(db, usage_store, zone), observers=[record_usage]),
         usage_store=usage_store,
+        audit=AuditStore(db),
     )
 
 

@@ -10,6 +10,7 @@ class Action(StrEnum):
     USER_DELETE = "user.delete"
     KEY_CREATE = "key.create"
     KEY_REVOKE = "key.revoke"
+    KEY_UPDATE = "key.update"
     HOST_ADD = "host.add"
     HOST_CHANGE = "host.change"
     HOST_REMOVE = "host.remove"

@@ -1,13 +1,17 @@
-"""The admin API: people and their keys. Every route here is for admins only (403 for others)."""
+"""The admin API: people and their keys. Every route here is for admins only (403 for others); every change
+that succeeds is in the audit trail (routes.audit)."""
 
 from functools import partial
 
 from fastapi import APIRouter, Depends, Response
 
+from audit.actions import Action
+from audit.details import every_field, sent_fields
 from auth.users import User
 from core.errors import GatewayError
 from routes.accounts import delete_account
-from routes.dependencies import AppServices, admin_user
+from routes.audit import note
+from routes.dependencies import Acting, AppServices, admin_user
 from routes.schemas import (
     KeyId,
     KeyInfo,
@@ -35,11 +39,13 @@ NO_SUCH_KEY = "no such key"
     responses=errors(400, 409, 413, 422),
     summary="Add a person",
 )
-async def create_user(body: NewUser, services: AppServices) -> User:
+async def create_user(body: NewUser, services: AppServices, actor: Acting) -> User:
     password_hash = await services.hasher.hash(body.password)
-    return await services.db.run(
+    user = await services.db.run(
         services.users.create_with_hash, body.email, password_hash, body.role, body.models
     )
+    await note(services, actor, Action.USER_CREATE, f"user {user.id}", every_field(body))
+    return user
 
 
 @router.get("/users", response_model=list[UserOut], summary="Everyone")
@@ -61,7 +67,7 @@ async def get_user(user_id: UserId, services: AppServices) -> User:
     responses=errors(400, 404, 409, 413, 422),
     summary="Change role, model allow-list, disabled, password, caps in the queue or quota",
 )
-async def update_user(user_id: UserId, body: UserPatch, services: AppServices) -> User:
+async def update_user(user_id: UserId, body: UserPatch, services: AppServices, actor: Acting) -> User:
     sent = body.model_fields_set
     password_hash = await services.hasher.hash(body.password) if body.password is not None else None
     user = await services.db.run(
@@ -83,6 +89,9 @@ async def update_user(user_id: UserId, body: UserPatch, services: AppServices) -
     )
     if user is None:
         raise GatewayError(404, NO_SUCH_USER)
+    # Whatever fields the body sent, by their names in UserPatch: a field added to it later is in the trail
+    # with no change here (the password is said as "changed": audit.details).
+    await note(services, actor, Action.USER_UPDATE, f"user {user_id}", sent_fields(body))
     return user
 
 
@@ -92,9 +101,12 @@ async def update_user(user_id: UserId, body: UserPatch, services: AppServices) -
     responses=errors(404, 409, 422),
     summary="Remove a person, their keys and uploads",
 )
-async def delete_user(user_id: UserId, services: AppServices) -> Response:
-    if not await services.db.run(delete_account, services.users, services.uploads, user_id):
+async def delete_user(user_id: UserId, services: AppServices, actor: Acting) -> Response:
+    # Who it was, for the trail: once removed, "user 3" names nobody one could look up.
+    user = await services.db.run(services.users.get, user_id)
+    if user is None or not await services.db.run(delete_account, services.users, services.uploads, user_id):
         raise GatewayError(404, NO_SUCH_USER)
+    await note(services, actor, Action.USER_DELETE, f"user {user_id}", {"email": user.email})
     return Response(status_code=204)
 
 
@@ -112,18 +124,20 @@ async def list_all_keys(services: AppServices) -> list[OwnedKeyInfo]:
     responses=errors(404, 413, 422),
     summary="Set or clear anyone's key's quota",
 )
-async def update_key(key_id: KeyId, body: KeyPatch, services: AppServices) -> OwnedKeyInfo:
+async def update_key(key_id: KeyId, body: KeyPatch, services: AppServices, actor: Acting) -> OwnedKeyInfo:
     if "quota" in body.model_fields_set:
         quota = body.quota.model_dump() if body.quota is not None else None
         if await services.db.run(services.keys.set_quota, key_id, quota) is None:
             raise GatewayError(404, NO_SUCH_KEY)
+        await note(services, actor, Action.KEY_UPDATE, f"key {key_id}", sent_fields(body))
     for key, email in await services.db.run(services.keys.all, key_id):
         return OwnedKeyInfo(**KeyInfo.model_validate(key).model_dump(), user_id=key.user_id, email=email)
     raise GatewayError(404, NO_SUCH_KEY)
 
 
 @router.delete("/keys/{key_id}", status_code=204, responses=errors(404, 422), summary="Revoke anyone's key")
-async def revoke_any_key(key_id: KeyId, services: AppServices) -> Response:
+async def revoke_any_key(key_id: KeyId, services: AppServices, actor: Acting) -> Response:
     if not await services.db.run(services.keys.revoke, key_id):
         raise GatewayError(404, NO_SUCH_KEY)
+    await note(services, actor, Action.KEY_REVOKE, f"key {key_id}")
     return Response(status_code=204)

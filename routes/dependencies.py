@@ -1,5 +1,5 @@
-"""What route handlers are given: the gateway's shared objects (`AppServices`) and the caller (`CurrentUser`,
-`AdminUser`).
+"""What route handlers are given: the gateway's shared objects (`AppServices`), the caller (`CurrentUser`,
+`AdminUser`) and who the audit trail says acted (`Acting`).
 
 `Services` is the web layer's side of the composition root: the objects routes may use, which `services.py`
 builds once per process and the app keeps in `app.state.services`.
@@ -14,6 +14,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPBearer, OAuth2PasswordBearer
 
+from audit.actor import Actor
+from audit.store import AuditStore
 from auth.api_keys import ApiKeyStore
 from auth.authenticate import Authenticator
 from auth.login import PasswordCheck
@@ -22,6 +24,7 @@ from auth.policy import ModelPolicy
 from auth.throttle import SignInThrottle
 from auth.tokens import TokenSigner
 from auth.users import User, UserStore
+from core.client_address import client_address
 from core.errors import Forbidden
 from core.settings import Settings
 from db.changes import ChangeWatcher
@@ -54,6 +57,7 @@ class Services:
     changes: ChangeWatcher
     usage: UsageBook
     usage_store: UsageStore
+    audit: AuditStore
 
 
 async def get_services(request: Request) -> Services:
@@ -91,3 +95,11 @@ async def admin_user(user: CurrentUser) -> User:
 
 
 AdminUser = Annotated[User, Depends(admin_user)]
+
+
+async def acting(request: Request, user: CurrentUser, services: AppServices) -> Actor:
+    """The caller, as the audit trail names them: id, email, and the address the sign-in limits use."""
+    return Actor(user.id, user.email, client_address(request.scope, services.settings.trusted_proxies))
+
+
+Acting = Annotated[Actor, Depends(acting)]

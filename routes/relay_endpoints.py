@@ -36,6 +36,7 @@ from core.errors import Forbidden, GatewayError, error_response, rendered_by_the
 from fleet.hosts import canonical_model, shown_model
 from fleet.scheduler import Ask, Band
 from observe.request_log import request_log
+from routes.audit import note_model_management
 from routes.dependencies import Services
 from routes.dispatch import (
     EVERY_HOST,
@@ -262,8 +263,17 @@ class RelayEndpoint:
             if (head.ollama_host or "").strip().lower() == EVERY_HOST:
                 if not isinstance(body, bytes | None):
                     raise GatewayError(400, f"a blob goes to one host: name it in {HOST_HEADER}")
-                return await on_every_host(fleet, route.method, upstream_path, headers=headers, body=body)
-            upstream = named_host(fleet, head.ollama_host).upstream
+                managed = await on_every_host(fleet, route.method, upstream_path, headers=headers, body=body)
+            else:
+                upstream = named_host(fleet, head.ollama_host).upstream
+                managed = await relay(
+                    upstream, route.method, upstream_path, headers=headers, body=body, length=length
+                )
+            if route.method != "HEAD":  # asking whether a blob is there changes nothing
+                await note_model_management(
+                    services, scope, user, route.upstream_path, body, head.ollama_host
+                )
+            return managed
         else:
             named = scope["path_params"][route.param] if route.param_names_model and route.param else model
             upstream = host_holding(fleet, canonical_model(named) if named else None)

@@ -352,3 +352,28 @@ class UsageReport(BaseModel):
     quota: dict[str, Any] | None = Field(
         default=None, description="/me/usage: your quota, what you used of it this period, and when it resets"
     )
+
+
+# The audit trail (`GET /admin/audit`).
+AUDIT_ACTION_PATTERN = r"^[a-z0-9_-]+(\.[a-z0-9_-]*)?$"
+
+
+class AuditEntryOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    at: str = Field(examples=["2026-05-01T12:00:00Z"])
+    actor_id: int | None = Field(description="The user who acted; null: manage.py, the command line")
+    actor: str = Field(description="Their email at the time, or manage.py", examples=["admin@example.com"])
+    action: str = Field(examples=["user.update"])
+    target: str | None = Field(description="What was acted on", examples=["user 3", "key 7", "host gpu-1"])
+    details: dict[str, Any] | None = Field(
+        description="What changed: the fields sent, with their new values (a secret only as changed or set)",
+        examples=[{"role": "admin", "password": "changed"}],
+    )
+    address: str | None = Field(description="The client's address; null: manage.py")
+
+
+class AuditPageOut(BaseModel):
+    entries: list[AuditEntryOut] = Field(description="Newest first")
+    next: int | None = Field(description="Pass it as `before` for the next page; null: there is none")
