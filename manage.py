@@ -15,6 +15,7 @@ the same settings as the gateway (environment and `.env`). Run it with the proje
     .venv/bin/python manage.py drain-host h1
     .venv/bin/python manage.py remove-host h1
     .venv/bin/python manage.py copy-database --to postgresql://gateway@db.internal/gateway
+    .venv/bin/python manage.py audit --limit 50
 
 Passwords are generated and printed once unless `--password-stdin` reads one from standard input.
 
@@ -27,21 +28,30 @@ The host commands change the stored hosts (those `/admin/hosts` adds); a running
 at its next periodic check, within HOST_CHECK_SECONDS. OLLAMA_URL's hosts are listed too, as the environment
 sets them at start (what `/admin/hosts` changed of them in a running gateway is that gateway's alone).
 
+Every command that changes something is in the audit trail (`GET /admin/audit`, `manage.py audit`), its
+actor "manage.py".
+
 `copy-database --to URL` copies everything (users, keys, upload records, sign-in limits' state, stored hosts)
 from that database into an empty one, such as a new Postgres database for several replicas; then set
 DATABASE_URL to it.
 """
 
 import argparse
+import json
 import secrets
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
+from audit.actions import Action
+from audit.actor import COMMAND_LINE
+from audit.details import CHANGED, concealed, every_field
+from audit.query import DEFAULT_LIMIT, MAX_LIMIT, AuditQuery
+from audit.store import AuditStore
 from auth.api_keys import ApiKeyStore
 from auth.passwords import hash_password
 from auth.throttle import SignInLimits, SignInThrottle
@@ -55,7 +65,7 @@ from db.copy import copy_database
 from db.engine import Database, database_problem, database_url
 from db.models import BATCH, INTERACTIVE
 from fleet.hosts import HostConfig, environment_hosts
-from fleet.store import HostChange, HostStore, refuse_clashes, row_id_of, stored_config
+from fleet.store import HostChange, HostStore, StoredHost, refuse_clashes, row_id_of, stored_config
 from routes.schemas import HostPatch, NewHost, NewUser
 from upstream.client import public_url
 
@@ -74,6 +84,7 @@ class Stores:
     throttle: SignInThrottle
     hosts: HostStore
     settings: Settings
+    audit: AuditStore
 
 
 def _password(args: argparse.Namespace) -> tuple[str, bool]:
@@ -110,6 +121,7 @@ def create_user(stores: Stores, args: argparse.Namespace) -> None:
         raise CommandError("; ".join(error["msg"] for error in exc.errors())) from None
     # Hashed directly: a command line hashes once, and there is no event loop to wait on.
     user = stores.users.create_with_hash(new.email, hash_password(new.password), new.role, new.models)
+    stores.audit.record(COMMAND_LINE, Action.USER_CREATE, f"user {user.id}", every_field(new))
     print(f"created {user.role} {user.email} (id {user.id})")
     if generated:
         print(f"password: {password}")
@@ -121,6 +133,8 @@ def reset_password(stores: Stores, args: argparse.Namespace) -> None:
     # A reset also lifts a disable and the email's sign-in limits: it is how a locked-out admin gets back in.
     stores.users.update(user.id, password_hash=hash_password(password), disabled=False)
     stores.throttle.lift_limits_for(user.email)
+    details = {"password": CHANGED, "disabled": False}
+    stores.audit.record(COMMAND_LINE, Action.USER_UPDATE, f"user {user.id}", details)
     print(f"reset the password of {user.email}; every token issued before no longer works")
     if generated:
         print(f"password: {password}")
@@ -131,6 +145,13 @@ def create_key(stores: Stores, args: argparse.Namespace) -> None:
     record, key = stores.keys.create(
         user.id, args.name, args.expires_days, BATCH if args.batch else INTERACTIVE
     )
+    details = {
+        "name": record.name,
+        "expires_in_days": args.expires_days,
+        "priority": record.priority,
+        "user_id": user.id,
+    }
+    stores.audit.record(COMMAND_LINE, Action.KEY_CREATE, f"key {record.id}", details)
     expiry = f", expires {record.expires_at}" if record.expires_at else ""
     batch = ", batch: its requests wait behind interactive ones" if record.priority == BATCH else ""
     print(f"created key {record.id} '{record.name}' for {user.email}{expiry}{batch}")
@@ -147,6 +168,7 @@ def list_keys(stores: Stores, _: argparse.Namespace) -> None:
 def revoke_key(stores: Stores, args: argparse.Namespace) -> None:
     if not stores.keys.revoke(args.key_id):
         raise CommandError(f"no key with the id {args.key_id}")
+    stores.audit.record(COMMAND_LINE, Action.KEY_REVOKE, f"key {args.key_id}")
     print(f"revoked key {args.key_id}")
 
 
@@ -190,6 +212,13 @@ def _stored_row(host_id: str) -> int:
     raise CommandError(f"no host with the id {host_id} (stored hosts are h1, h2, ...: see manage.py hosts)")
 
 
+def _record_host(
+    stores: Stores, action: Action, row: StoredHost, details: dict[str, Any] | None = None
+) -> None:
+    config = stored_config(row)
+    stores.audit.record(COMMAND_LINE, action, f"host {config.name}", {"id": config.id, **(details or {})})
+
+
 def list_hosts(stores: Stores, _: argparse.Namespace) -> None:
     for config in _every_host(stores):
         slots = "learned" if config.slots is None else str(config.slots)
@@ -201,6 +230,7 @@ def add_host(stores: Stores, args: argparse.Namespace) -> None:
     new = _checked(NewHost, name=args.name, url=args.url, slots=args.slots, enabled=not args.disabled)
     refuse_clashes(new.name, new.url, _every_host(stores))
     row = stores.hosts.add(new.name, new.url, slots=new.slots, enabled=new.enabled)
+    _record_host(stores, Action.HOST_ADD, row, every_field(new))
     print(f"added host {_described(stored_config(row))}; {_taken_up(stores)}")
 
 
@@ -211,6 +241,10 @@ def _change(stores: Stores, host_id: str, change: HostChange) -> None:
         row = stores.hosts.change(row_id, change)
     except NotFound:
         raise CommandError(f"no host with the id {host_id}") from None
+    fields = {name: value for name, value in asdict(change).items() if value is not None}
+    if fields.pop("learn_slots"):
+        fields["slots"] = None  # as PATCH /admin/hosts says it
+    _record_host(stores, Action.HOST_CHANGE, row, concealed(fields))
     print(f"changed host {_described(stored_config(row))}; {_taken_up(stores)}")
 
 
@@ -243,6 +277,7 @@ def remove_host(stores: Stores, args: argparse.Namespace) -> None:
         row = stores.hosts.remove(row_id)
     except NotFound:
         raise CommandError(f"no host with the id {args.host_id}") from None
+    _record_host(stores, Action.HOST_REMOVE, row)
     config = stored_config(row)
     print(f"removed host {config.id} '{config.name}'; {_taken_up(stores)} (what runs there finishes)")
 
@@ -261,6 +296,21 @@ def copy_to(stores: Stores, args: argparse.Namespace) -> None:
     counts = ", ".join(f"{count} {table}" for table, count in copied.items())
     print(f"copied {counts} to {target.name}")
     print("Set DATABASE_URL to it, and start the gateway (uploaded files stay in DATA_DIR/uploads).")
+
+
+def list_audit(stores: Stores, args: argparse.Namespace) -> None:
+    # Oldest first, so that the newest is the last line a terminal shows.
+    for entry in reversed(stores.audit.read(AuditQuery(limit=args.limit)).entries):
+        details = json.dumps(entry.details) if entry.details is not None else ""
+        fields = (entry.id, entry.at, entry.actor, entry.address, entry.action, entry.target, details)
+        print("\t".join("" if field is None else str(field) for field in fields))
+
+
+def _entries(text: str) -> int:
+    count = int(text)
+    if not 1 <= count <= MAX_LIMIT:
+        raise argparse.ArgumentTypeError(f"from 1 to {MAX_LIMIT}")
+    return count
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -334,6 +384,10 @@ def _parser() -> argparse.ArgumentParser:
     remove.add_argument("host_id")
     remove.set_defaults(run=remove_host)
 
+    audit = commands.add_parser("audit", help="the latest entries of the audit trail of admin actions")
+    audit.add_argument("--limit", type=_entries, default=DEFAULT_LIMIT, help=f"at most {MAX_LIMIT}")
+    audit.set_defaults(run=list_audit)
+
     copy = commands.add_parser("copy-database", help="copy everything into another (empty) database")
     copy.add_argument("--to", required=True, metavar="URL", help="postgresql://user@host/database")
     copy.set_defaults(run=copy_to)
@@ -362,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         db.migrate()
         throttle = SignInThrottle(db, SignInLimits.from_settings(settings))
-        args.run(Stores(db, UserStore(db), ApiKeyStore(db), throttle, HostStore(db), settings), args)
+        stores = Stores(db, UserStore(db), ApiKeyStore(db), throttle, HostStore(db), settings, AuditStore(db))
+        args.run(stores, args)
     except (CommandError, StorageError) as exc:
         print(f"manage.py: {exc}", file=sys.stderr)
         return 1
