@@ -299,3 +299,16 @@ def test_python_main_prints_the_gateways_access_lines_not_uvicorns(tmp_path, oll
     [line] = [line for line in text.splitlines() if "main-1" in line]
     assert "path=/health status=200" in line
     assert "HTTP/1.1" not in text  # uvicorn's own access lines
+
+
+def test_access_log_a_model_call_through_the_gateway_says_what_it_used(make_gateway, access_lines):
+    gateway = make_gateway(log_format="json")
+    headers = {**gateway.admin_headers(), "X-Request-ID": "chat-usage-1"}
+    answer = httpx.post(f"{gateway.url}/api/chat", json=chat_body(tokens=5), headers=headers, timeout=30)
+    final = json.loads(answer.text.strip().splitlines()[-1])
+    [line] = access_lines.with_id("chat-usage-1")
+    entry = json.loads(line)
+    assert (entry["surface"], entry["model"], entry["outcome"]) == ("/api/chat", "llama3.2:1b", "completed")
+    assert (entry["prompt_tokens"], entry["completion_tokens"]) == (final["prompt_eval_count"], 5)
+    assert entry["host"] and entry["band"] == "interactive" and entry["estimated"] is False
+    assert entry["ttfb_seconds"] <= entry["duration_seconds"]

@@ -1,6 +1,7 @@
 """Where every model call's usage goes: opened by the route, held against the quotas, and once it ends,
 recorded (the writer), counted (the quotas), and told to whoever watches (the metrics, the access log)."""
 
+import logging
 from collections.abc import Callable
 
 from usage.quotas import Estimate, QuotaBook, QuotaExceeded, Subject
@@ -8,6 +9,8 @@ from usage.reading import prompt_estimate
 from usage.records import Outcome, UsageRecord
 from usage.tally import RecordHolder, Tally
 from usage.writer import UsageWriter
+
+logger = logging.getLogger("gateway.usage")
 
 
 class UsageBook:
@@ -69,4 +72,7 @@ class UsageBook:
         if tally.holder is not None:
             tally.holder.usage = record
         for observer in self.observers:
-            observer(record)
+            try:
+                observer(record)
+            except Exception:  # a watcher's bug must not break the answer it watches, nor the next ones
+                logger.exception("a usage observer failed")
