@@ -121,7 +121,7 @@ async def list_all_keys(services: AppServices) -> list[OwnedKeyInfo]:
 @router.patch(
     "/keys/{key_id}",
     response_model=OwnedKeyInfo,
-    responses=errors(404, 413, 422),
+    responses=errors(400, 404, 413, 422),
     summary="Set or clear anyone's key's quota",
 )
 async def update_key(key_id: KeyId, body: KeyPatch, services: AppServices, actor: Acting) -> OwnedKeyInfo:

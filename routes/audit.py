@@ -16,6 +16,7 @@ from routes.dependencies import AppServices, Services, admin_user
 from routes.schemas import (
     AUDIT_ACTION_PATTERN,
     MAX_ROW_ID,
+    MOMENT_SCHEMA,
     AuditEntryOut,
     AuditPageOut,
     errors,
@@ -63,13 +64,6 @@ async def _managed_model(scope: Scope, body: object) -> tuple[str | None, dict[s
     return target, {"destination": destination} if destination else {}
 
 
-# What `moment` accepts, said in the schema: a part of it only (as routes.schemas says of host URLs), so that
-# the schema never calls valid what the check refuses (2026-02-30); the check is `moment` itself.
-_DAY = "20[0-9]{2}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])"
-_TIME = "T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]Z"
-_MOMENT_SCHEMA = {"pattern": f"^{_DAY}({_TIME})?$"}
-
-
 def _moment(name: str, text: str | None, *, end_of_day: bool = False) -> str | None:
     if text is None:
         return None
@@ -92,7 +86,7 @@ async def read_audit(
         Query(
             max_length=64,
             description=f"Entries at or after it: {MOMENT_EXAMPLE} (UTC unless it says)",
-            json_schema_extra=_MOMENT_SCHEMA,
+            json_schema_extra=MOMENT_SCHEMA,
         ),
     ] = None,
     until: Annotated[
@@ -100,7 +94,7 @@ async def read_audit(
         Query(
             max_length=64,
             description="Entries at or before it; a date takes in that whole day",
-            json_schema_extra=_MOMENT_SCHEMA,
+            json_schema_extra=MOMENT_SCHEMA,
         ),
     ] = None,
     action: Annotated[

@@ -27,7 +27,7 @@ async def list_hosts(services: AppServices) -> list[dict[str, Any]]:
     "",
     status_code=201,
     response_model=HostOut,
-    responses=errors(409, 413, 422),
+    responses=errors(400, 409, 413, 422),
     summary="Add an Ollama host (stored); it takes work once its check has listed its models",
 )
 async def add_host(body: NewHost, services: AppServices, actor: Acting) -> dict[str, Any]:
@@ -39,7 +39,7 @@ async def add_host(body: NewHost, services: AppServices, actor: Acting) -> dict[
 @router.patch(
     "/{host_id}",
     response_model=HostOut,
-    responses=errors(404, 409, 413, 422),
+    responses=errors(400, 404, 409, 413, 422),
     summary="Change a host: name, URL, slots, enabled, draining (of OLLAMA_URL's: enabled and draining only)",
 )
 async def change_host(

@@ -354,6 +354,13 @@ class UsageReport(BaseModel):
     )
 
 
+# A date or a date-time in a query (the audit trail's and the usage reports' `since` and `until`), said in
+# the schema: a part of what the checks accept only (as of host URLs), so that the schema never calls valid
+# what a check refuses (2026-02-30).
+_DAY = "20[0-9]{2}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])"
+_TIME = "T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]Z"
+MOMENT_SCHEMA = {"pattern": f"^{_DAY}({_TIME})?$"}
+
 # The audit trail (`GET /admin/audit`).
 AUDIT_ACTION_PATTERN = r"^[a-z0-9_-]+(\.[a-z0-9_-]*)?$"
 

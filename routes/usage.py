@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from auth.users import User
 from core.errors import GatewayError
 from routes.dependencies import AppServices, CurrentUser, admin_user
-from routes.schemas import MAX_ROW_ID, UsageReport, errors
+from routes.schemas import MAX_ROW_ID, MOMENT_SCHEMA, UsageReport, errors
 from usage.periods import current_span
 from usage.quotas import Quota
 from usage.store import FIGURES, GROUPS, Report
@@ -23,21 +23,26 @@ router = APIRouter(tags=["usage"])
 SINCE = "From this moment (ISO-8601 date-time) or day (a date, from its start in TIME_ZONE); default: all"
 UNTIL = "Up to this moment or day (excluded); default: now"
 GROUP_BY = f"Comma-separated, any of: {', '.join(GROUPS)}; none: totals only"
+_GROUP = "|".join(GROUPS)
+GROUP_BY_SCHEMA = {"pattern": f"^(({_GROUP})(,({_GROUP}))*)?$"}
 Format = Literal["json", "csv"]
+CSV_TOO: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/json": {}, "text/csv": {"schema": {"type": "string"}}}}
+}
 
 
 @router.get(
     "/me/usage",
     response_model=UsageReport,
-    responses=errors(400, 401, 422),
+    responses={**errors(400, 401, 422), **CSV_TOO},
     summary="What you used: requests, tokens and slot-seconds, per model, key, host or day; and your quota",
 )
 async def my_usage(
     user: CurrentUser,
     services: AppServices,
-    since: Annotated[str | None, Query(description=SINCE)] = None,
-    until: Annotated[str | None, Query(description=UNTIL)] = None,
-    group_by: Annotated[str | None, Query(description=GROUP_BY)] = None,
+    since: Annotated[str | None, Query(description=SINCE, json_schema_extra=MOMENT_SCHEMA)] = None,
+    until: Annotated[str | None, Query(description=UNTIL, json_schema_extra=MOMENT_SCHEMA)] = None,
+    group_by: Annotated[str | None, Query(description=GROUP_BY, json_schema_extra=GROUP_BY_SCHEMA)] = None,
     format: Annotated[Format, Query(description="json, or csv (one row per group)")] = "json",
 ) -> Response:
     report = await _report(services, group_by, since, until, user.id)
@@ -48,15 +53,15 @@ async def my_usage(
 @router.get(
     "/admin/usage",
     response_model=UsageReport,
-    responses=errors(400, 401, 403, 422),
+    responses={**errors(400, 401, 403, 422), **CSV_TOO},
     dependencies=[Depends(admin_user)],
     summary="What everyone used (or one person: user_id), per user, key, model, host or day",
 )
 async def everyones_usage(
     services: AppServices,
-    since: Annotated[str | None, Query(description=SINCE)] = None,
-    until: Annotated[str | None, Query(description=UNTIL)] = None,
-    group_by: Annotated[str | None, Query(description=GROUP_BY)] = None,
+    since: Annotated[str | None, Query(description=SINCE, json_schema_extra=MOMENT_SCHEMA)] = None,
+    until: Annotated[str | None, Query(description=UNTIL, json_schema_extra=MOMENT_SCHEMA)] = None,
+    group_by: Annotated[str | None, Query(description=GROUP_BY, json_schema_extra=GROUP_BY_SCHEMA)] = None,
     user_id: Annotated[int | None, Query(ge=1, le=MAX_ROW_ID)] = None,
     format: Annotated[Format, Query(description="json, or csv (one row per group)")] = "json",
 ) -> Response:
@@ -70,8 +75,6 @@ async def _report(
     groups = _groups(group_by)
     zone = services.usage_store.zone
     start, end = _moment(since, "since", zone), _moment(until, "until", zone)
-    if start is not None and end is not None and end <= start:
-        raise GatewayError(400, "'until' must come after 'since'")
     await services.usage.writer.flush()  # what just ended is in the report
     return await services.db.run(services.usage_store.report, groups, start, end, user_id)
 

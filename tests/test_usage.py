@@ -435,10 +435,9 @@ def test_the_time_range_keeps_what_is_inside_it(gateway):
     [
         ({"group_by": "password"}, 400),
         ({"since": "yesterday"}, 400),
-        ({"since": "2026-02-01", "until": "2026-01-01"}, 400),
         ({"format": "xml"}, 422),
     ],
-    ids=["unknown-group", "bad-date", "empty-range", "unknown-format"],
+    ids=["unknown-group", "bad-date", "unknown-format"],
 )
 def test_a_bad_report_request_is_refused_with_a_json_error(gateway, params, status):
     answer = httpx.get(f"{gateway.url}/admin/usage", params=params, headers=gateway.admin_headers())
