@@ -18,7 +18,10 @@ class Span:
 
     def seconds_left(self, now: datetime) -> int:
         """Whole seconds until the period resets (at least 1): what Retry-After says."""
-        return max(int((self.end - now).total_seconds() + 0.999), 1)
+        # In UTC: Python subtracts two datetimes of the same zone by their wall clocks, which would give a
+        # day that changes its clocks 24 hours.
+        left = self.end.astimezone(UTC) - now.astimezone(UTC)
+        return max(int(left.total_seconds() + 0.999), 1)
 
 
 def current_span(period: Period, zone: ZoneInfo, now: datetime | None = None) -> Span:
