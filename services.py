@@ -111,7 +111,11 @@ async def open_services(settings: Settings) -> Services:
         upstream=next(iter(hosts)).upstream,
         policy=ModelPolicy(),
         changes=watcher,
-        usage=UsageBook(usage_writer, QuotaBook(db, usage_store, zone), observers=[record_usage]),
+        usage=UsageBook(
+            usage_writer,
+            QuotaBook(db, usage_store, zone, flush=usage_writer.flush),
+            observers=[record_usage],
+        ),
         usage_store=usage_store,
         audit=AuditStore(db),
     )

@@ -68,6 +68,7 @@ class UsageBook:
     def _recorded(self, tally: Tally, record: UsageRecord) -> None:
         if tally.hold is not None:
             self.quotas.settle(tally.hold, tally.subjects, record)
+        self.quotas.count(record)
         self.writer.add(record)
         if tally.holder is not None:
             tally.holder.usage = record

@@ -1,7 +1,9 @@
 """Quotas: a limit on tokens, slot-seconds and/or requests per day or month, for a person or an API key.
 
 What counts is what reached Ollama (`usage.store.Spent`). Each subject's use in its current period is read
-from the records once, then kept here: every request that ends adds what it used (`settle`).
+from the records once (after writing those still waiting in the writer), then kept here: every request that
+ends adds what it used to the kept figures of its person and its key (`count`), whether or not a quota held
+it, so a quota set again, or another period's, still sees all of it.
 
 Overshoot is bounded by holding an estimate for every request in flight: a request is refused (429) as soon
 as what was used plus what is held reaches a limit. Requests already running when the quota ran out still
@@ -11,12 +13,16 @@ answer length; the slot-seconds one is the model's usual cost (fleet.scheduler).
 """
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from sqlalchemy.exc import SQLAlchemyError
+
+from core.storage_errors import StorageError
 from db.engine import Database
 from usage.periods import Period, Span, current_span
 from usage.records import UsageRecord
@@ -105,6 +111,8 @@ class QuotaBook:
     store: UsageStore
     zone: ZoneInfo
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    # Writes the records not yet written (usage.writer), before a subject's use is read from them.
+    flush: Callable[[], Awaitable[None]] | None = None
     _ledgers: dict[tuple[str, int, Period], _Ledger] = field(default_factory=dict)
     _loading: dict[tuple[str, int, Period], asyncio.Future[_Ledger]] = field(default_factory=dict)
     _answer_tokens: dict[tuple[str, int], float] = field(default_factory=dict)
@@ -118,7 +126,7 @@ class QuotaBook:
     async def hold(self, subjects: list[Subject], estimate: Estimate) -> Hold:
         """Hold `estimate` against every subject's quota, or raise QuotaExceeded naming the first limit
         reached (nothing held then)."""
-        now = self.clock()
+        now = self.clock().astimezone(UTC)  # compared with spans of another zone: by the instant
         ledgers = [await self._ledger(subject, now) for subject in subjects]
         for subject, ledger in zip(subjects, ledgers, strict=True):
             reached = _limit_reached(subject.quota, ledger)
@@ -135,23 +143,34 @@ class QuotaBook:
             ledger.held_requests += estimate.requests
         return Hold(ledgers, estimate)
 
+    def count(self, record: UsageRecord) -> None:
+        """A request ended: what it used (if it reached Ollama) counts for its person and its key, in every
+        period kept for them, whether a quota held it or not."""
+        if record.host is None:
+            return
+        owners = [("user", record.user_id)]
+        if record.key_id is not None:
+            owners.append(("key", record.key_id))
+        for kind, owner in owners:
+            for period in Period:
+                ledger = self._ledgers.get((kind, owner, period))
+                if ledger is not None and ledger.span.start <= record.at < ledger.span.end:
+                    used = ledger.used
+                    ledger.used = Spent(
+                        used.requests + 1,
+                        used.tokens + record.tokens,
+                        used.slot_seconds + (record.slot_seconds or 0),
+                    )
+
     def settle(self, hold: Hold, subjects: list[Subject], record: UsageRecord) -> None:
-        """The request ended: what it held goes back, and what it used is counted (if it reached Ollama)."""
+        """The request ended: what it held goes back (what it used is `count`'s)."""
         if hold.settled:
             return
         hold.settled = True
-        sent = record.host is not None
         for ledger in hold.ledgers:
             ledger.held_tokens -= hold.estimate.tokens
             ledger.held_seconds -= hold.estimate.slot_seconds
             ledger.held_requests -= hold.estimate.requests
-            if sent:
-                used = ledger.used
-                ledger.used = Spent(
-                    used.requests + 1,
-                    used.tokens + record.tokens,
-                    used.slot_seconds + (record.slot_seconds or 0),
-                )
         if record.completion_tokens is not None and not record.estimated:
             for subject in subjects:
                 key = (subject.kind, subject.id)
@@ -176,6 +195,12 @@ class QuotaBook:
         return ledger
 
     async def _read(self, subject: Subject, span: Span) -> _Ledger:
+        if self.flush is not None:
+            # What ended just now is in the read (a quota set right after some use counts it). A request
+            # that ends while the read runs is in neither (it is not kept yet): an overshoot of one at most.
+            # A failed write is retried by the writer; the read then says what it can.
+            with contextlib.suppress(StorageError, SQLAlchemyError):
+                await self.flush()
         if subject.kind == "user":
             spent = await self.db.run(self.store.spent, span.start, user_id=subject.id)
         else:
