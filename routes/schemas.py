@@ -138,11 +138,21 @@ class Quota(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     period: Literal["day", "month"]
-    tokens: int | None = Field(default=None, ge=1, le=10**15, description="prompt and completion tokens")
-    slot_seconds: float | None = Field(
-        default=None, gt=0, le=10**12, allow_inf_nan=False, description="seconds a slot worked for them"
+    # Strict: `true` is no count (lax pydantic would read it as a limit of 1).
+    tokens: int | None = Field(
+        default=None, ge=1, le=10**15, strict=True, description="prompt and completion tokens"
     )
-    requests: int | None = Field(default=None, ge=1, le=10**12, description="requests sent to Ollama")
+    slot_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        le=10**12,
+        allow_inf_nan=False,
+        strict=True,
+        description="seconds a slot worked for them",
+    )
+    requests: int | None = Field(
+        default=None, ge=1, le=10**12, strict=True, description="requests sent to Ollama"
+    )
 
 
 # The shapes the API answers with are read from the stored records themselves (db.models).
