@@ -1,11 +1,7 @@
 """Usage reports: `GET /me/usage` (yours) and `GET /admin/usage` (everyone's), summed per group over a time
 range, as JSON or CSV (usage.store)."""
 
-import csv
-import io
-from datetime import date, datetime, time
 from typing import Annotated, Any, Literal
-from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse, Response
@@ -16,7 +12,8 @@ from routes.dependencies import AppServices, CurrentUser, admin_user
 from routes.schemas import MAX_ROW_ID, MOMENT_SCHEMA, UsageReport, errors
 from usage.periods import current_span
 from usage.quotas import Quota
-from usage.store import FIGURES, GROUPS, Report
+from usage.report_text import ReportQueryError, as_csv, read_groups, read_range
+from usage.store import GROUPS, Report
 
 router = APIRouter(tags=["usage"])
 
@@ -72,34 +69,20 @@ async def everyones_usage(
 async def _report(
     services: AppServices, group_by: str | None, since: str | None, until: str | None, user_id: int | None
 ) -> Report:
-    groups = _groups(group_by)
-    zone = services.usage_store.zone
-    start, end = _moment(since, "since", zone), _moment(until, "until", zone)
+    try:
+        groups = read_groups(group_by)
+        start, end = read_range(since, until, services.usage_store.zone)
+    except ReportQueryError as exc:
+        raise GatewayError(400, str(exc)) from None
     await services.usage.writer.flush()  # what just ended is in the report
     return await services.db.run(services.usage_store.report, groups, start, end, user_id)
 
 
 def _groups(group_by: str | None) -> list[str]:
-    names = [name.strip() for name in (group_by or "").split(",") if name.strip()]
-    for name in names:
-        if name not in GROUPS:
-            raise GatewayError(400, f"group_by: unknown group {name!r} (any of: {', '.join(GROUPS)})")
-    return list(dict.fromkeys(names))
-
-
-def _moment(text: str | None, name: str, zone: ZoneInfo) -> datetime | None:
-    if text is None or not text.strip():
-        return None
-    text = text.strip()
     try:
-        if len(text) == 10:
-            return datetime.combine(date.fromisoformat(text), time(), tzinfo=zone)
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise GatewayError(
-            400, f"{name}: expected an ISO-8601 date or date-time, got {text[:40]!r}"
-        ) from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=zone)
+        return read_groups(group_by)
+    except ReportQueryError as exc:
+        raise GatewayError(400, str(exc)) from None
 
 
 async def _quota_now(services: AppServices, user: User) -> dict[str, Any] | None:
@@ -125,20 +108,8 @@ def _answer(
 ) -> Response:
     if format == "json":
         return JSONResponse({"rows": report.rows, "totals": report.totals, **extra})
-    out = io.StringIO()
-    fields = [*groups, *(["email"] if "user" in groups else []), *FIGURES]
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(fields)
-    writer.writerows([_cell(row.get(name)) for name in fields] for row in report.rows)
     return Response(
-        out.getvalue(),
+        as_csv(report, groups),
         media_type="text/csv; charset=utf-8",
         headers={"Content-Disposition": f'attachment; filename="{filename}"'},
     )
-
-
-def _cell(value: object) -> object:
-    """A model name or an email as text a spreadsheet shows, never a formula it runs."""
-    if isinstance(value, str) and value.startswith(("=", "+", "-", "@", "\t", "\r")):
-        return "'" + value
-    return value
