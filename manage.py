@@ -16,6 +16,7 @@ the same settings as the gateway (environment and `.env`). Run it with the proje
     .venv/bin/python manage.py remove-host h1
     .venv/bin/python manage.py copy-database --to postgresql://gateway@db.internal/gateway
     .venv/bin/python manage.py audit --limit 50
+    .venv/bin/python manage.py usage --since 2026-11-01 --group-by user,model
 
 Passwords are generated and printed once unless `--password-stdin` reads one from standard input.
 
@@ -43,6 +44,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import SQLAlchemyError
@@ -68,6 +70,8 @@ from fleet.hosts import HostConfig, environment_hosts
 from fleet.store import HostChange, HostStore, StoredHost, refuse_clashes, row_id_of, stored_config
 from routes.schemas import HostPatch, NewHost, NewUser
 from upstream.client import public_url
+from usage.report_text import ReportQueryError, as_csv, as_table, read_groups, read_range
+from usage.store import UsageStore
 
 Checked = TypeVar("Checked", bound=BaseModel)
 
@@ -83,6 +87,7 @@ class Stores:
     keys: ApiKeyStore
     throttle: SignInThrottle
     hosts: HostStore
+    usage: UsageStore
     settings: Settings
     audit: AuditStore
 
@@ -170,6 +175,21 @@ def revoke_key(stores: Stores, args: argparse.Namespace) -> None:
         raise CommandError(f"no key with the id {args.key_id}")
     stores.audit.record(COMMAND_LINE, Action.KEY_REVOKE, f"key {args.key_id}")
     print(f"revoked key {args.key_id}")
+
+
+def usage_report(stores: Stores, args: argparse.Namespace) -> None:
+    """What GET /admin/usage answers, from the records written so far (a running gateway writes its own
+    within a second)."""
+    try:
+        groups = read_groups(args.group_by)
+        since, until = read_range(args.since, args.until, stores.usage.zone)
+    except ReportQueryError as exc:
+        raise CommandError(str(exc)) from None
+    report = stores.usage.report(groups, since, until, args.user_id)
+    if args.csv:
+        print(as_csv(report, groups), end="")
+    else:
+        print(as_table(report, groups))
 
 
 def _checked(model: type[Checked], **fields: Any) -> Checked:
@@ -391,6 +411,16 @@ def _parser() -> argparse.ArgumentParser:
     copy = commands.add_parser("copy-database", help="copy everything into another (empty) database")
     copy.add_argument("--to", required=True, metavar="URL", help="postgresql://user@host/database")
     copy.set_defaults(run=copy_to)
+
+    usage = commands.add_parser(
+        "usage", help="requests, tokens and slot-seconds used, as GET /admin/usage reports them"
+    )
+    usage.add_argument("--since", help="from this day or ISO-8601 moment (in TIME_ZONE unless it says)")
+    usage.add_argument("--until", help="up to this day or moment, excluded (default: now)")
+    usage.add_argument("--group-by", help="comma-separated, any of: user, key, model, host, day")
+    usage.add_argument("--user-id", type=int, help="one person's use only")
+    usage.add_argument("--csv", action="store_true", help="CSV, one row per group, as format=csv gives it")
+    usage.set_defaults(run=usage_report)
     return parser
 
 
@@ -416,7 +446,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         db.migrate()
         throttle = SignInThrottle(db, SignInLimits.from_settings(settings))
-        stores = Stores(db, UserStore(db), ApiKeyStore(db), throttle, HostStore(db), settings, AuditStore(db))
+        usage = UsageStore(db, ZoneInfo(settings.time_zone))
+        stores = Stores(
+            db, UserStore(db), ApiKeyStore(db), throttle, HostStore(db), usage, settings, AuditStore(db)
+        )
         args.run(stores, args)
     except (CommandError, StorageError) as exc:
         print(f"manage.py: {exc}", file=sys.stderr)

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from tests.processes import REPO, clean_environment
+from tests.servers import add_user
 
 pytestmark = pytest.mark.storage
 
@@ -134,6 +135,55 @@ def test_a_batch_key_is_made_with_batch(gateway):
     (key,) = KEY_LINE.findall(created.stdout)
     assert gateway.services.keys.find(key).priority == "batch"
     assert "nightly\tbatch\tlast used never" in manage(gateway, "keys").stdout
+
+
+def _chat(gateway, token: str) -> None:
+    body = {"model": "llama3.2:1b", "messages": [{"role": "user", "content": "Hi"}], "stream": False}
+    response = httpx.post(f"{gateway.url}/api/chat", json=body, headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200, response.text
+
+
+def test_usage_prints_what_the_admin_usage_api_reports(gateway):
+    admin = gateway.admin_headers()
+    bea = add_user(gateway, "bea@example.com")
+    for token in (admin["Authorization"].split()[1], admin["Authorization"].split()[1], bea):
+        _chat(gateway, token)
+    query = {"group_by": "user,model", "since": "2000-01-01"}
+    # The API writes the gateway's pending records first: manage.py reads them from the database.
+    api = httpx.get(f"{gateway.url}/admin/usage", params={**query, "format": "csv"}, headers=admin)
+    assert api.status_code == 200
+
+    as_csv = manage(gateway, "usage", "--group-by", "user,model", "--since", "2000-01-01", "--csv")
+    assert as_csv.returncode == 0, as_csv.stderr
+    assert as_csv.stdout == api.text
+    assert as_csv.stdout.startswith("user,model,email,requests,prompt_tokens,")
+
+    table = manage(gateway, "usage", "--group-by", "user,model").stdout.splitlines()
+    assert table[0].split()[:4] == ["user", "model", "email", "requests"]
+    [admins] = [line for line in table if gateway.admin_email in line]
+    [beas] = [line for line in table if "bea@example.com" in line]
+    assert (admins.split()[1], admins.split()[3]) == ("llama3.2:1b", "2")
+    assert beas.split()[3] == "1"
+    assert table[-1].split()[:2] == ["total", "3"]
+
+    bea_id = gateway.services.users.find_by_email("bea@example.com").id
+    hers = manage(gateway, "usage", "--user-id", str(bea_id)).stdout.splitlines()
+    assert hers[0].split()[0] == "requests" and hers[1].split()[0] == "1", "totals only, of one person"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--group-by", "user,colour"), "unknown group 'colour'"),
+        (("--since", "yesterday"), "since: expected an ISO-8601 date"),
+        (("--since", "2026-02-01", "--until", "2026-01-01"), "'until' must come after 'since'"),
+    ],
+)
+def test_a_usage_mistake_is_one_line_and_exit_status_1(gateway, args, message):
+    result = manage(gateway, "usage", *args)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 2, "which database, then the mistake"
 
 
 @pytest.mark.sqlite_only
