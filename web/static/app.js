@@ -4,6 +4,7 @@ import { setUpHosts, setUpKeys, setUpUsers } from "./admin.js";
 import { ApiError, forgetToken, getJson, signIn, streamChat, token, tokenExpiry, whenSignedOut } from "./api.js";
 import { prepareAttachment, withAttachments } from "./attachments.js";
 import * as store from "./conversations.js";
+import { saveBlob } from "./download.js";
 import { renderMarkdown } from "./markdown.js";
 import { setUpTheme } from "./theme.js";
 
@@ -263,11 +264,7 @@ $("#max-tokens").addEventListener("change", (event) => {
 // ---- export and import
 
 function download(filename, type, text) {
-  const link = document.createElement("a");
-  link.href = URL.createObjectURL(new Blob([text], { type }));
-  link.download = filename;
-  link.click();
-  setTimeout(() => URL.revokeObjectURL(link.href), 1000);
+  saveBlob(filename, new Blob([text], { type }));
 }
 
 function fileStem() {
