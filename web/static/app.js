@@ -1,4 +1,4 @@
-// The chat page: signing in, conversations kept in this browser, streamed replies, keys, users and hosts.
+// The chat page: signing in, conversations kept in this browser, streamed replies, keys, usage, users and hosts.
 
 import { setUpHosts, setUpKeys, setUpUsers } from "./admin.js";
 import { ApiError, forgetToken, getJson, signIn, streamChat, token, tokenExpiry, whenSignedOut } from "./api.js";
@@ -7,6 +7,7 @@ import * as store from "./conversations.js";
 import { saveBlob } from "./download.js";
 import { renderMarkdown } from "./markdown.js";
 import { setUpTheme } from "./theme.js";
+import { setUpUsage } from "./usage.js";
 
 const $ = (selector) => document.querySelector(selector);
 
@@ -76,7 +77,7 @@ whenSignedOut(signOut);
 // ---- views
 
 function showView(name) {
-  for (const view of ["chat", "keys", "users", "hosts"]) {
+  for (const view of ["chat", "keys", "usage", "users", "hosts"]) {
     $(`#${view}-view`).hidden = view !== name;
     const tab = document.querySelector(`nav [data-view="${view}"]`);
     if (view === name) tab.setAttribute("aria-current", "page");
@@ -84,6 +85,7 @@ function showView(name) {
   }
   $("#sidebar").classList.toggle("only-chat", name !== "chat");
   if (name === "keys") refreshKeys();
+  if (name === "usage") refreshUsage();
   if (name === "users") refreshUsers();
   if (name === "hosts") refreshHosts();
 }
@@ -98,6 +100,7 @@ $("#toggle-sidebar").addEventListener("click", () => {
 });
 
 const refreshKeys = setUpKeys($);
+const refreshUsage = setUpUsage($, () => state.me);
 const refreshUsers = setUpUsers($);
 const refreshHosts = setUpHosts($);
 setUpTheme($("#theme-toggle"));
