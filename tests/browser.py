@@ -3,8 +3,9 @@ browser download). The test command installs Chromium with apt-get."""
 
 import shutil
 from pathlib import Path
+from typing import Literal
 
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Browser, Page, expect
 
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 # Without the networking flags Chromium keeps trying to reach Google's services, which this machine refuses.
@@ -30,6 +31,23 @@ def chromium_path() -> str:
     raise RuntimeError(
         "Chromium is not installed: run `make test`, which installs it (apt-get install chromium)"
     )
+
+
+def open_page(
+    browser: Browser,
+    *,
+    theme: Literal["light", "dark"] = "light",
+    width: int = 1280,
+    height: int = 800,
+    answer: str | None = None,
+) -> Page:
+    """A fresh browser context; every confirm() is accepted and every prompt() answered with `answer`."""
+    context = browser.new_context(
+        viewport={"width": width, "height": height}, color_scheme=theme, accept_downloads=True
+    )
+    page = context.new_page()
+    page.on("dialog", lambda dialog: dialog.accept(answer) if answer is not None else dialog.accept())
+    return page
 
 
 def sign_in(page: Page, url: str, email: str, password: str) -> None:

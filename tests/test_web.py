@@ -2,13 +2,12 @@
 
 import json
 from collections.abc import Iterator
-from typing import Literal
 
 import pytest
-from playwright.sync_api import Browser, Page, expect
+from playwright.sync_api import Page, expect
 
 from tests import tokens
-from tests.browser import screenshot, send_message, sign_in
+from tests.browser import open_page, screenshot, send_message, sign_in
 from tests.fake_ollama import FakeOllama
 
 pytestmark = pytest.mark.storage
@@ -22,23 +21,6 @@ def web(make_gateway, ollama):
     gateway = make_gateway()
     gateway.services.users.create("user@example.com", USER_PASSWORD, "user", ["llama3.2:1b"])
     return gateway
-
-
-def open_page(
-    browser: Browser,
-    *,
-    theme: Literal["light", "dark"] = "light",
-    width: int = 1280,
-    height: int = 800,
-    answer: str | None = None,
-) -> Page:
-    """A fresh browser context; every confirm() is accepted and every prompt() answered with `answer`."""
-    context = browser.new_context(
-        viewport={"width": width, "height": height}, color_scheme=theme, accept_downloads=True
-    )
-    page = context.new_page()
-    page.on("dialog", lambda dialog: dialog.accept(answer) if answer is not None else dialog.accept())
-    return page
 
 
 @pytest.fixture
@@ -469,7 +451,7 @@ def test_the_page_fits_phone_and_desktop_widths(browser, web, ollama, width):
         expect(last_reply(page).locator("pre")).to_be_visible()
         if width == 375:
             screenshot(page, "chat-phone")
-        for view in ("Chat", "API keys", "Users", "Hosts"):
+        for view in ("Chat", "API keys", "Usage", "Users", "Hosts"):
             page.get_by_role("button", name=view, exact=True).click()
             overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
             assert overflow <= 0, f"{view} scrolls sideways by {overflow}px at {width}px"
