@@ -1,7 +1,8 @@
-// The "API keys" page (everyone's own keys), and the "Users" and "Hosts" pages (admins only).
+// The "API keys" page (everyone's own keys), and the "Users" (with quotas.js) and "Hosts" pages (admins only).
 
 import { getJson, sendJson } from "./api.js";
 import { copyText } from "./markdown.js";
+import { quotaSummary, setUpQuotaForm } from "./quotas.js";
 
 function cell(row, text) {
   const td = document.createElement("td");
@@ -90,6 +91,8 @@ function modelsFrom(text) {
 }
 
 export function setUpUsers($) {
+  const fillQuotaForm = setUpQuotaForm($, () => refresh(), (error) => showError($("#users-error"), error));
+
   async function save(user, changes) {
     try {
       await sendJson("PATCH", `/admin/users/${user.id}`, changes);
@@ -116,6 +119,7 @@ export function setUpUsers($) {
           models.value = user.models ? user.models.join(", ") : "";
           cell(row, "").append(models);
           cell(row, user.disabled ? "yes" : "no");
+          cell(row, quotaSummary(user.quota));
           cell(row, "").append(
             button("Save", () => save(user, { role: role.value, models: modelsFrom(models.value) })),
             button(user.disabled ? "Enable" : "Disable", () => save(user, { disabled: !user.disabled })),
@@ -123,6 +127,7 @@ export function setUpUsers($) {
           return row;
         }),
       );
+      fillQuotaForm(users);
       showError($("#users-error"), null);
     } catch (error) {
       showError($("#users-error"), error);
