@@ -131,6 +131,41 @@ def test_the_quota_meters_appear_once_an_admin_sets_a_quota(page, web, ollama):
     expect(page.get_by_role("meter", name="Slot time")).to_have_count(0)  # no limit on it
 
 
+def test_an_admin_sets_and_removes_a_quota_in_the_users_view(browser, page, web, ollama):
+    chat(web, USER, PASSWORD)
+    sign_in(page, web.url, web.admin_email, web.admin_password)
+    page.get_by_role("button", name="Users").click()
+    form = page.locator("#quota-form")
+    form.get_by_label("Person").select_option(label=USER)
+    form.get_by_label("Period").select_option("day")
+    form.get_by_label("Tokens").fill("5000")
+    form.get_by_label("Requests").fill("10")
+    form.get_by_role("button", name="Set quota").click()
+    row = page.locator("#user-rows tr", has_text=USER)
+    expect(row).to_contain_text("per day: 5,000 tokens, 10 requests")
+    stored = web.services.users.find_by_email(USER).quota
+    assert stored == {"period": "day", "tokens": 5000, "slot_seconds": None, "requests": 10}
+
+    person = open_page(browser)
+    try:
+        sign_in(person, web.url, USER, PASSWORD)
+        open_usage(person)
+        expect(person.get_by_role("meter", name="Requests")).to_have_attribute("max", "10")
+        expect(person.locator("#usage-quota")).to_contain_text("1 of 10 (10%)")
+    finally:
+        person.context.close()
+
+    # Picking the person again shows their quota as it stands; removing it lifts every limit.
+    expect(form.get_by_label("Tokens")).to_have_value("5000")
+    form.get_by_label("Tokens").fill("")
+    form.get_by_label("Requests").fill("")
+    form.get_by_role("button", name="Set quota").click()
+    expect(page.locator("#users-error")).to_have_text("Set at least one limit, or remove the quota.")
+    form.get_by_role("button", name="Remove quota").click()
+    expect(row).to_contain_text("none")
+    assert web.services.users.find_by_email(USER).quota is None
+
+
 def test_an_admin_sees_everyones_use_by_person_and_downloads_the_csv(page, web, ollama):
     chat(web, USER, PASSWORD)
     chat(web, USER, PASSWORD)
