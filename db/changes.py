@@ -5,7 +5,9 @@ This process's own changes are told by its stores as they commit them. For the o
 - SQLite: `PRAGMA data_version`, on a connection of its own, differs from its last value once any other
   connection has committed. It reads a counter in the write-ahead log's shared memory and waits for no lock
   (busy timeout 0; were it ever busy, that counts as changed), so it is asked on the event loop, per lookup:
-  microseconds, not a round trip.
+  microseconds, not a round trip. Most commits are not about credentials (usage records are written twice
+  a second), so when it moved, the counter that every credential change bumps (`credential_changes`) says
+  whether to forget.
 - Postgres: every transaction that changes credentials sends NOTIFY (delivered when it commits), and a thread
   LISTENs on a connection of its own. While it is not connected (at start, or after the server went away),
   everything counts as changed: the cache is not used until it listens again.
@@ -22,6 +24,8 @@ from db.engine import CREDENTIALS_CHANNEL, Database
 logger = logging.getLogger("gateway.database")
 
 LISTEN_POLL_SECONDS = 0.5
+DATA_VERSION = "PRAGMA data_version"
+CREDENTIALS_VERSION = "SELECT version FROM credential_changes"
 RECONNECT_SECONDS = 1.0
 
 
@@ -40,20 +44,27 @@ class SqliteChanges(ChangeWatcher):
         assert db.path is not None
         self._conn = sqlite3.connect(db.path, isolation_level=None, check_same_thread=False, timeout=0)
         self._lock = threading.Lock()
-        self._version = self._read()
+        self._data_version = self._read(DATA_VERSION)
+        self._credentials_version = self._read(CREDENTIALS_VERSION)
 
-    def _read(self) -> int | None:
+    def _read(self, query: str) -> int | None:
         try:
             with self._lock:
-                return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
-        except sqlite3.Error:
+                return int(self._conn.execute(query).fetchone()[0])
+        except (sqlite3.Error, TypeError):
             return None
 
     def changed(self) -> bool:
-        version = self._read()
-        if version is not None and version == self._version:
+        data_version = self._read(DATA_VERSION)
+        if data_version is not None and data_version == self._data_version:
             return False
-        self._version = version
+        self._data_version = data_version
+        # Something was committed: usage records, most of the time (twice a second under load). Credentials
+        # changed only if their counter moved (db.engine.announce_credentials_changed).
+        credentials_version = self._read(CREDENTIALS_VERSION)
+        if credentials_version is not None and credentials_version == self._credentials_version:
+            return False
+        self._credentials_version = credentials_version
         return True
 
     def close(self) -> None:

@@ -183,8 +183,11 @@ class Database:
 
     def announce_credentials_changed(self, session: Session) -> None:
         """Tell every other process, when this transaction commits, that credentials changed, so that their
-        authentication caches forget them (db.changes). On SQLite the others see the commit itself."""
-        if not self.is_sqlite:
+        authentication caches forget them (db.changes): on SQLite, by bumping the counter they look at once
+        the database changed (any commit, a usage record's too, changes it); on Postgres, by NOTIFY."""
+        if self.is_sqlite:
+            session.execute(text("UPDATE credential_changes SET version = version + 1"))
+        else:
             session.execute(text(f"NOTIFY {CREDENTIALS_CHANNEL}"))
 
     def same_email(self, column: Any, email: str) -> ColumnElement[bool]:

@@ -13,7 +13,7 @@ route templates, hosts are the configured ones.
 
 import os
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -79,8 +79,26 @@ MODEL_LOADS = Counter(
 )
 
 
+def _child(metric: Any, cache: dict[tuple[str, ...], Any], labels: tuple[str, ...]) -> Any:
+    """The series of `metric` for `labels`, found once: prometheus-client's `labels()` checks and locks on
+    every call, a cost paid per request otherwise (the bench's short requests saw it). The label values are
+    bounded (observe.labels), and so is the cache."""
+    child = cache.get(labels)
+    if child is None:
+        child = cache[labels] = metric.labels(*labels)
+    return child
+
+
+_REQUESTS: dict[tuple[str, ...], Any] = {}
+_FIRST_BYTE: dict[tuple[str, ...], Any] = {}
+_QUEUE_WAIT: dict[tuple[str, ...], Any] = {}
+_TOKENS: dict[tuple[str, ...], Any] = {}
+_SLOT_SECONDS: dict[tuple[str, ...], Any] = {}
+_MODEL_LOADS: dict[tuple[str, ...], Any] = {}
+
+
 def count_request(surface: str, status: int) -> None:
-    REQUESTS.labels(surface, str(status)).inc()
+    _child(REQUESTS, _REQUESTS, (surface, str(status))).inc()
 
 
 def record_usage(record: UsageRecord) -> None:
@@ -89,17 +107,17 @@ def record_usage(record: UsageRecord) -> None:
         MODELS.admit(record.model)  # Ollama answered it: a real model, worth a series of its own
     model = MODELS.label(record.model)
     host = record.host or NO_HOST
-    QUEUE_WAIT.labels(model, record.band).observe(record.queue_seconds)
+    _child(QUEUE_WAIT, _QUEUE_WAIT, (model, record.band)).observe(record.queue_seconds)
     if record.ttfb_seconds is not None:
-        FIRST_BYTE.labels(model, host).observe(record.ttfb_seconds)
+        _child(FIRST_BYTE, _FIRST_BYTE, (model, host)).observe(record.ttfb_seconds)
     if record.prompt_tokens:
-        TOKENS.labels(model, host, "prompt").inc(record.prompt_tokens)
+        _child(TOKENS, _TOKENS, (model, host, "prompt")).inc(record.prompt_tokens)
     if record.completion_tokens:
-        TOKENS.labels(model, host, "completion").inc(record.completion_tokens)
+        _child(TOKENS, _TOKENS, (model, host, "completion")).inc(record.completion_tokens)
     if record.slot_seconds:
-        SLOT_SECONDS.labels(model, host).inc(record.slot_seconds)
+        _child(SLOT_SECONDS, _SLOT_SECONDS, (model, host)).inc(record.slot_seconds)
     if record.model_load:
-        MODEL_LOADS.labels(host, model).inc()
+        _child(MODEL_LOADS, _MODEL_LOADS, (host, model)).inc()
 
 
 def multiprocess_dir() -> str | None:

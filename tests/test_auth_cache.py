@@ -88,8 +88,8 @@ def test_a_lost_admin_role_is_seen_at_once(make_gateway, ollama):
 
 
 def test_a_change_made_by_another_process_is_seen_at_once(make_gateway, ollama):
-    """Another process: another worker, a replica or manage.py, here a connection of the test's own. On
-    Postgres it says so as the stores do (NOTIFY); on SQLite its commit is enough."""
+    """Another process: another worker, a replica or manage.py, here a connection of the test's own. It says
+    so as the stores do: NOTIFY on Postgres, the credential counter on SQLite."""
     gateway = make_gateway()
     token = add_user(gateway, "eve@example.com")
     headers = {"Authorization": f"Bearer {token}"}
@@ -99,4 +99,22 @@ def test_a_change_made_by_another_process_is_seen_at_once(make_gateway, ollama):
     )
     if on_postgres():
         execute(gateway.settings, "NOTIFY gateway_credentials")
+    else:
+        execute(gateway.settings, "UPDATE credential_changes SET version = version + 1")
     assert httpx.get(f"{gateway.url}/me", headers=headers).status_code == 401
+
+
+def test_usage_records_written_do_not_empty_the_cache(make_gateway, ollama):
+    """Usage records are committed twice a second under load: the cache keeps what it knows through them."""
+    gateway = make_gateway()
+    headers = gateway.admin_headers()
+    embed = {"model": "llama3.2:1b", "input": "x"}
+    assert httpx.post(f"{gateway.url}/api/embed", json=embed, headers=headers).status_code == 200
+    cache = gateway.services.authenticator._cache
+    gateway.run(gateway.services.usage.writer.flush())
+    assert httpx.get(f"{gateway.url}/me", headers=headers).status_code == 200
+    generation = cache.generation
+    httpx.post(f"{gateway.url}/api/embed", json=embed, headers=headers)
+    gateway.run(gateway.services.usage.writer.flush())  # a commit of another connection
+    assert httpx.get(f"{gateway.url}/me", headers=headers).status_code == 200
+    assert cache.generation == generation

@@ -2,16 +2,43 @@
 quotas. Every method blocks: from async code, call it through `Database.run` (the writer does)."""
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import ColumnElement, and_, case, func, insert, select
+from sqlalchemy import ColumnElement, and_, case, func, select
 
 from db.engine import Database
 from db.models import UsageRow, User
-from usage.periods import local_day
+from usage.periods import Period, current_span, local_day
 from usage.records import Outcome, UsageRecord
+
+EPOCH = datetime.fromtimestamp(0, UTC)
+# The columns `add_all` writes, in its rows' order.
+COLUMNS = (
+    "at",
+    "day",
+    "user_id",
+    "key_id",
+    "surface",
+    "model",
+    "host",
+    "band",
+    "outcome",
+    "status",
+    "prompt_tokens",
+    "completion_tokens",
+    "slot_seconds",
+    "load_seconds",
+    "queue_seconds",
+    "ttfb_seconds",
+    "duration_seconds",
+    "estimated",
+    "model_load",
+    "request_id",
+)
+# SQLite binds at most 32,766 values to one statement: 20 columns by 500 rows stay well under.
+ROWS_PER_INSERT = 500
 
 GROUPS = {
     "user": UsageRow.user_id,
@@ -52,35 +79,57 @@ class UsageStore:
     def __init__(self, db: Database, zone: ZoneInfo) -> None:
         self.db = db
         self.zone = zone
+        self._day = (EPOCH, EPOCH, "")  # the day's start and end, and its name (`_day_of`)
 
     def add_all(self, records: list[UsageRecord]) -> None:
+        """Write the records, many rows to one INSERT. Measured in the bench: the database driver lets go of
+        Python's interpreter lock for each statement it runs and must take it back after, and a statement
+        per record, in this thread, held up the event loop's requests (about 150 µs each at 1,500
+        requests a second); a statement per `ROWS_PER_INSERT` records costs them nothing measurable."""
         rows = [
-            {
-                "at": record.at.timestamp(),
-                "day": local_day(record.at, self.zone),
-                "user_id": record.user_id,
-                "key_id": record.key_id,
-                "surface": record.surface,
-                "model": record.model,
-                "host": record.host,
-                "band": record.band,
-                "outcome": str(record.outcome),
-                "status": record.status,
-                "prompt_tokens": record.prompt_tokens,
-                "completion_tokens": record.completion_tokens,
-                "slot_seconds": record.slot_seconds,
-                "load_seconds": record.load_seconds,
-                "queue_seconds": record.queue_seconds,
-                "ttfb_seconds": record.ttfb_seconds,
-                "duration_seconds": record.duration_seconds,
-                "estimated": record.estimated,
-                "model_load": record.model_load,
-                "request_id": record.request_id,
-            }
+            (
+                record.at.timestamp(),
+                self._day_of(record.at),
+                record.user_id,
+                record.key_id,
+                record.surface,
+                record.model,
+                record.host,
+                record.band,
+                record.outcome.value,
+                record.status,
+                record.prompt_tokens,
+                record.completion_tokens,
+                record.slot_seconds,
+                record.load_seconds,
+                record.queue_seconds,
+                record.ttfb_seconds,
+                record.duration_seconds,
+                record.estimated,
+                record.model_load,
+                record.request_id,
+            )
             for record in records
         ]
         with self.db.transaction() as session:
-            session.execute(insert(UsageRow), rows)
+            connection = session.connection()
+            placeholder = "?" if connection.dialect.paramstyle == "qmark" else "%s"
+            row = "(" + ", ".join([placeholder] * len(COLUMNS)) + ")"
+            for first in range(0, len(rows), ROWS_PER_INSERT):
+                batch = rows[first : first + ROWS_PER_INSERT]
+                values = ", ".join([row] * len(batch))
+                flat = tuple(value for one in batch for value in one)
+                # Only the column names and placeholders above are in the text; every value is bound.
+                statement = f"INSERT INTO usage_records ({', '.join(COLUMNS)}) VALUES {values}"  # noqa: S608
+                connection.exec_driver_sql(statement, flat)
+
+    def _day_of(self, moment: datetime) -> str:
+        """The day in the gateway's time zone, worked out once a day rather than once a record."""
+        start, end, day = self._day
+        if not start <= moment < end:
+            span = current_span(Period.DAY, self.zone, moment)
+            start, end, day = self._day = (span.start, span.end, local_day(span.start, self.zone))
+        return day
 
     def spent(self, since: datetime, *, user_id: int | None = None, key_id: int | None = None) -> Spent:
         subject = UsageRow.user_id == user_id if key_id is None else UsageRow.key_id == key_id

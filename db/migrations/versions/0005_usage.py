@@ -1,6 +1,11 @@
 """One usage record per model call that reached admission (usage.records), and the quotas an admin sets on
 a person or an API key (usage.quotas). Records keep no foreign key: what a removed person or key used stays
-counted in the reports."""
+counted in the reports.
+
+And a counter of credential changes (`credential_changes`, one row), bumped by every transaction that
+changes a credential on SQLite (db.engine): usage records are now written twice a second, and SQLite's own
+sign of a change (`PRAGMA data_version`) counts every commit, so the authentication cache (db.changes)
+looks at this counter before it forgets what it knows."""
 
 import sqlalchemy as sa
 from alembic import op
@@ -43,9 +48,17 @@ def upgrade() -> None:
     for table in ("users", "api_keys"):
         with op.batch_alter_table(table) as batch:
             batch.add_column(sa.Column("quota", sa.JSON))
+    op.create_table(
+        "credential_changes",
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("version", sa.BigInteger, nullable=False),
+        sa.CheckConstraint("id = 1", name="credential_changes_one_row"),
+    )
+    op.execute("INSERT INTO credential_changes (id, version) VALUES (1, 0)")
 
 
 def downgrade() -> None:
+    op.drop_table("credential_changes")
     for table in ("api_keys", "users"):
         with op.batch_alter_table(table) as batch:
             batch.drop_column("quota")
