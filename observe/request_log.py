@@ -14,7 +14,7 @@ from usage.records import UsageRecord
 SCOPE_KEY = "gateway.request_log"
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestLog:
     request_id: str
     user_id: int | None = None

@@ -6,10 +6,10 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, sync_playwright
+from playwright.sync_api import Browser, Page, sync_playwright
 
 from tests import databases
-from tests.browser import CHROMIUM_ARGS, chromium_path
+from tests.browser import CHROMIUM_ARGS, chromium_path, open_page
 from tests.fake_ollama import FakeOllama
 from tests.processes import free_port
 from tests.servers import NO_SIGN_IN_LIMITS, RunningGateway, ServerThread, gateway_settings, start_gateway
@@ -61,6 +61,14 @@ def browser() -> Iterator[Browser]:
         launched = playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
         yield launched
         launched.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    """A fresh page of the module's browser, closed after the test."""
+    page = open_page(browser)
+    yield page
+    page.context.close()
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """The built-in chat page, end to end in headless Chromium against a real gateway and the fake Ollama."""
 
 import json
-from collections.abc import Iterator
 
 import pytest
 from playwright.sync_api import Page, expect
@@ -21,13 +20,6 @@ def web(make_gateway, ollama):
     gateway = make_gateway()
     gateway.services.users.create("user@example.com", USER_PASSWORD, "user", ["llama3.2:1b"])
     return gateway
-
-
-@pytest.fixture
-def page(browser) -> Iterator[Page]:
-    page = open_page(browser)
-    yield page
-    page.context.close()
 
 
 def admin_sign_in(page: Page, web) -> None:

@@ -3,7 +3,6 @@ through the gateway to the fake Ollama, the quota's meters, everyone's use for a
 
 import csv
 import io
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -25,13 +24,6 @@ def web(make_gateway, ollama):
     gateway = make_gateway()
     gateway.services.users.create(USER, PASSWORD, "user", ["llama3.2:1b"])
     return gateway
-
-
-@pytest.fixture
-def page(browser) -> Iterator[Page]:
-    page = open_page(browser)
-    yield page
-    page.context.close()
 
 
 def chat(web, email: str, password: str, model: str = "llama3.2:1b", text: str = "Hello there") -> None:

@@ -146,7 +146,7 @@ class QuotaBook:
     def count(self, record: UsageRecord) -> None:
         """A request ended: what it used (if it reached Ollama) counts for its person and its key, in every
         period kept for them, whether a quota held it or not."""
-        if record.host is None:
+        if record.host is None or not self._ledgers:  # no quota read yet: nothing kept to add to
             return
         owners = [("user", record.user_id)]
         if record.key_id is not None:

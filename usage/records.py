@@ -20,7 +20,7 @@ class Outcome(StrEnum):
     ERROR = "error"  # Ollama answered the request with an error of its own (4xx: an unknown model...)
 
 
-@dataclass
+@dataclass(slots=True)
 class UsageRecord:
     at: datetime  # when the request ended (UTC)
     user_id: int

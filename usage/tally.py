@@ -25,7 +25,7 @@ class RecordHolder(Protocol):
     usage: UsageRecord | None
 
 
-@dataclass
+@dataclass(slots=True)
 class Tally:
     sink: Callable[["Tally", UsageRecord], None]
     user_id: int
