@@ -69,9 +69,11 @@ def queued(count: int) -> Callable[[ModelStats], bool]:
     return lambda model: model.queued == count
 
 
-def hold_a_slot(pool: ThreadPoolExecutor, fake: FakeOllama, slots: int = 1) -> list[Future[httpx.Response]]:
-    """Fill the model's `slots` for HOLD seconds."""
-    holders = [send(pool, fake, body(f"holder {index}", **HOLDING)) for index in range(slots)]
+def hold_a_slot(
+    pool: ThreadPoolExecutor, fake: FakeOllama, slots: int = 1, holding: dict[str, Any] = HOLDING
+) -> list[Future[httpx.Response]]:
+    """Fill the model's `slots` for HOLD seconds (or as long as `holding` says)."""
+    holders = [send(pool, fake, body(f"holder {index}", **holding)) for index in range(slots)]
     until(fake, lambda model: model.in_flight == slots)
     return holders
 
@@ -154,7 +156,8 @@ def test_without_num_parallel_no_request_waits(make_fake, pool):
 
 def test_waiters_get_the_slot_in_the_order_they_asked_for_it(make_fake, pool):
     fake = make_fake(num_parallel=1)
-    futures = hold_a_slot(pool, fake)
+    # Held a good while: five requests must queue behind it one after another, on a loaded machine too.
+    futures = hold_a_slot(pool, fake, holding={"tokens": 40, "interval": 0.05})
     labels = [f"waiter {index}" for index in range(5)]
     for place, label in enumerate(labels, start=1):
         futures.append(send(pool, fake, body(label, **QUICK)))
