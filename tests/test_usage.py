@@ -21,7 +21,8 @@ from tests.servers import RunningGateway, add_user
 from tests.streams import chat_body
 
 MODEL = "llama3.2:1b"
-pytestmark = pytest.mark.storage
+# The records are written and summed by the database: the tests of those paths (marked) run on Postgres too;
+# the outcomes and counts are the gateway's, the same on either.
 
 
 @pytest.fixture
@@ -330,6 +331,7 @@ def test_ollamas_own_error_is_recorded_as_an_error(gateway):
     assert (row.outcome, row.status, row.model) == ("error", 404, "no-such-model:1b")
 
 
+@pytest.mark.storage
 def test_requests_on_every_surface_leave_exactly_one_record_each(gateway):
     headers = gateway.admin_headers()
     messages = [{"role": "user", "content": "Hi"}]
@@ -358,6 +360,7 @@ def test_requests_on_every_surface_leave_exactly_one_record_each(gateway):
 # -- the reports ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.storage
 def test_my_usage_counts_only_mine_grouped_by_model_and_day(gateway):
     mine = auth(add_user(gateway, "ada@example.com"))
     for _ in range(2):
@@ -373,6 +376,7 @@ def test_my_usage_counts_only_mine_grouped_by_model_and_day(gateway):
     assert report["quota"] is None
 
 
+@pytest.mark.storage
 def test_everyones_usage_by_user_as_csv(gateway):
     ada = auth(add_user(gateway, "ada@example.com"))
     httpx.post(f"{gateway.url}/api/chat", json=chat_body(tokens=3), headers=ada, timeout=30)
@@ -419,6 +423,7 @@ def test_a_model_name_in_the_csv_is_never_a_formula(gateway):
     assert row["model"].startswith("'=")
 
 
+@pytest.mark.storage
 def test_the_time_range_keeps_what_is_inside_it(gateway):
     httpx.post(
         f"{gateway.url}/api/chat", json=chat_body(tokens=2), headers=gateway.admin_headers(), timeout=30
