@@ -41,6 +41,8 @@ def test_a_gateway_copied_to_postgres_carries_on_there_as_before(tmp_path, fake_
             assert admin.delete(f"/admin/users/{gone['id']}").status_code == 204
             key = admin.post("/keys", json={"name": "nightly"}).json()["key"]
             stored = admin.post("/upload", files={"file": ("keep.txt", b"kept")}).json()["filename"]
+            used = admin.post("/api/embed", json={"model": "llama3.2:1b", "input": "counted"})
+            assert used.status_code == 200
             users_before = admin.get("/admin/users").json()
         token = first.login("dee@example.com", "dees-password-1")
         for _ in range(3):  # dee's password guessed wrong: the pair's limit is reached
@@ -52,7 +54,10 @@ def test_a_gateway_copied_to_postgres_carries_on_there_as_before(tmp_path, fake_
     assert target is not None
     copied = _copy(data_dir, target)
     assert copied.returncode == 0, copied.stderr
-    counts = "2 users, 1 api_keys, 1 uploads, 5 login_attempts, 2 known_addresses, 0 hosts, 4 audit_entries"
+    counts = (
+        "2 users, 1 api_keys, 1 uploads, 5 login_attempts, 2 known_addresses, 0 hosts, 1 usage_records, "
+        "4 audit_entries"
+    )
     assert f"copied {counts} to " in copied.stdout
 
     moved = gateway_settings(data_dir, fake_ollama_server.url, database_url=target, login_max_failures=3)
@@ -63,6 +68,7 @@ def test_a_gateway_copied_to_postgres_carries_on_there_as_before(tmp_path, fake_
         with httpx.Client(base_url=second.url, headers={"Authorization": f"Bearer {key}"}) as script:
             assert script.get("/admin/users").json() == users_before
             assert script.get(f"/files/{stored}").content == b"kept"
+            assert script.get("/admin/usage").json()["totals"]["requests"] == 1  # what was used came along
             added = script.post(
                 "/admin/users", json={"email": "eve@example.com", "password": "eves-password-1"}
             )
