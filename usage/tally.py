@@ -1,8 +1,9 @@
 """One model call's usage, from admission to its end: whatever happens, it makes exactly one record.
 
 The route opens a `Tally` once it knows who asks for which model; the dispatch tells it where the request
-went and how it ended; `finish` (the first call wins) turns that into a `UsageRecord` and hands it to the
-sink (`usage.book`: the writer, the quotas, the metrics, the access log).
+went and how it ended: `finish` when no answer was relayed, `relay_ended` when one was (the first of the
+two to be called wins). That becomes a `UsageRecord`, handed to the sink (`usage.book`: the writer, the
+quotas, the metrics, the access log).
 """
 
 import time
@@ -36,7 +37,7 @@ class Tally:
     openai: bool  # the OpenAI-style API: counts in `usage`, no durations
     embeds: bool
     body_bytes: int
-    holder: "RecordHolder | None" = None  # the access log's entry, told the record
+    holder: RecordHolder | None = None  # the access log's entry, told the record
     arrived: float = field(default_factory=time.monotonic)
     host: str | None = None
     queue_seconds: float = 0.0
