@@ -185,14 +185,20 @@ class QuotaBook:
         loading = self._loading.get(key)
         if loading is None:
             # One read per subject and period, however many of its requests arrive at once.
-            loading = asyncio.ensure_future(
-                self._read(subject, current_span(subject.quota.period, self.zone, now))
-            )
-            self._loading[key] = loading
-            loading.add_done_callback(lambda _: self._loading.pop(key, None))
-        ledger = await asyncio.shield(loading)
-        self._ledgers[key] = ledger
-        return ledger
+            span = current_span(subject.quota.period, self.zone, now)
+            loading = self._loading[key] = asyncio.ensure_future(self._load(key, subject, span))
+        return await asyncio.shield(loading)
+
+    async def _load(self, key: tuple[str, int, Period], subject: Subject, span: Span) -> _Ledger:
+        """Read a subject's use, and keep it as the one ledger of its period. Kept and no longer loading in
+        one step: a request that came between the two would read again and hold against a second ledger of
+        its own (a second budget; seen on Postgres, whose reads take longer)."""
+        try:
+            ledger = await self._read(subject, span)
+            self._ledgers[key] = ledger
+            return ledger
+        finally:
+            self._loading.pop(key, None)
 
     async def _read(self, subject: Subject, span: Span) -> _Ledger:
         if self.flush is not None:
