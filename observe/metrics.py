@@ -79,26 +79,21 @@ MODEL_LOADS = Counter(
 )
 
 
-def _child(metric: Any, cache: dict[tuple[str, ...], Any], labels: tuple[str, ...]) -> Any:
+def _child(metric: Any, labels: tuple[str, ...]) -> Any:
     """The series of `metric` for `labels`, found once: prometheus-client's `labels()` checks and locks on
     every call, a cost paid per request otherwise (the bench's short requests saw it). The label values are
     bounded (observe.labels), and so is the cache."""
-    child = cache.get(labels)
+    child = _CHILDREN.get((metric, labels))
     if child is None:
-        child = cache[labels] = metric.labels(*labels)
+        child = _CHILDREN[metric, labels] = metric.labels(*labels)
     return child
 
 
-_REQUESTS: dict[tuple[str, ...], Any] = {}
-_FIRST_BYTE: dict[tuple[str, ...], Any] = {}
-_QUEUE_WAIT: dict[tuple[str, ...], Any] = {}
-_TOKENS: dict[tuple[str, ...], Any] = {}
-_SLOT_SECONDS: dict[tuple[str, ...], Any] = {}
-_MODEL_LOADS: dict[tuple[str, ...], Any] = {}
+_CHILDREN: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
 
 def count_request(surface: str, status: int) -> None:
-    _child(REQUESTS, _REQUESTS, (surface, str(status))).inc()
+    _child(REQUESTS, (surface, str(status))).inc()
 
 
 def record_usage(record: UsageRecord) -> None:
@@ -107,17 +102,17 @@ def record_usage(record: UsageRecord) -> None:
         MODELS.admit(record.model)  # Ollama answered it: a real model, worth a series of its own
     model = MODELS.label(record.model)
     host = record.host or NO_HOST
-    _child(QUEUE_WAIT, _QUEUE_WAIT, (model, record.band)).observe(record.queue_seconds)
+    _child(QUEUE_WAIT, (model, record.band)).observe(record.queue_seconds)
     if record.ttfb_seconds is not None:
-        _child(FIRST_BYTE, _FIRST_BYTE, (model, host)).observe(record.ttfb_seconds)
+        _child(FIRST_BYTE, (model, host)).observe(record.ttfb_seconds)
     if record.prompt_tokens:
-        _child(TOKENS, _TOKENS, (model, host, "prompt")).inc(record.prompt_tokens)
+        _child(TOKENS, (model, host, "prompt")).inc(record.prompt_tokens)
     if record.completion_tokens:
-        _child(TOKENS, _TOKENS, (model, host, "completion")).inc(record.completion_tokens)
+        _child(TOKENS, (model, host, "completion")).inc(record.completion_tokens)
     if record.slot_seconds:
-        _child(SLOT_SECONDS, _SLOT_SECONDS, (model, host)).inc(record.slot_seconds)
+        _child(SLOT_SECONDS, (model, host)).inc(record.slot_seconds)
     if record.model_load:
-        _child(MODEL_LOADS, _MODEL_LOADS, (host, model)).inc()
+        _child(MODEL_LOADS, (host, model)).inc()
 
 
 def multiprocess_dir() -> str | None:

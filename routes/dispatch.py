@@ -91,7 +91,7 @@ async def _admitted_relay(
     retried = False
     while True:
         host = fleet.host(grant)
-        tally.dispatched(host.name if host is not None else grant.host, tally.queue_seconds + grant.waited)
+        tally.dispatched(host.name if host is not None else grant.host, grant.waited)
         sent = time.monotonic()
         try:
             if host is None:  # removed while the request waited

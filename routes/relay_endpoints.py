@@ -298,6 +298,7 @@ async def _model_call(scope: Scope, receive: Receive, services: Services, call: 
     route, user, body = call.route, call.user, call.body
     band = Band.BATCH if take_batch_key(scope) else call.head.band
     key_id = take_api_key(scope)
+    key_row = int(key_id) if key_id is not None else None
     key_quota = take_key_quota(scope)
     model_key = canonical_model(call.model)
     hide_usage = False
@@ -312,7 +313,7 @@ async def _model_call(scope: Scope, receive: Receive, services: Services, call: 
         body, hide_usage = with_usage_asked(body), True
     tally = services.usage.open(
         user_id=user.id,
-        key_id=int(key_id) if key_id is not None else None,
+        key_id=key_row,
         surface=route.path,
         model=shown_model(model_key),
         band=band.label,
@@ -321,7 +322,7 @@ async def _model_call(scope: Scope, receive: Receive, services: Services, call: 
         body_bytes=len(body),
         holder=request_log(scope),
     )
-    subjects = subjects_of(user.id, user.quota, int(key_id) if key_id is not None else None, key_quota)
+    subjects = subjects_of(user.id, user.quota, key_row, key_quota)
     try:
         await services.usage.hold(tally, subjects, services.fleet.scheduler.cost_of(model_key))
     except QuotaExceeded as exceeded:

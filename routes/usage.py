@@ -42,9 +42,9 @@ async def my_usage(
     group_by: Annotated[str | None, Query(description=GROUP_BY, json_schema_extra=GROUP_BY_SCHEMA)] = None,
     format: Annotated[Format, Query(description="json, or csv (one row per group)")] = "json",
 ) -> Response:
-    report = await _report(services, group_by, since, until, user.id)
+    report, groups = await _report(services, group_by, since, until, user.id)
     quota = await _quota_now(services, user)
-    return _answer(report, _groups(group_by), format, "my-usage.csv", {"quota": quota})
+    return _answer(report, groups, format, "my-usage.csv", {"quota": quota})
 
 
 @router.get(
@@ -62,27 +62,21 @@ async def everyones_usage(
     user_id: Annotated[int | None, Query(ge=1, le=MAX_ROW_ID)] = None,
     format: Annotated[Format, Query(description="json, or csv (one row per group)")] = "json",
 ) -> Response:
-    report = await _report(services, group_by, since, until, user_id)
-    return _answer(report, _groups(group_by), format, "usage.csv", {})
+    report, groups = await _report(services, group_by, since, until, user_id)
+    return _answer(report, groups, format, "usage.csv", {})
 
 
 async def _report(
     services: AppServices, group_by: str | None, since: str | None, until: str | None, user_id: int | None
-) -> Report:
+) -> tuple[Report, list[str]]:
+    """The report, and the groups it was asked for (in the order asked)."""
     try:
         groups = read_groups(group_by)
         start, end = read_range(since, until, services.usage_store.zone)
     except ReportQueryError as exc:
         raise GatewayError(400, str(exc)) from None
     await services.usage.writer.flush()  # what just ended is in the report
-    return await services.db.run(services.usage_store.report, groups, start, end, user_id)
-
-
-def _groups(group_by: str | None) -> list[str]:
-    try:
-        return read_groups(group_by)
-    except ReportQueryError as exc:
-        raise GatewayError(400, str(exc)) from None
+    return await services.db.run(services.usage_store.report, groups, start, end, user_id), groups
 
 
 async def _quota_now(services: AppServices, user: User) -> dict[str, Any] | None:

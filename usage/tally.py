@@ -47,8 +47,9 @@ class Tally:
     done: bool = False
 
     def dispatched(self, host: str, waited: float) -> None:
+        """Sent to `host` after `waited` seconds in the queue (again, after a failover: the waits add up)."""
         self.host = host
-        self.queue_seconds = waited
+        self.queue_seconds += waited
         self.sent_at = time.monotonic()
 
     def finish(self, outcome: Outcome, status: int) -> None:
