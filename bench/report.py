@@ -69,6 +69,8 @@ def _streams_rows(results: dict, scenario: str = "streams") -> list[dict]:
                 for other in ("nginx", "direct")
                 if other in walls
             ]
+            if (earlier := _baseline_of(results, name)) is not None:
+                parts.append(f"**now/before {_num(_ratio(walls[name], earlier['wall_s']), 2)}**")
             ratio = ", ".join(parts)
             complete = figures["ok"] == figures["count"]
             met = _met(None if vs_nginx is None else vs_nginx <= STREAMS_MAX_RATIO and complete)
@@ -94,6 +96,11 @@ def _ttfb_rows(results: dict) -> list[dict]:
         if name != "direct" and direct and first_byte:
             added = first_byte["p50"] - direct["p50"]
             ratio = f"p50 {added:+.2f} ms vs direct"
+            earlier = (_baseline_of(results, name) or {}).get("first_byte_ms")
+            if earlier:
+                ratio += f", **{first_byte['p50'] - earlier['p50']:+.2f} ms vs before**"
+        if len(figures.get("rounds_p50_ms", [])) > 1:
+            text += f" (median of {len(figures['rounds_p50_ms'])} rounds)"
         if _is_gateway(name):
             met = _met(
                 None if added is None else added <= TTFB_MAX_ADDED_MS and figures["ok"] == figures["count"]
@@ -114,6 +121,9 @@ def _memory_rows(results: dict) -> list[dict]:
             if "nginx" in results:
                 per_stream = _ratio(figures["kb_per_stream"], results["nginx"]["kb_per_stream"])
                 ratio = f"{name}/nginx {_num(per_stream)}"
+            if (earlier := _baseline_of(results, name)) is not None:
+                before = figures["kb_per_stream"] - earlier["kb_per_stream"]
+                ratio += f", **{before:+.1f} KB/stream vs before**"
             met = _met(figures["kb_per_stream"] <= MEMORY_MAX_KB and figures["held"] == figures["count"])
         rows.append(_row("memory", name, text, ratio, met))
     return rows
@@ -128,11 +138,14 @@ def _disconnect_rows(results: dict) -> list[dict]:
             f"{figures['stream_lifetime_s']:g} s; p50 {_num(latency.get('p50'), 2)} / "
             f"p95 {_num(latency.get('p95'), 2)} / max {_num(latency.get('max'), 2)} ms"
         )
-        met = ""
+        met, ratio = "", ""
+        earlier = (_baseline_of(results, name) or {}).get("latency_ms")
+        if earlier and latency:
+            ratio = f"**p95 {latency['p95'] - earlier['p95']:+.2f} ms vs before**"
         if _is_gateway(name):
             all_seen = figures["propagated"] == figures["cut"] == figures["count"]
             met = _met(bool(latency) and all_seen and latency["p95"] <= DISCONNECT_MAX_P95_MS)
-        rows.append(_row("disconnect", name, text, "", met))
+        rows.append(_row("disconnect", name, text, ratio, met))
     return rows
 
 
@@ -162,6 +175,14 @@ def _short_rows(results: dict) -> list[dict]:
             )
         rows.append(_row("short", name, text, "; ".join(ratios)))
     return rows
+
+
+def _baseline_of(results: dict, name: str) -> dict | None:
+    """For target "gateway", the figures of "gateway <commit>", the earlier version run beside it
+    (`--baseline`), if there is one."""
+    if name != "gateway":
+        return None
+    return next((figures for other, figures in results.items() if other.startswith("gateway ")), None)
 
 
 def _earlier_version(results: dict, name: str) -> dict | None:

@@ -93,8 +93,9 @@ def concurrent_job(target: Target, count: int, options: dict) -> dict:
 
 
 def streams(bench: Bench) -> dict:
-    """A: many concurrent streams at a GPU-like pace; the relay's throughput and latency under load."""
-    with bench.open(bench.targets, [bench.upstream]) as targets:
+    """A: many concurrent streams at a GPU-like pace; the relay's throughput and latency under load. With a
+    baseline (an earlier gateway), it takes its turn in every round too."""
+    with bench.open(bench.targets, [bench.upstream], bench.baseline) as targets:
         return _streams_rounds(bench, targets, [bench.upstream], "streams")
 
 
@@ -172,33 +173,46 @@ def _combine(results: list[dict]) -> dict:
 
 
 def ttfb(bench: Bench) -> dict:
-    """B: time to first byte of an idle relay, one request at a time, each on a new connection."""
-    figures = {}
-    with bench.open(bench.targets, [bench.upstream]) as targets:
-        for target in targets:
-            job = {
-                "kind": "sequential",
-                "target": target.spec(),
-                "count": bench.requests,
-                "warmup": TTFB_WARMUP,
-                "options": TTFB_OPTIONS,
-                "expect_lines": TTFB_OPTIONS["bench_tokens"] + 1,
-                "timeout": TIMEOUT,
-            }
-            result = bench.client.run(job)
-            figures[target.name] = {key: result[key] for key in ("count", "ok", "problems", "first_byte_ms")}
-            log(
-                f"ttfb {target.name}: {result['ok']}/{result['count']} ok, "
-                f"first byte {result['first_byte_ms']}"
-            )
-    return figures
+    """B: time to first byte of an idle relay, one request at a time, each on a new connection.
+
+    With a baseline (an earlier gateway), every target runs `rounds` times, in the reverse order every other
+    round, so that the two versions share the machine's drift; the round with the median p50 is reported."""
+    rounds = bench.rounds if bench.baseline is not None else 1
+    measured: dict[str, list[dict]] = {}
+    with bench.open(bench.targets, [bench.upstream], bench.baseline) as targets:
+        for turn in range(rounds):
+            for target in targets if turn % 2 == 0 else targets[::-1]:
+                job = {
+                    "kind": "sequential",
+                    "target": target.spec(),
+                    "count": bench.requests,
+                    "warmup": TTFB_WARMUP,
+                    "options": TTFB_OPTIONS,
+                    "expect_lines": TTFB_OPTIONS["bench_tokens"] + 1,
+                    "timeout": TIMEOUT,
+                }
+                result = bench.client.run(job)
+                figures = {key: result[key] for key in ("count", "ok", "problems", "first_byte_ms")}
+                measured.setdefault(target.name, []).append(figures)
+                log(
+                    f"ttfb {target.name}, round {turn + 1}: {result['ok']}/{result['count']} ok, "
+                    f"first byte {result['first_byte_ms']}"
+                )
+    return {name: _median_ttfb(runs) for name, runs in measured.items()}
+
+
+def _median_ttfb(runs: list[dict]) -> dict:
+    """The round with the median p50 first byte, with every round's p50 beside it."""
+    p50s = [(run["first_byte_ms"] or {}).get("p50", float("inf")) for run in runs]
+    middle = sorted(runs, key=lambda run: (run["first_byte_ms"] or {}).get("p50", float("inf")))
+    return {**middle[(len(runs) - 1) // 2], "rounds_p50_ms": p50s}
 
 
 def memory(bench: Bench) -> dict:
     """C: the relay's resident memory per stream held open (a direct connection has no relay to weigh)."""
     figures = {}
     relayed = [name for name in bench.targets if name != "direct"]
-    with bench.open(relayed, [bench.upstream]) as targets:
+    with bench.open(relayed, [bench.upstream], bench.baseline) as targets:
         for target in targets:
             bench.warm_up(target)
             bench.settle()
@@ -238,7 +252,7 @@ def disconnect(bench: Bench) -> dict:
     """D: how long after a client hangs up the upstream sees its connection go (cancelling the generation)."""
     figures = {}
     lifetime = CUT_OPTIONS["bench_tokens"] * CUT_OPTIONS["bench_interval"]
-    with bench.open(bench.targets, [bench.upstream]) as targets:
+    with bench.open(bench.targets, [bench.upstream], bench.baseline) as targets:
         for target in targets:
             bench.settle()
             bench.upstream.reset()

@@ -122,8 +122,11 @@ class UpstreamResponse:
 
     def close(self) -> None:
         """Drop the connection now: Ollama sees its client go away and stops working on the request."""
-        self._fail(UpstreamError("closed by the gateway"))
+        # The transport closes its socket in the loop's next round, and failing the reader wakes its task in
+        # that round too: abort first, so that the socket closes before the reader's task runs whatever ends
+        # the request (its usage record, its log line), not after.
         self._connection.abort()
+        self._fail(UpstreamError("closed by the gateway"))
 
     def release(self) -> None:
         """Hand the connection back for reuse if this response was read to its end, else drop it."""
