@@ -62,22 +62,21 @@ class BodyLimitMiddleware:
         self.default_cap = Cap(default_limit)
         self.unlimited_prefixes = unlimited_prefixes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # Returns the app's own coroutine rather than awaiting it in one of this layer's: a stream held open
+        # for minutes keeps no frame of this.
         path = scope.get("path", "")
         if scope["type"] != "http" or path.startswith(self.unlimited_prefixes):
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)
         cap = self._cap_of(path)
         declared = _declared_length(scope)
         if declared is not None and declared > cap.limit:
             error = cap.refusal()
-            await error_response(error.status, error.message, error.headers, path=path)(scope, receive, send)
-            return
+            return error_response(error.status, error.message, error.headers, path=path)(scope, receive, send)
         if declared is not None:
             # uvicorn delivers exactly the declared length, and it is within the cap: nothing to count.
-            await self.app(scope, receive, send)
-            return
-        await self.app(scope, _CappedReceive(receive, cap), send)
+            return self.app(scope, receive, send)
+        return self.app(scope, _CappedReceive(receive, cap), send)
 
     def _cap_of(self, path: str) -> Cap:
         cap = self.limits.get(path)

@@ -4,6 +4,8 @@ Starlette reports any exception raised in the lifespan with its whole traceback,
 error. A `ConfigurationError` is not a bug: the operator needs the one sentence that says what to change.
 """
 
+from collections.abc import Awaitable
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.settings import ConfigurationError
@@ -16,10 +18,14 @@ class OneLineStartupErrors:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # A request gets the app's own coroutine, not one of this layer's around it: a stream held open for
+        # minutes keeps no frame of this.
         if scope["type"] != "lifespan":
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)
+        return self._lifespan(scope, receive, send)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         held: list[Message] = []
 
         async def send_unless_startup_failed(message: Message) -> None:

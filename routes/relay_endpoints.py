@@ -18,7 +18,7 @@ per-request layers, and calls the endpoint at once. Each route carries what its 
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -363,13 +363,14 @@ class RelayRoutesFirst:
         self.app = app
         self._routes = routes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # The endpoint's (or the app's) own coroutine, not one of this layer's around it: a stream held open
+        # for minutes keeps no frame of this.
         match, child_scope = self._routes.matches(scope)
         if match is Match.FULL:
             scope.update(child_scope)
-            await child_scope["endpoint"](scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
+            return child_scope["endpoint"](scope, receive, send)
+        return self.app(scope, receive, send)
 
 
 class _RequestHead:
