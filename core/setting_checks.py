@@ -1,5 +1,5 @@
-"""Checks for the settings whose type says too little: the upstream URL, the database URL, browser origins,
-the address to listen on and the data folder.
+"""Checks for the settings whose type says too little: the upstream URL, the database and Redis URLs, the
+Redis key prefix, browser origins, the address to listen on and the data folder.
 
 Each returns the value to use, or raises ValueError: bare when the setting's own description of what it
 expects says all there is to say, with a short reason when there is more (which part is wrong). The
@@ -110,6 +110,48 @@ def checked_database_url(value: str | None) -> str | None:
         raise ValueError("it names no database (postgresql://host/database)")
     if url.fragment:
         raise ValueError("nothing may follow the options (no #fragment)")
+    return value
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+# Printable and free of spaces, so a key reads back the same in redis-cli and in logs.
+_REDIS_PREFIX = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def checked_redis_url(value: str | None) -> str | None:
+    """REDIS_URL: redis://[user:password@]host[:port][/db], rediss:// for TLS, or unix:///path/to/socket, or
+    nothing (one process, nothing shared). Only the form is checked here: a Redis that does not answer is a
+    degraded mode at run time (`cluster.redis_link`), not a reason to refuse to start."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    try:
+        url = URL(value)
+    except ValueError as exc:
+        raise ValueError(_QUOTED.sub("", str(exc).lower().removeprefix("invalid url: "))) from None
+    if url.scheme not in REDIS_SCHEMES:
+        raise ValueError
+    if url.fragment:
+        raise ValueError("nothing may follow the options (no #fragment)")
+    if url.scheme == "unix":
+        if not url.path.strip("/"):
+            raise ValueError("it names no socket (unix:///path/to/redis.sock)")
+        return value
+    if not url.raw_host:
+        raise ValueError("it names no host (redis://host:6379)")
+    if url.explicit_port == 0:
+        raise ValueError("port 0 is not a port Redis can listen on")
+    database = url.path.strip("/")
+    if database and not database.isdigit():
+        raise ValueError(f"the path must be a database number, such as /0, not /{database}")
+    return value
+
+
+def checked_redis_prefix(value: str) -> str:
+    """REDIS_PREFIX: what every key the gateway writes in Redis starts with, so several gateways (or other
+    programs) can share one Redis."""
+    if not _REDIS_PREFIX.fullmatch(value):
+        raise ValueError
     return value
 
 

@@ -23,6 +23,8 @@ from core.setting_checks import (
     checked_database_url,
     checked_listen_host,
     checked_origins,
+    checked_redis_prefix,
+    checked_redis_url,
     checked_time_zone,
     checked_upstream_url,
 )
@@ -80,6 +82,25 @@ class Settings(BaseSettings):
         default=None,
         description="a postgresql:// URL naming a database, such as "
         "postgresql://gateway@db.internal/gateway, or no value for SQLite in DATA_DIR",
+    )
+    # Set: the replicas share short-lived state through this Redis, slots as leases first (`cluster/`).
+    # Unset: one process, nothing shared.
+    redis_url: str | None = Field(
+        default=None,
+        description="a redis://, rediss:// or unix:// URL, such as redis://cache.internal:6379/0, or no "
+        "value for one gateway process sharing nothing",
+    )
+    # The start of every key the gateway writes there: gateways (or other programs) sharing one Redis keep
+    # apart with prefixes of their own.
+    redis_prefix: str = Field(
+        default="gateway:",
+        description="1 to 64 letters, digits or .:_- characters, such as gateway:",
+    )
+    # A slot lease not renewed for this long is free again: how long a replica killed mid-request (kill -9)
+    # keeps its slots. Held leases are renewed every third of it. Seconds, not minutes (issue 14); under a
+    # second, a busy replica's renewal could come too late.
+    lease_seconds: float = Field(
+        default=10, ge=1, le=60, allow_inf_nan=False, description="a number of seconds from 1 to 60"
     )
     max_upload_mb: float = Field(
         default=25, gt=0, allow_inf_nan=False, description="a number of MiB greater than 0"
@@ -227,6 +248,16 @@ class Settings(BaseSettings):
     @classmethod
     def _check_database_url(cls, value: str | None) -> str | None:
         return checked_database_url(value)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        return checked_redis_url(value)
+
+    @field_validator("redis_prefix")
+    @classmethod
+    def _check_redis_prefix(cls, value: str) -> str:
+        return checked_redis_prefix(value)
 
     @field_validator("cors_origins", mode="before")
     @classmethod

@@ -26,6 +26,9 @@ WRONG_VALUES = {
     "access_token_expire_minutes": "ten",
     "data_dir": "{a_file}",
     "database_url": "mysql://db/gateway",
+    "redis_url": "http://cache:6379",
+    "redis_prefix": "gateway keys",
+    "lease_seconds": "600",
     "max_upload_mb": "25MB",
     "max_request_mb": "0",
     "cors_origins": "*.example.com",
@@ -130,6 +133,11 @@ def test_a_value_with_a_line_break_stays_on_one_line(environment):
         pytest.param("GRACEFUL_SHUTDOWN_SECONDS", "0", 0),
         pytest.param("DATABASE_URL", "postgresql://gateway@db.internal:5432/gateway", None),
         pytest.param("DATABASE_URL", "postgres://gateway:pw@db.internal/gateway?sslmode=require", None),
+        pytest.param("REDIS_URL", "redis://:pw@cache.internal:6379/0", None),
+        pytest.param("REDIS_URL", "rediss://gateway:pw@cache.internal", None),
+        pytest.param("REDIS_URL", "unix:///run/redis/redis.sock", None),
+        pytest.param("REDIS_PREFIX", "team-a.gateway:", "team-a.gateway:"),
+        pytest.param("LEASE_SECONDS", "2.5", 2.5),
     ],
 )
 def test_a_right_value_is_accepted(environment, name, value, expected):
@@ -261,3 +269,17 @@ def test_an_env_file_that_is_not_text_is_one_line(environment, tmp_path):
     line = _mistake()
     assert line.startswith(".env: ")
     assert "\n" not in line
+
+
+def test_the_password_in_a_wrong_redis_url_is_hidden(environment):
+    environment.setenv("REDIS_URL", "redis://:s3cret@cache.internal:6379/sessions")
+    line = _mistake()
+    assert "s3cret" not in line
+    assert line.startswith("REDIS_URL='redis://(hidden)@cache.internal:6379/sessions': expected")
+    assert line.endswith("; the path must be a database number, such as /0, not /sessions")
+
+
+@pytest.mark.parametrize("value", ["0.5", "61", "nan"])
+def test_a_lease_outside_one_to_sixty_seconds_is_refused(environment, value):
+    environment.setenv("LEASE_SECONDS", value)
+    assert _mistake().startswith(f"LEASE_SECONDS={value!r}: expected a number of seconds from 1 to 60")
