@@ -21,6 +21,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
+from cluster.redis_link import REGISTRY as REDIS_REGISTRY
 from observe.fleet_gauges import PUBLISH_SECONDS, FleetCollector, shared_fleet_gauges
 from observe.labels import NO_HOST, ModelLabels
 from usage.records import Outcome, UsageRecord
@@ -120,11 +121,12 @@ def multiprocess_dir() -> str | None:
 
 
 def exposition(*extra: Collector) -> bytes:
-    """Every metric in Prometheus' text format: this module's (every process's, in multi-process mode), then
-    `extra` collectors' (the fleet's gauges)."""
+    """Every metric in Prometheus' text format: this module's and the Redis link's (every process's, in
+    multi-process mode), then `extra` collectors' (the fleet's gauges)."""
     path = multiprocess_dir()
-    base: Collector = REGISTRY if path is None else MultiProcessCollector(None, path=path)
-    return generate_latest(_Together([base, *extra]))
+    if path is None:
+        return generate_latest(_Together([REGISTRY, REDIS_REGISTRY, *extra]))
+    return generate_latest(_Together([MultiProcessCollector(None, path=path), *extra]))
 
 
 def scrape(fleet: "Fleet") -> bytes:

@@ -4,7 +4,8 @@ circle.
 The layers, from the ground up:
 
 0. `core`: settings, errors, the server's plumbing. Imports nothing of the project.
-1. `db`: the storage layer (models, engine, migrations).
+1. `db`, `cluster`: the storage layer (models, engine, migrations), and the short-lived state replicas share
+   in Redis (the link and its health, slot leases).
 2. `audit`, `auth`, `uploads`, `upstream`, `usage`: the domain (the trail of admin actions, people and
    credentials, stored files, talking to Ollama, what each person used and may still use).
    Siblings: one may use another, as long as no two packages end up importing each other.
@@ -26,7 +27,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS: list[frozenset[str]] = [
     frozenset({"core"}),
-    frozenset({"db"}),
+    frozenset({"db", "cluster"}),
     frozenset({"audit", "auth", "uploads", "upstream", "usage"}),
     frozenset({"fleet", "observe"}),
     frozenset({"routes"}),

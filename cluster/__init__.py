@@ -1,0 +1,1 @@
+"""State the gateway's replicas share through Redis (REDIS_URL, issue 14): the link to Redis and its health."""
