@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # apt-get needs root: use sudo when not running as root.
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: run test lint browser deploy-tools postgres-tools bench sweep soak clean
+.PHONY: run test lint browser deploy-tools postgres-tools redis-tools bench sweep soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -62,7 +62,17 @@ postgres-tools: $(VENV)/.installed-dev
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; \
 	fi
 
-test: lint browser deploy-tools postgres-tools
+# The Redis tests (cluster/: slot leases, the link's degraded mode) run on a real Redis: TEST_REDIS_URL, or the
+# server on 127.0.0.1:6379 if one answers, else a throwaway one (tests/redis_server.py). Some start a
+# throwaway redis-server of their own (Redis appearing on a closed port): Debian's is installed when missing.
+redis-tools:
+	@if ! command -v redis-server >/dev/null 2>&1 && [ ! -x /usr/bin/redis-server ]; then \
+		echo "Installing Debian's redis-server for the tests on Redis"; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; \
+	fi
+
+test: lint browser deploy-tools postgres-tools redis-tools
 	$(BIN)/python -m pytest
 	PYTHON=$(BIN)/python bash tests/with_postgres.sh $(BIN)/python -m pytest --database=postgresql -m storage
 

@@ -12,6 +12,7 @@ from tests import databases
 from tests.browser import CHROMIUM_ARGS, chromium_path, open_page
 from tests.fake_ollama import FakeOllama
 from tests.processes import free_port
+from tests.redis_server import KeySpace, RedisForTests
 from tests.servers import NO_SIGN_IN_LIMITS, RunningGateway, ServerThread, gateway_settings, start_gateway
 
 
@@ -51,6 +52,22 @@ def fake_ollama_server() -> Iterator[FakeOllama]:
     server = FakeOllama().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisForTests]:
+    """The run's real Redis (tests/redis_server.py): TEST_REDIS_URL, 127.0.0.1:6379, or a throwaway one."""
+    server = RedisForTests()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_keys(redis_server: RedisForTests) -> Iterator[KeySpace]:
+    """A key prefix of the test's own on the run's Redis (`.url`, `.prefix`); its keys deleted after it."""
+    space = redis_server.key_space()
+    yield space
+    space.clear()
 
 
 @pytest.fixture(scope="module")
