@@ -20,6 +20,7 @@ from auth.policy import ModelPolicy
 from auth.throttle import SignInLimits, SignInThrottle
 from auth.tokens import TokenSigner
 from auth.users import UserStore
+from cluster.redis_link import RedisLink
 from core.private_files import make_tree_private
 from core.settings import ConfigurationError, Settings
 from db.changes import watch_changes
@@ -94,6 +95,11 @@ async def open_services(settings: Settings) -> Services:
     usage_store = UsageStore(db, zone)
     usage_writer = UsageWriter(db, usage_store)
     usage_writer.start()
+    redis = None
+    if settings.redis_url:
+        # Up or degraded from its first answer on, never fatal: an unreachable Redis is a degraded mode.
+        redis = RedisLink(settings.redis_url)
+        await redis.start()
     return Services(
         settings=settings,
         db=db,
@@ -118,6 +124,7 @@ async def open_services(settings: Settings) -> Services:
         ),
         usage_store=usage_store,
         audit=AuditStore(db),
+        redis=redis,
     )
 
 
@@ -137,6 +144,8 @@ def queue_limits(settings: Settings) -> Limits:
 
 async def close_services(services: Services) -> None:
     await services.fleet.close()
+    if services.redis is not None:
+        await services.redis.aclose()
     await services.usage.writer.close()
     services.changes.close()
     services.db.close()

@@ -24,6 +24,7 @@ from auth.policy import ModelPolicy
 from auth.throttle import SignInThrottle
 from auth.tokens import TokenSigner
 from auth.users import User, UserStore
+from cluster.redis_link import RedisLink
 from core.client_address import client_address
 from core.errors import Forbidden
 from core.settings import Settings
@@ -58,6 +59,8 @@ class Services:
     usage: UsageBook
     usage_store: UsageStore
     audit: AuditStore
+    # REDIS_URL's Redis, which replicas share state through (cluster/); None when unset.
+    redis: RedisLink | None = None
 
 
 async def get_services(request: Request) -> Services:

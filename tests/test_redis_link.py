@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 
+import httpx
 import pytest
 
 from cluster.leases import SlotLeases
@@ -163,3 +164,29 @@ def test_redis_link_metrics_are_in_the_gateways_exposition(redis_keys):
 )
 def test_redis_link_shows_redis_without_credentials(url, shown):
     assert shown_url(url) == shown
+
+
+def _scraped(gateway, name: str) -> float | None:
+    text = httpx.get(f"{gateway.url}/metrics", headers=gateway.admin_headers()).text
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+def test_a_gateway_with_redis_url_reports_redis_up_on_its_metrics(make_gateway, redis_keys):
+    gateway = make_gateway(redis_url=redis_keys.url, redis_prefix=redis_keys.prefix)
+    assert gateway.services.redis is not None and gateway.services.redis.up
+    assert _scraped(gateway, "gateway_redis_up") == 1
+
+
+def test_a_gateway_whose_redis_does_not_answer_still_serves_and_reports_degraded(make_gateway, caplog):
+    caplog.set_level(logging.INFO, logger="gateway.redis")
+    counted = _degraded_total()
+    url = f"redis://gateway:{PASSWORD}@127.0.0.1:{free_port()}/0"
+    gateway = make_gateway(redis_url=url)
+    assert httpx.get(f"{gateway.url}/health").status_code == 200
+    assert _scraped(gateway, "gateway_redis_up") == 0
+    assert _degraded_total() == counted + 1
+    lines = _redis_lines(caplog)
+    assert len(lines) == 1 and "127.0.0.1" in lines[0] and PASSWORD not in lines[0]
