@@ -46,8 +46,6 @@ _BARE = re.compile(r"[A-Za-z0-9._:/@+-]+")
 NO_STATUS = 500  # the app raised, or returned, before starting an answer: the server answers 500
 BATCH_SECONDS = 0.05
 MAX_PEERS_KEPT = 4096
-# Written as they are (`type(...) in`: a bool is neither, and is written as a word).
-_NUMBERS = (int, float)
 
 
 class BatchedLines(logging.StreamHandler):
@@ -141,7 +139,7 @@ class AccessLog:
         self, app: ASGIApp, log_format: str = "text", trusted_proxies: tuple[IPNetwork, ...] = ()
     ) -> None:
         self.app = app
-        self._json = log_format == "json"
+        self._line = self._json_line if log_format == "json" else self._text_line
         self._trusted_proxies = trusted_proxies
         self._static_paths: frozenset[str] | None = None
         self._peers: dict[str | None, str] = {}  # a peer's address as shown (no proxy to ask), found once
@@ -175,7 +173,7 @@ class AccessLog:
         path: str = scope["path"]
         return path if path in self._static_paths else OTHER
 
-    def _line(self, scope: Scope, entry: RequestLog, status: int, surface: str, duration: float) -> str:
+    def _json_line(self, scope: Scope, entry: RequestLog, status: int, surface: str, duration: float) -> str:
         fields: dict[str, Any] = {
             "time": _now(),
             "request_id": entry.request_id,
@@ -202,13 +200,28 @@ class AccessLog:
                 estimated=usage.estimated,
             )
         fields["duration_seconds"] = round(duration, 6)
-        if self._json:
-            return json.dumps(fields, separators=(",", ":"))
-        return " ".join(
-            [
-                f"{name}={value}" if type(value) in _NUMBERS else f"{name}={_text_value(value)}"
-                for name, value in fields.items()
-            ]
+        return json.dumps(fields, separators=(",", ":"))
+
+    def _text_line(self, scope: Scope, entry: RequestLog, status: int, surface: str, duration: float) -> str:
+        """The same fields as `_json_line`, in the same order, as key=value text: written out field by field
+        rather than through a dict (a short request's line cost 9 µs that way, half of it here)."""
+        q = _text_value
+        head = (
+            f"time={_now()} request_id={q(entry.request_id)} method={q(scope['method'])} "
+            f"path={q(scope['path'])} status={status} client={q(self._client(scope))} "
+            f"user_id={q(entry.user_id)} key_id={q(entry.key_id)}"
+        )
+        usage = entry.usage
+        if usage is None:
+            return f"{head} surface={q(surface)} duration_seconds={round(duration, 6)}"
+        ttfb = usage.ttfb_seconds
+        return (
+            f"{head} surface={q(usage.surface)} model={q(usage.model)} host={q(usage.host)} "
+            f"band={q(usage.band)} outcome={q(usage.outcome.value)} "
+            f"queue_seconds={round(usage.queue_seconds, 6)} "
+            f"ttfb_seconds={q(None if ttfb is None else round(ttfb, 6))} "
+            f"prompt_tokens={q(usage.prompt_tokens)} completion_tokens={q(usage.completion_tokens)} "
+            f"estimated={q(usage.estimated)} duration_seconds={round(duration, 6)}"
         )
 
     def _client(self, scope: Scope) -> str:
@@ -287,8 +300,21 @@ def _text_value(value: object) -> str:
         return "true" if value else "false"
     if not isinstance(value, str):
         return str(value)  # a number
-    # A path is the client's: quoted and escaped unless plain, so that it can't end the line or fake a field.
-    return value if _BARE.fullmatch(value) else json.dumps(value)
+    shown = _shown_texts.get(value)
+    if shown is None:
+        # A path is the client's: quoted and escaped unless plain, so that it can't end the line or fake a
+        # field.
+        shown = value if _BARE.fullmatch(value) else json.dumps(value)
+        if len(_shown_texts) >= MAX_TEXTS_KEPT:
+            _shown_texts.clear()
+        _shown_texts[value] = shown
+    return shown
+
+
+# The same few texts come back on every line (methods, paths, routes, models, hosts, bands): each is checked
+# and quoted once, then looked up. Bounded, as paths are the clients' to choose.
+MAX_TEXTS_KEPT = 4096
+_shown_texts: dict[str, str] = {}
 
 
 def _static_paths(routes: list[Any]) -> frozenset[str]:

@@ -226,47 +226,50 @@ def test_access_log_line_waits_for_the_end_of_a_stream(client, access_lines):
     assert time.monotonic() - started >= 0.3
 
 
-def test_access_log_says_what_a_model_call_used(access_lines):
-    """The fields a model call's usage record adds, through the middleware alone."""
+def _line_through_the_middleware(access_lines: Lines, log_format: str, request_id: str, usage: bool) -> str:
+    """The line the middleware alone writes for one request, a model call's (with its usage record) or not."""
 
     class Endpoint:  # an ASGI app, as the relay endpoints are
         async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-            await _model_call(scope, receive, send)
-
-    async def _model_call(scope: Scope, receive: Receive, send: Send) -> None:
-        entry = request_log(scope)
-        assert entry is not None
-        entry.usage = UsageRecord(
-            at=datetime.now(UTC),
-            user_id=7,
-            key_id=None,
-            surface="/api/chat",
-            model="llama3.2:1b",
-            band="batch",
-            outcome=Outcome.CANCELLED,
-            status=200,
-            host="gpu-1",
-            prompt_tokens=12,
-            completion_tokens=None,
-            queue_seconds=0.25,
-            ttfb_seconds=0.5,
-            estimated=True,
-        )
-        await PlainTextResponse("ok")(scope, receive, send)
+            entry = request_log(scope)
+            assert entry is not None
+            if usage:
+                entry.usage = UsageRecord(
+                    at=datetime.now(UTC),
+                    user_id=7,
+                    key_id=None,
+                    surface="/api/chat",
+                    model="llama3.2:1b",
+                    band="batch",
+                    outcome=Outcome.CANCELLED,
+                    status=200,
+                    host="gpu-1",
+                    prompt_tokens=12,
+                    completion_tokens=None,
+                    queue_seconds=0.25,
+                    ttfb_seconds=0.5,
+                    estimated=True,
+                )
+            await PlainTextResponse("ok")(scope, receive, send)
 
     app = Starlette(
         routes=[Route("/api/chat", Endpoint(), methods=["POST"])],
-        middleware=[Middleware(AccessLog, log_format="json")],
+        middleware=[Middleware(AccessLog, log_format=log_format)],
     )
 
     async def ask() -> httpx.Response:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
-            return await http.post("/api/chat", headers={"X-Request-ID": "usage-1"})
+            return await http.post("/api/chat", headers={"X-Request-ID": request_id})
 
-    assert asyncio.run(ask()).headers["X-Request-ID"] == "usage-1"
-    [line] = access_lines.with_id("usage-1")
-    entry = json.loads(line)
+    assert asyncio.run(ask()).headers["X-Request-ID"] == request_id
+    [line] = access_lines.with_id(request_id)
+    return line
+
+
+def test_access_log_says_what_a_model_call_used(access_lines):
+    """The fields a model call's usage record adds, through the middleware alone."""
+    entry = json.loads(_line_through_the_middleware(access_lines, "json", "usage-1", usage=True))
     assert entry["model"] == "llama3.2:1b"
     assert entry["host"] == "gpu-1"
     assert entry["band"] == "batch"
@@ -276,6 +279,22 @@ def test_access_log_says_what_a_model_call_used(access_lines):
     assert entry["prompt_tokens"] == 12
     assert entry["completion_tokens"] is None
     assert entry["estimated"] is True
+
+
+@pytest.mark.parametrize("usage", [True, False], ids=["model call", "other request"])
+def test_access_log_text_and_json_lines_carry_the_same_fields_in_the_same_order(access_lines, usage):
+    """The two formats are written by two formatters: whatever one says, the other says too."""
+    as_json = json.loads(_line_through_the_middleware(access_lines, "json", f"json-{usage}", usage))
+    as_text = _fields(_line_through_the_middleware(access_lines, "text", f"text-{usage}", usage))
+    assert list(as_text) == list(as_json)
+
+    def shown(value: object) -> str:
+        return "-" if value is None else json.dumps(value) if isinstance(value, bool) else str(value)
+
+    differ = {"time", "request_id", "duration_seconds"}  # a moment, an id and a duration of their own
+    assert {name: value for name, value in as_text.items() if name not in differ} == {
+        name: shown(value) for name, value in as_json.items() if name not in differ
+    }
 
 
 def test_access_log_a_second_user_is_named_by_their_id(gateway, access_lines):
