@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # apt-get needs root: use sudo when not running as root.
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: run test lint browser deploy-tools postgres-tools redis-tools bench sweep soak clean
+.PHONY: run test lint browser deploy-tools postgres-tools redis-tools cluster bench sweep soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -75,6 +75,13 @@ redis-tools:
 test: lint browser deploy-tools postgres-tools redis-tools
 	$(BIN)/python -m pytest
 	PYTHON=$(BIN)/python bash tests/with_postgres.sh $(BIN)/python -m pytest --database=postgresql -m storage
+
+# Several replicas as in production, on loopback, in the foreground until Ctrl-C (tests/cluster.py): three
+# gateways on one Postgres (tests/with_postgres.sh's), nginx in front with deploy/nginx-replicas.conf, two
+# test Ollama hosts, and the Redis on 127.0.0.1:6379 if one answers (or REDIS_URL's). Prints the addresses
+# and an admin's sign-in.
+cluster: deploy-tools postgres-tools
+	PYTHON=$(BIN)/python bash tests/with_postgres.sh $(BIN)/python -m tests.cluster
 
 # On demand, not part of `make test`: see bench/README.md.
 $(VENV)/.installed-bench: requirements.txt requirements-dev.txt requirements-bench.txt | $(BIN)/python
