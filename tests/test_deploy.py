@@ -17,6 +17,7 @@ deploy-tools`); hadolint and the schema validator come from requirements-dev.txt
 import ast
 import errno
 import inspect
+import ipaddress
 import json
 import os
 import re
@@ -42,6 +43,7 @@ from bench.nginx_conf import folder_conf
 from core.settings import MIB, Settings
 from main import MULTIPART_ALLOWANCE
 from routes.web import WEB_DIR
+from tests.cluster import nginx_site
 from tests.processes import REPO, SETTING_NAMES, free_port, running_main
 from tests.streams import chat_body
 
@@ -52,6 +54,10 @@ DOCKERFILE = DEPLOY / "Dockerfile"
 DOCKERIGNORE = DEPLOY / "Dockerfile.dockerignore"
 COMPOSE = DEPLOY / "compose.yaml"
 ENV_EXAMPLE = DEPLOY / "gateway.env.example"
+# The replicas' set: three gateways behind nginx, Postgres, Redis and Ollama.
+COMPOSE_REPLICAS = DEPLOY / "compose.replicas.yaml"
+REPLICAS_SITE = DEPLOY / "nginx-replicas.conf"
+REPLICAS_ENV_EXAMPLE = DEPLOY / "replicas.env.example"
 COMPOSE_SCHEMA = REPO / "tests" / "compose-spec" / "compose-spec.json"
 
 # Where the unit expects the code, and the placeholders the site leaves for the operator's certificate.
@@ -269,11 +275,9 @@ def _nginx_directives(text: str) -> list[Directive]:
     return directives
 
 
-def _site_setting(name: str, context: tuple[str, ...]) -> tuple[str, ...]:
+def _site_setting(name: str, context: tuple[str, ...], site: Path = NGINX_SITE) -> tuple[str, ...]:
     found = [
-        d.arguments
-        for d in _nginx_directives(NGINX_SITE.read_text())
-        if (d.context, d.name) == (context, name)
+        d.arguments for d in _nginx_directives(site.read_text()) if (d.context, d.name) == (context, name)
     ]
     assert len(found) == 1, f"{name} in {context}: {found}"
     return found[0]
@@ -398,6 +402,57 @@ def test_nginx_site_fits_the_gateway():
     assert body_cap >= _default("max_request_mb") * MIB
     assert body_cap >= _default("max_upload_mb") * MIB + MULTIPART_ALLOWANCE
     assert _site_setting("client_max_body_size", (*https, "location /api/blobs/")) == ("0",)
+
+
+def _replicas_site_for_this_machine() -> str:
+    """nginx-replicas.conf as `nginx -t` can check it here: nginx resolves the upstreams' names as it reads
+    them, and `gateway-1` ... resolve on compose's network only."""
+    upstreams = [f"127.0.0.1:{8001 + number}" for number in range(len(_replica_services()))]
+    return nginx_site("80", upstreams)
+
+
+def test_nginx_replicas_site_passes_nginx_t(tmp_path):
+    checked = _nginx_test(tmp_path, _replicas_site_for_this_machine())
+    assert _nginx_accepts(checked), checked.stderr
+
+
+@pytest.mark.parametrize(
+    ("original", "broken"),
+    [
+        pytest.param(
+            "proxy_next_upstream error timeout;", "proxy_next_upstream eror timeout;", id="bad-value"
+        ),
+        pytest.param("keepalive 32;", "keepalive 32;\n    keepalive 64;", id="twice"),
+    ],
+)
+def test_nginx_check_fails_on_a_broken_replicas_site(tmp_path, original, broken):
+    site = _replicas_site_for_this_machine()
+    assert original in site
+    assert not _nginx_accepts(_nginx_test(tmp_path, site.replace(original, broken, 1)))
+
+
+def test_nginx_replicas_site_fits_the_gateway():
+    directives = _nginx_directives(REPLICAS_SITE.read_text())
+    upstream, server = ("upstream ollama_gateway_replicas",), ("server",)
+    idle = int(_site_setting("keepalive_timeout", upstream, REPLICAS_SITE)[0].removesuffix("s"))
+    assert idle < UVICORN_KEEP_ALIVE
+    forwarded = [
+        d.arguments[1:]
+        for d in directives
+        if d.name == "proxy_set_header" and d.arguments[0] == "X-Forwarded-For"
+    ]
+    assert forwarded == [("$remote_addr",)]
+    assert _site_setting("proxy_buffering", server, REPLICAS_SITE) == ("off",)
+    assert _site_setting("proxy_request_buffering", server, REPLICAS_SITE) == ("off",)
+    # A stopping replica's refusal sends the request to the next; a request already sent is never resent.
+    assert _site_setting("proxy_next_upstream", server, REPLICAS_SITE) == ("error", "timeout")
+    read_timeout = int(_site_setting("proxy_read_timeout", server, REPLICAS_SITE)[0].removesuffix("s"))
+    assert read_timeout > _default("upstream_first_byte_timeout")
+    assert read_timeout > _default("upstream_idle_timeout")
+    body_cap = int(_site_setting("client_max_body_size", server, REPLICAS_SITE)[0].removesuffix("m")) * MIB
+    assert body_cap >= _default("max_request_mb") * MIB
+    assert body_cap >= _default("max_upload_mb") * MIB + MULTIPART_ALLOWANCE
+    assert _site_setting("client_max_body_size", (*server, "location /api/blobs/"), REPLICAS_SITE) == ("0",)
 
 
 # Two clients: one on another machine (another loopback address, to differ from nginx's 127.0.0.1), and one
@@ -649,8 +704,8 @@ def test_dockerignore_lets_through_everything_the_image_copies():
 # The compose file.
 
 
-def _compose() -> dict:
-    return yaml.safe_load(COMPOSE.read_text())
+def _compose(path: Path = COMPOSE) -> dict:
+    return yaml.safe_load(path.read_text())
 
 
 def _compose_problems(compose: dict) -> list[str]:
@@ -664,13 +719,20 @@ def _compose_problems(compose: dict) -> list[str]:
         return problems
     services = compose["services"]
     volumes = compose.get("volumes") or {}
+    networks = compose.get("networks") or {}
     for name, service in services.items():
         for dependency in service.get("depends_on", []):
             if dependency not in services:
                 problems.append(f"{name} depends on {dependency}, which is no service")
+        for network in service.get("networks", []):
+            if network not in networks:
+                problems.append(f"{name} joins the network {network}, which is not declared")
         for volume in service.get("volumes", []):
             source = volume.split(":")[0] if isinstance(volume, str) else volume.get("source", "")
-            if not source.startswith((".", "/")) and source not in volumes:
+            if source.startswith("."):
+                if not (COMPOSE.parent / source).exists():
+                    problems.append(f"{name} mounts {source}, which is not there")
+            elif not source.startswith("/") and source not in volumes:
                 problems.append(f"{name} mounts the volume {source}, which is not declared")
         build = service.get("build")
         if build is not None:
@@ -684,8 +746,9 @@ def test_compose_schema_is_a_valid_schema():
     jsonschema.Draft202012Validator.check_schema(json.loads(COMPOSE_SCHEMA.read_text()))
 
 
-def test_compose_file_matches_the_compose_specification():
-    assert _compose_problems(_compose()) == []
+@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_REPLICAS], ids=lambda path: path.name)
+def test_compose_file_matches_the_compose_specification(path):
+    assert _compose_problems(_compose(path)) == []
 
 
 def _broken_compose(change) -> dict:
@@ -711,6 +774,41 @@ def test_compose_check_fails_on_a_broken_file(change):
     assert _compose_problems(_broken_compose(change)) != []
 
 
+def _broken_replicas(change) -> dict:
+    compose = _compose(COMPOSE_REPLICAS)
+    change(compose)
+    return compose
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(
+            lambda c: c["services"]["gateway-2"]["depends_on"]["gateway-1"].update(condition="service_ready"),
+            id="unknown-condition",
+        ),
+        pytest.param(
+            lambda c: c["services"]["nginx"]["depends_on"].update(
+                {"gateway-4": {"condition": "service_healthy"}}
+            ),
+            id="unknown-service",
+        ),
+        pytest.param(
+            lambda c: c["services"]["redis"]["healthcheck"].update(start_intervall="1s"), id="unknown-key"
+        ),
+        pytest.param(lambda c: c["networks"].pop("replicas"), id="undeclared-network"),
+        pytest.param(
+            lambda c: c["services"]["nginx"].update(
+                volumes=["./nginx-replica.conf:/etc/nginx/conf.d/default.conf"]
+            ),
+            id="missing-file",
+        ),
+    ],
+)
+def test_compose_check_fails_on_a_broken_replicas_file(change):
+    assert _compose_problems(_broken_replicas(change)) != []
+
+
 def _seconds(duration: str) -> float:
     match = re.fullmatch(r"(\d+)(s|m)", duration)
     assert match, duration
@@ -733,11 +831,111 @@ def test_compose_runs_the_gateway_in_front_of_ollama():
     assert f"/deploy/{env_file['path']}" in (REPO / ".gitignore").read_text().splitlines()
 
 
+def _replica_services() -> dict[str, dict]:
+    services = _compose(COMPOSE_REPLICAS)["services"]
+    return {name: service for name, service in services.items() if name.startswith("gateway-")}
+
+
+def _condition(service: dict, dependency: str) -> str | None:
+    return (service.get("depends_on") or {}).get(dependency, {}).get("condition")
+
+
+def test_compose_replicas_share_one_database_redis_key_and_data_folder():
+    replicas = _replica_services()
+    assert sorted(replicas) == ["gateway-1", "gateway-2", "gateway-3"]
+    first, *others = replicas.values()
+    for replica in others:
+        assert replica["environment"] == first["environment"]
+        assert replica["volumes"] == first["volumes"]
+        assert replica["build"] == first["build"]
+        assert replica["image"] == first["image"]
+    environment = first["environment"]
+    assert environment["DATABASE_URL"].startswith("postgresql://")
+    assert environment["DATABASE_URL"].endswith("@postgres:5432/gateway")
+    assert environment["REDIS_URL"].startswith("redis://")
+    assert environment["REDIS_URL"].endswith("@redis:6379/0")
+    assert environment["OLLAMA_URL"] == "http://ollama:11434"
+    (data,) = first["volumes"]
+    assert data.split(":")[1] == _dockerfile_environment()["DATA_DIR"]
+    assert _seconds(first["stop_grace_period"]) > _default("graceful_shutdown_seconds")
+
+
+SECRET_NAMES = ("SECRET_KEY", "POSTGRES_PASSWORD", "REDIS_PASSWORD")
+
+
+def test_compose_replicas_have_no_working_default_secret():
+    text = COMPOSE_REPLICAS.read_text()
+    # Every variable is required (`${NAME:?message}`: compose refuses to start without it); no default.
+    used = re.findall(r"\$\{([A-Z_]+)([^}]*)\}", text)
+    assert {name for name, _ in used} == set(SECRET_NAMES)
+    assert all(rest.startswith(":?") for _, rest in used), used
+    # The example leaves them empty, and the file they are written in is never committed.
+    example = dict(re.findall(r"^([A-Z_]+)=(.*)$", REPLICAS_ENV_EXAMPLE.read_text(), flags=re.MULTILINE))
+    assert {name: example.get(name) for name in SECRET_NAMES} == dict.fromkeys(SECRET_NAMES, "")
+    for replica in _replica_services().values():
+        (env_file,) = replica["env_file"]
+        assert env_file["required"] is True
+        assert f"/deploy/{env_file['path']}" in (REPO / ".gitignore").read_text().splitlines()
+
+
+def test_compose_replicas_start_in_order_once_what_they_need_is_healthy():
+    services = _compose(COMPOSE_REPLICAS)["services"]
+    replicas = _replica_services()
+    for name, replica in replicas.items():
+        assert _condition(replica, "postgres") == "service_healthy"
+        assert _condition(replica, "redis") == "service_healthy"
+        # The first replica alone creates the tables and the first admin; the others wait for it.
+        if name != "gateway-1":
+            assert _condition(replica, "gateway-1") == "service_healthy"
+    assert _condition(replicas["gateway-1"], "ollama") == "service_healthy"
+    assert {name: _condition(services["nginx"], name) for name in replicas} == dict.fromkeys(
+        replicas, "service_healthy"
+    )
+    # What is waited for has a health check to wait on.
+    waited_for = {dependency for service in services.values() for dependency in service.get("depends_on", {})}
+    for name in waited_for:
+        assert services[name]["healthcheck"]["test"], name
+
+
+def test_compose_replicas_are_reached_through_nginx_alone():
+    compose = _compose(COMPOSE_REPLICAS)
+    services = compose["services"]
+    assert [name for name, service in services.items() if "ports" in service] == ["nginx"]
+    nginx = services["nginx"]
+    (published,) = nginx["ports"]
+    assert published.rsplit(":", 1)[1] == _site_setting("listen", ("server",), REPLICAS_SITE)[0]
+    (conf,) = nginx["volumes"]
+    source, target, mode = conf.split(":")
+    assert (COMPOSE_REPLICAS.parent / source).resolve() == REPLICAS_SITE
+    assert (target, mode) == ("/etc/nginx/conf.d/default.conf", "ro")
+    # nginx balances exactly the replicas, at the port the image has them listen on.
+    servers = [
+        d.arguments
+        for d in _nginx_directives(REPLICAS_SITE.read_text())
+        if d.context == ("upstream ollama_gateway_replicas",) and d.name == "server"
+    ]
+    port = _dockerfile_environment()["PORT"]
+    assert servers == [(f"{name}:{port}",) for name in _replica_services()]
+    # The replicas believe X-Forwarded-For from nginx's fixed address alone, on the set's own network.
+    nginx_address = nginx["networks"]["replicas"]["ipv4_address"]
+    (subnet,) = compose["networks"]["replicas"]["ipam"]["config"]
+    for replica in _replica_services().values():
+        assert replica["environment"]["TRUSTED_PROXIES"] == nginx_address
+        assert ipaddress.ip_address(replica["networks"]["replicas"]["ipv4_address"]) in ipaddress.ip_network(
+            subnet["subnet"]
+        )
+    assert ipaddress.ip_address(nginx_address) in ipaddress.ip_network(subnet["subnet"])
+
+
 # Every file against the settings.
 
 
+def _names_in(path: Path) -> set[str]:
+    return set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]*)=", path.read_text(), flags=re.MULTILINE))
+
+
 def _names_in_env_example() -> set[str]:
-    return set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]*)=", ENV_EXAMPLE.read_text(), flags=re.MULTILINE))
+    return _names_in(ENV_EXAMPLE)
 
 
 @pytest.mark.parametrize(
@@ -747,9 +945,18 @@ def _names_in_env_example() -> set[str]:
         pytest.param(lambda: set(_dockerfile_environment()), id="dockerfile"),
         pytest.param(lambda: set(_compose()["services"]["gateway"]["environment"]), id="compose"),
         pytest.param(_names_in_env_example, id="env-example"),
+        pytest.param(
+            lambda: set().union(*(replica["environment"] for replica in _replica_services().values())),
+            id="compose-replicas",
+        ),
+        pytest.param(
+            lambda: _names_in(REPLICAS_ENV_EXAMPLE) - {"POSTGRES_PASSWORD", "REDIS_PASSWORD"},
+            id="replicas-env-example",
+        ),
     ],
 )
 def test_deploy_files_set_only_gateway_settings(names):
     found = names()
     assert found
-    assert found - SETTING_NAMES == set()
+    # REDIS_URL: the replicas' shared state (issue 14), whose setting comes with the Redis sharing itself.
+    assert found - SETTING_NAMES - {"REDIS_URL"} == set()
