@@ -58,6 +58,9 @@ POOL_SIZE = 8
 SQLITE_FILE = "gateway.sqlite3"
 # Where Postgres tells every process that credentials changed (db.changes).
 CREDENTIALS_CHANNEL = "gateway_credentials"
+# The advisory lock key migrations hold on Postgres (any number the gateway uses for nothing else).
+MIGRATION_LOCK = 0x6F6C6C61
+
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -217,6 +220,11 @@ class Database:
             try:
                 conn.execution_options(write=True)
                 with conn.begin():
+                    if not self.is_sqlite:
+                        # Replicas started at once on a new database would each create the same tables
+                        # (a duplicate key in Postgres' catalogue): the first migrates, the others wait for
+                        # its commit, then find the schema at head. Released when the transaction ends.
+                        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
                     upgrade_to_head(conn, revision)
             finally:
                 if raw is not None:

@@ -14,6 +14,7 @@ from sqlalchemy.exc import OperationalError
 from db.engine import Database
 from db.legacy import MIGRATIONS
 from db.migrations import current_revision, head_revision
+from tests import databases
 from uploads.store import UploadStore
 
 
@@ -165,3 +166,36 @@ def test_after_the_upgrade_ids_are_never_reused_and_removals_still_cascade(tmp_p
     assert _rows(db, "SELECT * FROM api_keys") == []
     assert _rows(db, "SELECT * FROM uploads") == []
     db.close()
+
+
+@pytest.mark.storage
+@pytest.mark.postgres_only
+def test_replicas_starting_at_once_on_a_new_postgres_database_all_migrate_it():
+    """Several gateways started together on one empty database: one creates the schema, the others wait for
+    it and find it done (without a lock, two of three failed on a duplicate key in Postgres' catalogue)."""
+    url = databases.new_database_url()
+    assert url is not None
+    replicas = [Database(url) for _ in range(3)]
+    together = threading.Barrier(len(replicas))
+    failures: list[BaseException] = []
+
+    def start(db: Database) -> None:
+        together.wait()
+        try:
+            db.migrate()
+        except BaseException as exc:  # reported below, whatever it is
+            failures.append(exc)
+
+    threads = [threading.Thread(target=start, args=(db,)) for db in replicas]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    try:
+        assert failures == []
+        for db in replicas:
+            with db.engine.connect() as conn:
+                assert current_revision(conn) == head_revision()
+    finally:
+        for db in replicas:
+            db.close()

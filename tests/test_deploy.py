@@ -958,5 +958,4 @@ def _names_in_env_example() -> set[str]:
 def test_deploy_files_set_only_gateway_settings(names):
     found = names()
     assert found
-    # REDIS_URL: the replicas' shared state (issue 14), whose setting comes with the Redis sharing itself.
-    assert found - SETTING_NAMES - {"REDIS_URL"} == set()
+    assert found - SETTING_NAMES == set()
