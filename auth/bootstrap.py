@@ -14,6 +14,7 @@ from auth.passwords import hash_password
 from auth.users import UserStore
 from core.private_files import make_private_directory, open_new_private_file
 from core.settings import MIN_SECRET_KEY_LENGTH, ConfigurationError, Settings
+from core.storage_errors import Conflict
 
 SECRET_KEY_FILE = "secret_key"  # noqa: S105 -- a file name, not a secret
 
@@ -48,11 +49,11 @@ def ensure_admin(settings: Settings, users: UserStore) -> None:
         return
     # Hashed here, in the start-up's worker thread: once, before anyone can sign in.
     if settings.admin_password is not None:
-        password_hash = hash_password(settings.admin_password.get_secret_value())
-        users.create_with_hash(settings.admin_email, password_hash, "admin")
+        _create_admin(settings, users, hash_password(settings.admin_password.get_secret_value()))
         return
     password = secrets.token_urlsafe(15)
-    users.create_with_hash(settings.admin_email, hash_password(password), "admin")
+    if not _create_admin(settings, users, hash_password(password)):
+        return
     # Printed, not logged: it must reach the person starting the gateway once, and no log file.
     print(
         "\n"
@@ -62,3 +63,15 @@ def ensure_admin(settings: Settings, users: UserStore) -> None:
         file=sys.stderr,
         flush=True,
     )
+
+
+def _create_admin(settings: Settings, users: UserStore, password_hash: str) -> bool:
+    """Whether this process created the admin. Replicas started together on a new database all find no
+    admin: one creates it, and the others' same email conflicts; for them, the admin now exists."""
+    try:
+        users.create_with_hash(settings.admin_email, password_hash, "admin")
+    except Conflict:
+        if users.has_admin():
+            return False
+        raise  # the email is a person's who is not an admin: the operator must choose another
+    return True

@@ -11,10 +11,13 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
-from db.engine import Database
+from auth.bootstrap import ensure_admin
+from auth.users import UserStore
+from db.engine import Database, database_url
 from db.legacy import MIGRATIONS
 from db.migrations import current_revision, head_revision
 from tests import databases
+from tests.servers import gateway_settings
 from uploads.store import UploadStore
 
 
@@ -196,6 +199,44 @@ def test_replicas_starting_at_once_on_a_new_postgres_database_all_migrate_it():
         for db in replicas:
             with db.engine.connect() as conn:
                 assert current_revision(conn) == head_revision()
+    finally:
+        for db in replicas:
+            db.close()
+
+
+@pytest.mark.storage
+@pytest.mark.parametrize("configured", [True, False], ids=["configured password", "generated password"])
+def test_replicas_starting_at_once_on_a_new_database_make_one_admin(tmp_path, capsys, configured):
+    """Each replica finds no admin and makes one: one of them does, the others' same email conflicts, and
+    for them the admin exists (without that, they stopped at start-up). A generated password is printed
+    once, by the one that made it."""
+    overrides = {} if configured else {"admin_password": None}
+    settings = gateway_settings(tmp_path, "http://127.0.0.1:9", **overrides)
+    url = database_url(settings.database_url, settings.data_dir)
+    first = Database(url)
+    first.migrate()
+    first.close()
+    replicas = [Database(url) for _ in range(3)]
+    together = threading.Barrier(len(replicas))
+    failures: list[BaseException] = []
+
+    def start(db: Database) -> None:
+        together.wait()
+        try:
+            ensure_admin(settings, UserStore(db))
+        except BaseException as exc:  # reported below, whatever it is
+            failures.append(exc)
+
+    threads = [threading.Thread(target=start, args=(db,)) for db in replicas]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    try:
+        assert failures == []
+        assert _rows(replicas[0], "SELECT email, role FROM users") == [(settings.admin_email, "admin")]
+        printed = capsys.readouterr().err
+        assert printed.count("password:") == (0 if configured else 1)
     finally:
         for db in replicas:
             db.close()
