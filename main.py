@@ -28,6 +28,7 @@ from core.server import (
 from core.settings import MIB, ConfigurationError, Settings
 from core.settings_errors import configuration_error_line, read_settings
 from core.startup_errors import OneLineStartupErrors
+from core.workers import require_shared_state
 from observe.access_log import AccessLog, configure_access_logger
 from observe.metrics import publish_fleet_gauges
 from routes import admin, api_docs, audit, auth, files, health, hosts, keys, me, metrics, usage, web
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None, *, probe_ollama_at_start: bool 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         require_gateway_protocol()
+        require_shared_state(settings)  # several workers with nothing shared would multiply every limit
         raise_open_file_limit()  # before uvicorn starts accepting: one descriptor per connection
         app.state.services = await open_services(settings)
         # What start-up built (modules, SQLAlchemy's and pydantic's tables) lives as long as the process;
