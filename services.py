@@ -25,7 +25,7 @@ from core.private_files import make_tree_private
 from core.settings import ConfigurationError, Settings
 from db.changes import watch_changes
 from db.engine import Database, database_problem, database_url
-from fleet.admission import Fleet
+from fleet.admission import Fleet, SharedQueue
 from fleet.changes import HostChanges
 from fleet.hosts import HostConfig, Hosts, environment_hosts
 from fleet.scheduler import Limits
@@ -77,11 +77,19 @@ async def open_services(settings: Settings) -> Services:
     # The environment's first: the first of them answers /health and /api/version (upstream.probe).
     for config in [*environment_hosts(settings.ollama_urls, settings.ollama_parallel), *stored_hosts]:
         hosts.add(config)
+    redis = None
+    shared = None
+    if settings.redis_url:
+        # Up or degraded from its first answer on, never fatal: an unreachable Redis is a degraded mode.
+        redis = RedisLink(settings.redis_url)
+        await redis.start()
+        shared = SharedQueue(redis, settings.redis_prefix, settings.lease_seconds)
     fleet = Fleet(
         hosts,
         queue_limits(settings),
         settings.host_check_seconds,
         read_stored=partial(db.run, host_store.configs),
+        shared=shared,
     )
 
     signer = TokenSigner(secret_key, settings.access_token_expire_minutes * 60)
@@ -95,11 +103,6 @@ async def open_services(settings: Settings) -> Services:
     usage_store = UsageStore(db, zone)
     usage_writer = UsageWriter(db, usage_store)
     usage_writer.start()
-    redis = None
-    if settings.redis_url:
-        # Up or degraded from its first answer on, never fatal: an unreachable Redis is a degraded mode.
-        redis = RedisLink(settings.redis_url)
-        await redis.start()
     return Services(
         settings=settings,
         db=db,

@@ -336,7 +336,10 @@ local id, model, used, measured = ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7]
 local r = record(id)
 if model == '' and r then model = r.m end
 if r and r.st == 'granted' then
-  for _, key in ipairs(grant_keys(r)) do redis.call('ZREM', key, id) end
+  for _, key in ipairs(grant_keys(r)) do
+    redis.call('ZREM', key, id)
+    live(key)  -- and the expired members with it: the key goes with its last live one
+  end
   local fair, _, mine = vtimes(r.m, r.b, r.u)
   redis.call('HSET', fair, 'v' .. r.b .. ':' .. r.u, num(mine + used - tonumber(r.c)))
   redis.call('PEXPIRE', fair, HISTORY)

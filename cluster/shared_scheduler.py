@@ -462,10 +462,15 @@ class SharedScheduler:
     # -- renewal and the subscription ----------------------------------------------------------------------
 
     async def _renew_forever(self) -> None:
-        """Every third of the lease: the heartbeat, and everything this replica holds renewed."""
+        """Every third of the lease: the heartbeat, and everything this replica holds renewed. Then the
+        models its requests wait for are dispatched: a slot freed by an expiry (a replica gone), not by a
+        release, has nobody else to hand it on."""
         while True:
             with contextlib.suppress(RedisUnavailable):
                 await self.renew()
+                models = {waiter.ask.model for waiter in self._waiters.values() if waiter.queued}
+                if models:
+                    await self._refresh(sorted(models))
             await asyncio.sleep(self.lease_seconds / 3)
 
     async def renew(self) -> None:

@@ -5,6 +5,9 @@ for one); `finish` gives the slot back on every path, with what Ollama's counter
 request is ejected (fleet.health) before its slot is handed on, so the next waiter goes elsewhere; slots
 unknown for a (host, model) are learned from the counters (fleet.learning).
 
+With REDIS_URL set, the fair queue and the slots are shared by every replica (cluster.shared_scheduler);
+without it, they are this process's own (fleet.scheduler), as they always were.
+
 Hosts change while it runs (`put`, `remove`): through `/admin/hosts` (fleet.changes), and from the stored
 hosts, read again at every periodic check, so that a change `manage.py` or another replica made is taken
 up within HOST_CHECK_SECONDS (fleet.store).
@@ -20,6 +23,8 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from cluster.redis_link import RedisLink
+from cluster.shared_scheduler import SharedScheduler
 from core.storage_errors import StorageError
 from fleet.hosts import STORED, Host, HostConfig, Hosts, shown_model
 from fleet.learning import SlotLearner
@@ -27,6 +32,15 @@ from fleet.scheduler import Ask, Grant, Limits, Refused, Scheduler
 from upstream.counters import Counters
 
 logger = logging.getLogger("gateway.fleet")
+
+
+@dataclass(frozen=True)
+class SharedQueue:
+    """Where the replicas share the fair queue: REDIS_URL's link, REDIS_PREFIX, LEASE_SECONDS."""
+
+    link: RedisLink
+    prefix: str
+    lease_seconds: float
 
 
 @dataclass(frozen=True)
@@ -48,9 +62,16 @@ class Fleet:
         limits: Limits,
         check_seconds: float,
         read_stored: Callable[[], Awaitable[list[HostConfig]]] | None = None,
+        shared: SharedQueue | None = None,
     ) -> None:
         self.hosts = hosts
-        self.scheduler = Scheduler(hosts.candidates, limits)
+        self.scheduler: Scheduler | SharedScheduler
+        if shared is None:
+            self.scheduler = Scheduler(hosts.candidates, limits)
+        else:
+            self.scheduler = SharedScheduler(
+                hosts.candidates, shared.link, shared.prefix, shared.lease_seconds, limits
+            )
         self._check_seconds = check_seconds
         self._checks: asyncio.Task[None] | None = None
         self._read_stored = read_stored
@@ -61,9 +82,13 @@ class Fleet:
     def start(self) -> None:
         """Check every host now and then every `check_seconds`, in the background."""
         self._checks = asyncio.get_running_loop().create_task(self._check_forever())
+        if isinstance(self.scheduler, SharedScheduler):
+            self.scheduler.start()
 
     async def close(self) -> None:
         self.scheduler.close()
+        if isinstance(self.scheduler, SharedScheduler):
+            await self.scheduler.aclose()
         for task in [self._checks, *self._checking]:
             if task is not None:
                 task.cancel()
@@ -246,4 +271,4 @@ class Fleet:
         }
 
 
-__all__ = ["Ask", "Ended", "Fleet", "Grant", "Limits", "Refused"]
+__all__ = ["Ask", "Ended", "Fleet", "Grant", "Limits", "Refused", "SharedQueue"]
