@@ -9,6 +9,7 @@ own; the SIGKILL and contention tests run real processes (`tests/shared_replica.
 """
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
 
+import httpx
 import pytest
 import redis
 
@@ -33,6 +35,7 @@ from fleet.scheduler import Ask, Band, Candidate, Grant, Limits, Refused, Schedu
 from tests import shared_replica
 from tests.processes import REPO
 from tests.redis_server import KeySpace, ThrowawayRedis
+from tests.streams import chat_body
 from upstream.client import UpstreamTimeouts
 
 BATCH = Band.BATCH
@@ -460,3 +463,25 @@ def test_fleet_uses_the_shared_queue_only_with_redis(redis_keys):
         await link.aclose()
 
     run(test)
+
+
+def test_shared_two_gateways_on_one_redis_never_send_a_host_more_than_its_slots(
+    make_gateway, make_fake, redis_keys
+):
+    host = make_fake(num_parallel=1)
+    shared = {"redis_url": redis_keys.url, "redis_prefix": redis_keys.prefix, "lease_seconds": LEASE}
+    gateways = [make_gateway(ollama_url=host.url, ollama_parallel=1, **shared) for _ in range(2)]
+    assert all(isinstance(gateway.services.fleet.scheduler, SharedScheduler) for gateway in gateways)
+    body = {**chat_body(tokens=3, interval=0.02), "stream": False}
+    headers = [gateway.admin_headers() for gateway in gateways]
+
+    def chat(number: int) -> int:
+        gateway = gateways[number % 2]
+        answer = httpx.post(f"{gateway.url}/api/chat", json=body, headers=headers[number % 2], timeout=30)
+        return answer.status_code
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(chat, range(8)))
+    assert statuses == [200] * 8
+    # Each gateway alone would have sent one at a time, two together: the shared slot kept it to one.
+    assert host.model_stats(shared_replica.MODEL).max_in_flight == 1
