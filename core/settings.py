@@ -83,7 +83,7 @@ class Settings(BaseSettings):
         description="a postgresql:// URL naming a database, such as "
         "postgresql://gateway@db.internal/gateway, or no value for SQLite in DATA_DIR",
     )
-    # Set: the replicas share short-lived state through this Redis, slots as leases first (`cluster/`).
+    # Set: the replicas share short-lived state through this Redis: the fair queue and the slots (`cluster/`).
     # Unset: one process, nothing shared.
     redis_url: str | None = Field(
         default=None,
