@@ -329,6 +329,28 @@ def test_shared_a_grant_for_a_request_gone_in_that_instant_is_given_back(redis_k
     run(test)
 
 
+def test_shared_a_request_waiting_when_redis_loses_its_data_queues_again_and_is_served(redis_keys, caplog):
+    caplog.set_level(logging.WARNING, logger="gateway.scheduler")
+
+    async def test() -> None:
+        async with replicas(redis_keys, 2, one_host(1)) as (first, second):
+            running = await first.acquire(Ask("a", "m"))
+            waiting = await queued(second, Ask("b", "m"))
+            client = first._link.client
+            await client.delete(*[key async for key in client.scan_iter(match=f"{redis_keys.prefix}*")])
+            # As after a restart without persistence: the running request's lease is gone (its slot free),
+            # and the waiter, unknown to Redis now, joins the queue again at the next renewal.
+            grant = await asyncio.wait_for(waiting, LEASE)
+            assert isinstance(grant, SharedGrant)
+            first.release(running)
+            second.release(grant)
+            await settle(first, second)
+        lost = [record for record in caplog.records if "expired in Redis" in record.getMessage()]
+        assert len(lost) == 1
+
+    run(test)
+
+
 def _replica_process(mode: str, keys: KeySpace, *arguments: object) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "tests.shared_replica", mode, keys.url, keys.prefix, *map(str, arguments)],
