@@ -1,2 +1,2 @@
 """State the gateway's replicas share through Redis (REDIS_URL, issue 14): the link to Redis and its health,
-slot leases, and the fair queue (cluster.shared_scheduler)."""
+and slot leases. The fair queue they share is the fleet's (fleet.shared_scheduler), built on these."""

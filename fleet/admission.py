@@ -5,7 +5,7 @@ for one); `finish` gives the slot back on every path, with what Ollama's counter
 request is ejected (fleet.health) before its slot is handed on, so the next waiter goes elsewhere; slots
 unknown for a (host, model) are learned from the counters (fleet.learning).
 
-With REDIS_URL set, the fair queue and the slots are shared by every replica (cluster.shared_scheduler);
+With REDIS_URL set, the fair queue and the slots are shared by every replica (fleet.shared_scheduler);
 without it, they are this process's own (fleet.scheduler), as they always were.
 
 Hosts change while it runs (`put`, `remove`): through `/admin/hosts` (fleet.changes), and from the stored
@@ -24,11 +24,11 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from cluster.redis_link import RedisLink
-from cluster.shared_scheduler import SharedScheduler
 from core.storage_errors import StorageError
 from fleet.hosts import STORED, Host, HostConfig, Hosts, shown_model
 from fleet.learning import SlotLearner
 from fleet.scheduler import Ask, Grant, Limits, Refused, Scheduler
+from fleet.shared_scheduler import SharedScheduler
 from upstream.counters import Counters
 
 logger = logging.getLogger("gateway.fleet")

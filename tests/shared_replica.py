@@ -17,8 +17,8 @@ import random
 import sys
 
 from cluster.redis_link import RedisLink
-from cluster.shared_scheduler import SharedScheduler
 from fleet.scheduler import Ask, Candidate
+from fleet.shared_scheduler import SharedScheduler
 
 HOST = "gpu-1"
 MODEL = "llama3.2:1b"

@@ -1,4 +1,4 @@
-"""The fair queue and slots shared through Redis (cluster.shared_scheduler), on a real Redis: several
+"""The fair queue and slots shared through Redis (fleet.shared_scheduler), on a real Redis: several
 replicas together never run more than a host's slots, a slot freed on one goes to a waiter on another at
 once, fairness, bands and caps hold across them, nothing is left behind by cancellations and timeouts, a
 replica killed with SIGKILL gives its slots back within the lease and its waiters block nobody, and without
@@ -28,10 +28,10 @@ import redis
 
 from cluster.leases import SlotLeases
 from cluster.redis_link import REGISTRY, RedisLink
-from cluster.shared_scheduler import SharedGrant, SharedScheduler
 from fleet.admission import Fleet, SharedQueue
 from fleet.hosts import Hosts
 from fleet.scheduler import Ask, Band, Candidate, Grant, Limits, Refused, Scheduler
+from fleet.shared_scheduler import SharedGrant, SharedScheduler
 from tests import shared_replica
 from tests.processes import REPO
 from tests.redis_server import KeySpace, ThrowawayRedis

@@ -1,4 +1,4 @@
-"""The shared fair queue's Lua scripts (cluster.shared_scheduler says why it is built this way).
+"""The shared fair queue's Lua scripts (fleet.shared_scheduler says why it is built this way).
 
 Every script gets the key prefix, a random integer (to break ties between hosts, as `random.choice` does in
 fleet.scheduler) and the lease in milliseconds as its first three arguments, and reads the time itself

@@ -7,7 +7,7 @@ replicas behave as one scheduler: the same public interface, the same rules (ban
 queueing over people in slot-seconds, one person's requests in order, caps, timeouts), one queue per model.
 
 How, and why:
-- **One script decides.** Who goes next and taking their slot are one Lua script (cluster.queue_scripts),
+- **One script decides.** Who goes next and taking their slot are one Lua script (fleet.queue_scripts),
   run alone by Redis: no two replicas can hand out the same slot. Enqueueing runs it (a request that can go
   at once goes), and so does every release, in the same step as the slot is given back: dispatch stays
   work-conserving and immediate across replicas. The hosts that may serve the model (and their slots) are
@@ -54,8 +54,8 @@ from urllib.parse import quote
 from prometheus_client import Counter
 from redis.exceptions import RedisError
 
-from cluster import queue_scripts
 from cluster.redis_link import REGISTRY, RedisLink, RedisUnavailable
+from fleet import queue_scripts
 from fleet.scheduler import Ask, Candidate, Grant, Limits, Refused, Scheduler
 
 logger = logging.getLogger("gateway.scheduler")
