@@ -103,8 +103,8 @@ def main(argv: list[str]) -> int:
         },
     )
     print(report.markdown(rows))
-    for name in ("streams", "two-hosts"):
-        if name in results:
+    for name in ("streams", "two-hosts", "replicas"):
+        if results.get(name):
             print("\n" + report.cpu_markdown(results[name], name))
     if warning := report.noise_warning(results):
         print("\n" + warning)

@@ -30,12 +30,14 @@ def run_gateway(
     settings: dict[str, str] | None = None,
     keep_log: Path | None = None,
     root: Path = REPO_ROOT,
+    workers: int = 1,
 ) -> Iterator[tuple[int, str, list[psutil.Process]]]:
-    """Yields the gateway's port, a bearer token for it and its processes.
+    """Yields the gateway's port, a bearer token for it and its processes (uvicorn's and its workers').
 
     `upstream_ports`: its Ollama hosts (OLLAMA_URL lists them all); `settings` adds to or overrides its
     environment; `keep_log` is where to copy its log when it stops (the data dir, log included, is deleted);
-    `root` is the source tree to run (an earlier version's).
+    `root` is the source tree to run (an earlier version's); `workers`, uvicorn's `--workers` (more than one
+    needs REDIS_URL in `settings`: the gateway refuses to start otherwise).
     """
     tmp = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     data_dir = tmp / "data"
@@ -53,7 +55,7 @@ def run_gateway(
     }
     argv = [
         sys.executable, "-m", "uvicorn", "main:app", "--host", HOST, "--port", str(port),
-        "--loop", "uvloop", "--http", "core.server:HeaderTimeoutProtocol", "--workers", "1",
+        "--loop", "uvloop", "--http", "core.server:HeaderTimeoutProtocol", "--workers", str(workers),
         "--no-access-log",
     ]  # fmt: skip
     log_path = tmp / "gateway.log"
@@ -61,7 +63,8 @@ def run_gateway(
         proc = spawn(argv, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             _wait_healthy(port, proc, log_path)
-            login = {"email": ADMIN_EMAIL, "password": password}
+            # The settings' admin, if they name one: gateways sharing a database share its first admin.
+            login = {"email": env["ADMIN_EMAIL"], "password": env["ADMIN_PASSWORD"]}
             token = request_json("POST", port, "/login", login)["access_token"]
             yield port, token, process_tree(proc.pid)
         finally:

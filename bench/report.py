@@ -232,6 +232,45 @@ def _noisy_rows(results: dict) -> list[dict]:
     return rows
 
 
+def _replicas_rows(results: dict) -> list[dict]:
+    """Replicas behind nginx against nginx alone: what a second hop and the shared queue cost a stream. No
+    target: the issue asks for the figure."""
+    rows = []
+    nginx_wall = (results.get("nginx") or {}).get("wall_s")
+    for name, figures in results.items():
+        text = (
+            f"wall {_num(figures['wall_s'], 2)} s, {figures['ok']}/{figures['count']} complete, "
+            f"first byte p50 {_num(figures['first_byte_p50_ms'])} / "
+            f"p99 {_num(figures['first_byte_p99_ms'])} ms, gap p99 {_num(figures['gap_p99_ms'])} ms"
+        )
+        ratio = "" if name == "nginx" else f"**/nginx {_num(_ratio(figures['wall_s'], nginx_wall), 2)}**"
+        rows.append(_row("replicas", name, text, ratio))
+    return rows
+
+
+def _workers_rows(results: dict) -> list[dict]:
+    """Short requests with one uvicorn worker and with two: the second worker's gain, and what Redis costs."""
+    rows = []
+    one = next((figures for name, figures in results.items() if name.endswith("1 worker, Redis")), None)
+    for name, figures in results.items():
+        latency = figures["latency_ms"] or {}
+        cpu = figures["relay_cpu_us_per_request"]
+        text = (
+            f"{figures['per_s']:.0f} req/s, {figures['ok']}/{figures['answers']} 200, latency "
+            f"p50 {_num(latency.get('p50'), 2)} / p99 {_num(latency.get('p99'), 2)} ms"
+            + ("" if cpu is None else f", CPU {cpu:.0f} µs/request")
+            + f" (median of {len(figures.get('rounds', []))} rounds)"
+        )
+        ratio = ""
+        if one is not None and figures is not one:
+            ratio = (
+                f"against 1 worker with Redis: req/s {_num(_ratio(figures['per_s'], one['per_s']), 2)}, "
+                f"CPU/request {_num(_ratio(cpu, one['relay_cpu_us_per_request']), 2)}"
+            )
+        rows.append(_row("workers", name, text, ratio))
+    return rows
+
+
 ROWS = {
     "streams": _streams_rows,
     "ttfb": _ttfb_rows,
@@ -240,6 +279,8 @@ ROWS = {
     "short": _short_rows,
     "two-hosts": _two_hosts_rows,
     "noisy": _noisy_rows,
+    "replicas": _replicas_rows,
+    "workers": _workers_rows,
 }
 
 

@@ -12,8 +12,9 @@ import time
 from dataclasses import dataclass
 
 from bench.control import LoadClient, Upstream, request_json
-from bench.gateway import signed_in_user
+from bench.gateway import run_gateway, signed_in_user
 from bench.procs import CpuMeter, rss_bytes
+from bench.replicas import Unavailable, replicas_behind_nginx, shared_stores
 from bench.stats import median, summarize_ms
 from bench.targets import ADMITTED_PARALLEL, Baseline, Target, open_targets
 
@@ -522,6 +523,56 @@ def slots_busy(sent: list[dict], used: list[dict], slots: int) -> dict:
     }
 
 
+def replicas(bench: Bench) -> dict:
+    """G: scenario A's streams through three gateway replicas behind nginx, sharing one Postgres database and
+    one Redis (issue 14), against nginx alone; rounds rotated as in A. Skipped without Postgres and Redis."""
+    try:
+        with (
+            shared_stores() as stores,
+            bench.open(["nginx"], [bench.upstream]) as references,
+            replicas_behind_nginx([bench.upstream.port], stores, REPLICAS) as three,
+        ):
+            return _streams_rounds(bench, [*references, three], [bench.upstream], "replicas")
+    except Unavailable as missing:
+        log(f"replicas: skipped, {missing}")
+        return {}
+
+
+def workers(bench: Bench) -> dict:
+    """H: scenario E's short requests (JWT) through one gateway with one uvicorn worker and with two, both on
+    REDIS_URL (several workers refuse to start without it), and with one worker and no Redis (the
+    single-process path, for what Redis adds). Rounds alternate as in E. Skipped without Redis."""
+    runs = [("1 worker, no Redis", 1, False), ("1 worker, Redis", 1, True), ("2 workers, Redis", 2, True)]
+    try:
+        with shared_stores() as stores, contextlib.ExitStack() as stack:
+            targets = []
+            for number, (name, count, shared) in enumerate(runs):
+                settings = (
+                    {
+                        "REDIS_URL": stores.settings["REDIS_URL"],
+                        "REDIS_PREFIX": f"{stores.settings['REDIS_PREFIX']}{number}:",
+                    }
+                    if shared
+                    else {}
+                )
+                port, token, processes = stack.enter_context(
+                    run_gateway([bench.upstream.port], settings, workers=count)
+                )
+                auth = {"Authorization": f"Bearer {token}"}
+                targets.append(Target(f"gateway, {name}", port, "/chat", auth, processes, token))
+            measured: dict[str, list[dict]] = {target.name: [] for target in targets}
+            for turn in range(bench.rounds):
+                for target in targets if turn % 2 == 0 else targets[::-1]:
+                    measured[target.name].append(_short_run(bench, target, target.headers))
+                    log(f"workers {target.name}, round {turn + 1}: {measured[target.name][-1]}")
+    except Unavailable as missing:
+        log(f"workers: skipped, {missing}")
+        return {}
+    return {name: _median_run(results) for name, results in measured.items()}
+
+
+REPLICAS = 3
+
 SCENARIOS = {
     "streams": streams,
     "ttfb": ttfb,
@@ -530,6 +581,9 @@ SCENARIOS = {
     "short": short,
     "two-hosts": two_hosts,
     "noisy": noisy,
+    "replicas": replicas,
+    "workers": workers,
 }
-# A plain run's: noisy takes about two minutes, so it runs when asked for (--scenarios).
+# A plain run's: noisy takes about two minutes, so it runs when asked for (--scenarios), as do replicas and
+# workers, which need Postgres and Redis.
 DEFAULT_SCENARIOS = ("streams", "ttfb", "memory", "disconnect", "short", "two-hosts")
