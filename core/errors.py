@@ -33,10 +33,19 @@ class GatewayError(StarletteHTTPException):
     body (the body cap, raised from `receive`): FastAPI turns any other exception there into a generic 400
     "There was an error parsing the body"."""
 
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        headers: dict[str, str] | None = None,
+        *,
+        openai_type: str | None = None,
+    ) -> None:
         super().__init__(status_code=status, detail=message, headers=headers)
         self.status = status
         self.message = message
+        # The OpenAI-style surface's error `type` and `code`, where the status alone doesn't say it.
+        self.openai_type = openai_type
 
     def __str__(self) -> str:
         return self.message
@@ -55,11 +64,19 @@ class Forbidden(GatewayError):
 OPENAI_PREFIX = "/v1/"
 
 
-def _openai_error(status: int, message: str) -> dict:
-    if status == 401:
+# As OpenAI's API says a used-up budget: its clients' users search for these.
+INSUFFICIENT_QUOTA = "insufficient_quota"
+
+
+def _openai_error(status: int, message: str, openai_type: str | None = None) -> dict:
+    if openai_type is not None:
+        kind, code = openai_type, openai_type
+    elif status == 401:
         kind, code = "invalid_request_error", "invalid_api_key"
     elif status == 403:
         kind, code = "permission_error", None
+    elif status == 429:
+        kind, code = "requests", "rate_limit_exceeded"  # too many at once: OpenAI's rate limit
     elif status < 500:
         kind, code = "invalid_request_error", None
     else:
@@ -68,15 +85,24 @@ def _openai_error(status: int, message: str) -> dict:
 
 
 def error_response(
-    status: int, message: str, headers: Mapping[str, str] | None = None, *, path: str = ""
+    status: int,
+    message: str,
+    headers: Mapping[str, str] | None = None,
+    *,
+    path: str = "",
+    openai_type: str | None = None,
 ) -> JSONResponse:
     """The error in the shape the caller's surface expects, decided by the request path."""
-    body = _openai_error(status, message) if path.startswith(OPENAI_PREFIX) else {"error": message}
+    body = (
+        _openai_error(status, message, openai_type) if path.startswith(OPENAI_PREFIX) else {"error": message}
+    )
     return JSONResponse(body, status_code=status, headers=headers)
 
 
 async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
-    return error_response(exc.status, exc.message, exc.headers, path=request.url.path)
+    return error_response(
+        exc.status, exc.message, exc.headers, path=request.url.path, openai_type=exc.openai_type
+    )
 
 
 async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -32,7 +32,7 @@ from starlette.routing import BaseRoute, Match, NoMatchFound, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from auth.users import User
-from core.errors import Forbidden, GatewayError, error_response, rendered_by_the_app
+from core.errors import INSUFFICIENT_QUOTA, Forbidden, GatewayError, error_response, rendered_by_the_app
 from fleet.hosts import canonical_model, shown_model
 from fleet.scheduler import Ask, Band
 from observe.request_log import request_log
@@ -326,7 +326,12 @@ async def _model_call(scope: Scope, receive: Receive, services: Services, call: 
     try:
         await services.usage.hold(tally, subjects, services.fleet.scheduler.cost_of(model_key))
     except QuotaExceeded as exceeded:
-        raise GatewayError(429, exceeded.message, {"Retry-After": str(exceeded.retry_after)}) from None
+        raise GatewayError(
+            429,
+            exceeded.message,
+            {"Retry-After": str(exceeded.retry_after)},
+            openai_type=INSUFFICIENT_QUOTA,
+        ) from None
     ask = Ask(
         str(user.id),
         model_key,

@@ -235,6 +235,9 @@ def test_past_the_waiting_cap_every_surface_answers_429_in_its_own_shape(
     assert refused.status_code == 429
     assert int(refused.headers["retry-after"]) >= 1
     assert "waiting" in message(refused.json())
+    if path.startswith("/v1/"):  # as OpenAI says a rate limit, not a used-up budget
+        assert refused.json()["error"]["type"] == "requests"
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
 
 
 def _hang_up_soon(gateway: RunningGateway, headers: dict[str, str], seed: int) -> None:

@@ -232,6 +232,8 @@ def test_beyond_each_limit_every_surface_answers_429_in_its_shape_until_the_peri
         error = refused.json()["error"]
         if path.startswith("/v1/"):
             assert set(error) == {"message", "type", "param", "code"}, "OpenAI's shape"
+            # As OpenAI says a used-up budget (its SDKs raise RateLimitError for any 429).
+            assert error["type"] == error["code"] == "insufficient_quota"
         else:
             assert isinstance(error, str), "Ollama's shape"
         message = error_message(refused)
