@@ -136,15 +136,26 @@ class UsageStore:
             start, end, day = self._day = (span.start, span.end, local_day(span.start, self.zone))
         return day
 
-    def spent(self, since: datetime, *, user_id: int | None = None, key_id: int | None = None) -> Spent:
+    def spent(
+        self,
+        since: datetime,
+        *,
+        user_id: int | None = None,
+        key_id: int | None = None,
+        until: datetime | None = None,
+    ) -> Spent:
+        """What a person (or a key) used from `since`, up to `until` (excluded) if given."""
         subject = UsageRow.user_id == user_id if key_id is None else UsageRow.key_id == key_id
+        where = [subject, UsageRow.at >= since.timestamp(), UsageRow.host.is_not(None)]
+        if until is not None:
+            where.append(UsageRow.at < until.timestamp())
         with self.db.session() as session:
             requests, tokens, seconds = session.execute(
                 select(
                     func.count(),
                     func.coalesce(func.sum(_tokens()), 0),
                     func.coalesce(func.sum(UsageRow.slot_seconds), 0.0),
-                ).where(subject, UsageRow.at >= since.timestamp(), UsageRow.host.is_not(None))
+                ).where(*where)
             ).one()
         return Spent(int(requests), int(tokens), float(seconds or 0.0))
 
