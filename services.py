@@ -36,6 +36,7 @@ from uploads.store import UploadStore
 from upstream.client import UpstreamTimeouts
 from usage.book import UsageBook
 from usage.quotas import QuotaBook
+from usage.shared_quotas import SharedLedgers
 from usage.store import UsageStore
 from usage.writer import UsageWriter
 
@@ -122,7 +123,16 @@ async def open_services(settings: Settings) -> Services:
         changes=watcher,
         usage=UsageBook(
             usage_writer,
-            QuotaBook(db, usage_store, zone, flush=usage_writer.flush),
+            QuotaBook(
+                db,
+                usage_store,
+                zone,
+                flush=usage_writer.flush,
+                shared=None
+                if redis is None
+                else SharedLedgers(redis, settings.redis_prefix, settings.lease_seconds),
+                without_redis=settings.quotas_without_redis,
+            ),
             observers=[record_usage],
         ),
         usage_store=usage_store,
@@ -147,6 +157,8 @@ def queue_limits(settings: Settings) -> Limits:
 
 async def close_services(services: Services) -> None:
     await services.fleet.close()
+    if services.usage.quotas.shared is not None:
+        await services.usage.quotas.shared.aclose()
     if services.redis is not None:
         await services.redis.aclose()
     await services.usage.writer.close()

@@ -33,6 +33,7 @@ MIB = 1024 * 1024
 MIN_SECRET_KEY_LENGTH = 32
 MIN_METRICS_TOKEN_LENGTH = 32
 LOG_FORMATS = ("text", "json")
+QUOTA_MODES_WITHOUT_REDIS = ("closed", "open")
 
 _SECONDS = "a number of seconds greater than 0"
 _COUNT = "a whole number of at least 1"
@@ -102,6 +103,10 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(
         default=10, ge=1, le=60, allow_inf_nan=False, description="a number of seconds from 1 to 60"
     )
+    # What quotas do while REDIS_URL's Redis does not answer (usage.quotas): `closed` refuses the model calls
+    # of people and keys with a quota (503), `open` holds them against each replica's own count. Closed by
+    # default: a quota is a budget the operator set, and open lets N replicas spend up to N of it.
+    quotas_without_redis: str = Field(default="closed", description="closed or open")
     max_upload_mb: float = Field(
         default=25, gt=0, allow_inf_nan=False, description="a number of MiB greater than 0"
     )
@@ -206,6 +211,14 @@ class Settings(BaseSettings):
     def _check_log_format(cls, value: str) -> str:
         value = value.strip().lower()
         if value not in LOG_FORMATS:
+            raise ValueError
+        return value
+
+    @field_validator("quotas_without_redis")
+    @classmethod
+    def _check_quotas_without_redis(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in QUOTA_MODES_WITHOUT_REDIS:
             raise ValueError
         return value
 

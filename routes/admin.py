@@ -89,6 +89,8 @@ async def update_user(user_id: UserId, body: UserPatch, services: AppServices, a
     )
     if user is None:
         raise GatewayError(404, NO_SUCH_USER)
+    if "quota" in sent and body.quota is None:
+        await services.usage.quotas.forget("user", user_id)
     # Whatever fields the body sent, by their names in UserPatch: a field added to it later is in the trail
     # with no change here (the password is said as "changed": audit.details).
     await note(services, actor, Action.USER_UPDATE, f"user {user_id}", sent_fields(body))
@@ -129,6 +131,8 @@ async def update_key(key_id: KeyId, body: KeyPatch, services: AppServices, actor
         quota = body.quota.model_dump() if body.quota is not None else None
         if await services.db.run(services.keys.set_quota, key_id, quota) is None:
             raise GatewayError(404, NO_SUCH_KEY)
+        if quota is None:
+            await services.usage.quotas.forget("key", key_id)
         await note(services, actor, Action.KEY_UPDATE, f"key {key_id}", sent_fields(body))
     for key, email in await services.db.run(services.keys.all, key_id):
         return OwnedKeyInfo(**KeyInfo.model_validate(key).model_dump(), user_id=key.user_id, email=email)

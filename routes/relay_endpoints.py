@@ -326,12 +326,10 @@ async def _model_call(scope: Scope, receive: Receive, services: Services, call: 
     try:
         await services.usage.hold(tally, subjects, services.fleet.scheduler.cost_of(model_key))
     except QuotaExceeded as exceeded:
-        raise GatewayError(
-            429,
-            exceeded.message,
-            {"Retry-After": str(exceeded.retry_after)},
-            openai_type=INSUFFICIENT_QUOTA,
-        ) from None
+        retry_after = {"Retry-After": str(exceeded.retry_after)}
+        # A 503 is quotas unknowable (Redis not answering), not a budget used up.
+        kind = INSUFFICIENT_QUOTA if exceeded.status == 429 else None
+        raise GatewayError(exceeded.status, exceeded.message, retry_after, openai_type=kind) from None
     ask = Ask(
         str(user.id),
         model_key,

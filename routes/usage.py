@@ -80,12 +80,13 @@ async def _report(
 
 
 async def _quota_now(services: AppServices, user: User) -> dict[str, Any] | None:
-    """Your quota, what you used of it in its current period, and when that period ends."""
+    """Your quota, what you used of it in its current period (on every replica), and when that period
+    ends."""
     quota = Quota.from_stored(user.quota)
     if quota is None:
         return None
     span = current_span(quota.period, services.usage_store.zone)
-    spent = await services.db.run(services.usage_store.spent, span.start, user_id=user.id)
+    spent = await services.usage.quotas.used("user", user.id, quota)
     return {
         **(user.quota or {}),
         "used": {

@@ -29,6 +29,7 @@ WRONG_VALUES = {
     "redis_url": "http://cache:6379",
     "redis_prefix": "gateway keys",
     "lease_seconds": "600",
+    "quotas_without_redis": "shut",
     "max_upload_mb": "25MB",
     "max_request_mb": "0",
     "cors_origins": "*.example.com",

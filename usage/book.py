@@ -52,7 +52,8 @@ class UsageBook:
 
     async def hold(self, tally: Tally, subjects: list[Subject], slot_seconds: float) -> None:
         """Hold an estimate of the request's use against `subjects`' quotas; past one, the request is
-        recorded as refused and QuotaExceeded raised (a 429, in the surface's error shape)."""
+        recorded as refused and QuotaExceeded raised (a 429, in the surface's error shape; a 503 when
+        Redis does not answer and quotas are closed without it)."""
         if not subjects:
             return
         tally.subjects = subjects
@@ -61,14 +62,12 @@ class UsageBook:
         )
         try:
             tally.hold = await self.quotas.hold(subjects, Estimate(tokens, slot_seconds))
-        except QuotaExceeded:
-            tally.finish(Outcome.REFUSED, 429)
+        except QuotaExceeded as refused:
+            tally.finish(Outcome.REFUSED, refused.status)
             raise
 
     def _recorded(self, tally: Tally, record: UsageRecord) -> None:
-        if tally.hold is not None:
-            self.quotas.settle(tally.hold, tally.subjects, record)
-        self.quotas.count(record)
+        self.quotas.ended(tally.hold, tally.subjects, record)
         self.writer.add(record)
         if tally.holder is not None:
             tally.holder.usage = record
