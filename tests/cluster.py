@@ -7,8 +7,11 @@ starts the set, and stops everything when its block ends, however it ends. A tes
 (`url`) or to one replica (`replicas[i].url`), kills a replica (`kill`, SIGKILL), stops it as a service
 manager does (`stop`, SIGTERM, then it drains) and starts it again on the same port (`start`), and reads
 each test Ollama's counters (`most_in_flight(model)`: the most requests each host ran at once; by default a
-host runs every request it is sent at once, so that is also the most the replicas together sent it).
-nginx names the replica that served each answer in `X-Gateway-Upstream` (`served_by`).
+host runs every request it is sent at once, so that is also the most the replicas together sent it;
+`most_sent(model)`: the most each host was sent at once, running or waiting in its hidden queue, whatever
+its own slots). nginx names the replica that served each answer in `X-Gateway-Upstream` (`served_by`).
+`Load` keeps client threads sending requests, through nginx or to one replica, and records how each ended;
+`new_person` makes someone to send them as; `metrics` reads a replica's /metrics.
 
 Every process is started so that the kernel kills it if the process that started it dies (a test run killed
 by a timeout leaves nothing running), and nginx runs as a single process for the same reason (a worker
@@ -21,6 +24,7 @@ the foreground, prints the addresses and an admin's sign-in, and stops everythin
 import argparse
 import contextlib
 import ctypes
+import json
 import os
 import re
 import secrets
@@ -30,8 +34,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -334,9 +340,129 @@ class Cluster:
         """For each test Ollama host (by URL), the most requests for `model` it has run at once."""
         return {host.url: host.model_stats(model).max_in_flight for host in self.hosts}
 
+    def most_sent(self, model: str) -> dict[str, int]:
+        """For each test Ollama host (by URL), the most requests for `model` it was sent at once: running,
+        or waiting in its hidden queue when its own slots (`host_slots`) were all taken."""
+        return {host.url: host.model_stats(model).max_sent for host in self.hosts}
+
+    def new_person(self, via: "Replica") -> "Person":
+        """A new account, made by the admin through `via`, signed in there."""
+        email = f"{secrets.token_hex(4)}@cluster.test"
+        password = secrets.token_urlsafe(12)
+        account = {"email": email, "password": password}
+        made = httpx.post(f"{via.url}/admin/users", json=account, headers=self.admin_headers())
+        made.raise_for_status()
+        signed_in = httpx.post(f"{via.url}/login", json=account)
+        signed_in.raise_for_status()
+        return Person(made.json()["id"], email, password, signed_in.json()["access_token"])
+
+    def metrics(self, replica: "Replica") -> dict[str, float]:
+        """`replica`'s /metrics samples that have no labels, by name."""
+        answer = httpx.get(f"{replica.url}/metrics", headers=self.admin_headers(), timeout=10)
+        answer.raise_for_status()
+        samples: dict[str, float] = {}
+        for line in answer.text.splitlines():
+            found = re.fullmatch(r"([a-zA-Z_:][a-zA-Z0-9_:]*) (\S+)", line)
+            if found:
+                samples[found[1]] = float(found[2])
+        return samples
+
     def query(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple]:
         """Rows of one statement on the replicas' database, read from outside them."""
         return _execute(self.database_url, sql, params)
+
+
+@dataclass
+class Person:
+    id: int
+    email: str
+    password: str
+    token: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+@dataclass
+class Outcome:
+    started: float
+    ended: float
+    replica: Replica | None
+    ok: bool
+    detail: str
+    first_byte: float | None = None  # seconds from sending to the first line
+
+
+class Load:
+    """Client threads sending requests one after another, until stopped (or `limit` seconds): each
+    request's start, end, which replica served it and whether it fully succeeded. Through nginx as the
+    admin by default; `to` sends them to one replica, `headers` as someone else (or as a batch job)."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        clients: int,
+        body: dict,
+        limit: float = 60.0,
+        *,
+        to: Replica | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.cluster = cluster
+        self.body = body
+        self.outcomes: list[Outcome] = []
+        self._url = cluster.url if to is None else to.url
+        self._to = to
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._deadline = time.monotonic() + limit
+        self._headers = cluster.admin_headers() if headers is None else headers
+        self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
+
+    def __enter__(self) -> "Load":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+    def _client(self) -> None:
+        with httpx.Client(base_url=self._url, headers=self._headers, timeout=30) as http:
+            while not self._stop.is_set() and time.monotonic() < self._deadline:
+                started = time.monotonic()
+                outcome = self._one(http, started)
+                with self._lock:
+                    self.outcomes.append(outcome)
+
+    def _one(self, http: httpx.Client, started: float) -> Outcome:
+        response: httpx.Response | None = None
+        first_byte: float | None = None
+        try:
+            with http.stream("POST", "/api/chat", json=self.body) as response:
+                lines = []
+                for line in response.iter_lines():
+                    if first_byte is None:
+                        first_byte = time.monotonic() - started
+                    lines.append(json.loads(line))
+            ok = response.status_code == 200 and bool(lines) and lines[-1].get("done") is True
+            detail = f"{response.status_code} {lines[-1:]}"
+        except (httpx.HTTPError, ValueError) as error:
+            ok, detail = False, repr(error)
+        replica = self._to if response is None or self._to is not None else self.cluster.served_by(response)
+        return Outcome(started, time.monotonic(), replica, ok, detail, first_byte)
+
+    def served(self, since: float) -> set[Replica | None]:
+        return {outcome.replica for outcome in self.outcomes if outcome.started >= since and outcome.ok}
+
+    def wait_until_served_by(self, replica: Replica, since: float, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while replica not in self.served(since):
+            assert time.monotonic() < deadline, f"nginx sent nothing to {replica.name} again"
+            time.sleep(0.1)
 
 
 def _postgres(url: str) -> str:

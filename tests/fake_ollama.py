@@ -33,8 +33,9 @@ Each instance schedules model runs as Ollama does (server/sched.go, llm/llama_se
   `fake_interval` per token). So `total_duration - load_duration - prompt_eval_duration - eval_duration` is
   the time the request waited for a slot, which its `RecordedRequest` also holds as `slot_wait`. The /v1
   surfaces and the embedding endpoints use the same slots; pulls, pushes and creates use none.
-- `model_stats(name)` tells a test, from its own thread, a model's loads, in-flight count, queue length and
-  the most requests ever seen in flight at once; `wait_until()` blocks until a condition on them holds.
+- `model_stats(name)` tells a test, from its own thread, a model's loads, in-flight count, queue length,
+  the most requests ever seen in flight at once, and the most ever sent to it at once (in flight or waiting
+  in its hidden queue); `wait_until()` blocks until a condition on them holds.
 """
 
 import asyncio
@@ -641,6 +642,7 @@ class ModelStats:
     in_flight: int  # requests holding a slot
     queued: int  # requests waiting for a slot
     max_in_flight: int  # the most requests ever seen holding a slot at once
+    max_sent: int  # the most ever holding or waiting for a slot at once: what clients sent it at once
 
 
 @dataclass(eq=False)
@@ -655,6 +657,7 @@ class ModelRunner:
     users: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
+    max_sent: int = 0
     waiters: deque["asyncio.Future[None]"] = field(default_factory=deque)
     last_used: float = 0.0  # time.monotonic(), for the least-recently-used choice
     idle_since: float = field(default_factory=time.time)  # wall clock, for /api/ps's expires_at
@@ -667,6 +670,7 @@ class ModelRunner:
             in_flight=self.in_flight,
             queued=len(self.waiters),
             max_in_flight=self.max_in_flight,
+            max_sent=self.max_sent,
         )
 
 
@@ -754,6 +758,7 @@ class Scheduler:
                 return
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             runner.waiters.append(waiter)
+            runner.max_sent = max(runner.max_sent, runner.in_flight + len(runner.waiters))
             self.changed.notify_all()
         try:
             await waiter
@@ -789,6 +794,7 @@ class Scheduler:
     def _occupy(runner: ModelRunner) -> None:
         runner.in_flight += 1
         runner.max_in_flight = max(runner.max_in_flight, runner.in_flight)
+        runner.max_sent = max(runner.max_sent, runner.in_flight + len(runner.waiters))
 
     async def _load(self, runner: ModelRunner, seconds: float, max_loaded: int | None) -> None:
         try:

@@ -6,18 +6,17 @@ Real processes on loopback: `python main.py` three times, nginx with deploy/ngin
 Ollama hosts. Postgres is needed, so these run in `make test`'s Postgres pass only.
 """
 
+import concurrent.futures
 import json
 import secrets
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import httpx
 import pytest
 
-from tests.cluster import Cluster, Replica, running_cluster
+from tests.cluster import Cluster, Load, Person, Replica, running_cluster
 from tests.streams import chat_body
 
 pytestmark = [pytest.mark.storage, pytest.mark.postgres_only]
@@ -49,27 +48,6 @@ def cluster(started: Cluster) -> Cluster:
     """The cluster with all three replicas serving (a test before may have killed or stopped one)."""
     started.start_stopped()
     return started
-
-
-@dataclass
-class Person:
-    id: int
-    email: str
-    password: str
-    token: str
-
-
-def _new_person(cluster: Cluster, via: Replica) -> Person:
-    email = f"{secrets.token_hex(4)}@cluster.test"
-    password = secrets.token_urlsafe(12)
-    made = httpx.post(
-        f"{via.url}/admin/users",
-        json={"email": email, "password": password},
-        headers=cluster.admin_headers(),
-    )
-    assert made.status_code == 201, made.text
-    token = httpx.post(f"{via.url}/login", json={"email": email, "password": password}).json()["access_token"]
-    return Person(made.json()["id"], email, password, token)
 
 
 def _bearer(credential: str) -> dict[str, str]:
@@ -145,7 +123,7 @@ def _ended(cluster: Cluster, via: Replica, credential: str, end: Callable[[], No
 )
 def test_a_credential_ended_through_one_replica_is_refused_by_the_others_within_a_second(cluster, change):
     via, *others = cluster.replicas
-    person = _new_person(cluster, via)
+    person = cluster.new_person(via)
     credential = change(cluster, person, via)
     ended_at = time.monotonic()
     assert not _accepted(via, credential)
@@ -155,7 +133,7 @@ def test_a_credential_ended_through_one_replica_is_refused_by_the_others_within_
 
 
 def test_failed_sign_ins_sent_to_different_replicas_add_up_to_one_limit(cluster):
-    person = _new_person(cluster, cluster.replicas[0])
+    person = cluster.new_person(cluster.replicas[0])
     # Counted against this address (nginx's way of naming the client, which the replicas trust from
     # 127.0.0.1): the test's other sign-ins come from 127.0.0.1 itself.
     address = {"X-Forwarded-For": f"198.51.100.{secrets.randbelow(250) + 1}"}
@@ -178,20 +156,31 @@ def test_failed_sign_ins_sent_to_different_replicas_add_up_to_one_limit(cluster)
 
 
 def test_usage_records_one_per_request_whichever_replica_served_it(cluster):
-    person = _new_person(cluster, cluster.replicas[0])
+    one_usage_record_per_request(cluster)
+
+
+def one_usage_record_per_request(cluster: Cluster, at_once: int = 1) -> None:
+    """30 requests through nginx, streamed and not, by one person, `at_once` at a time: every replica served
+    some, and each request has exactly one usage record, whichever replica wrote it."""
+    person = cluster.new_person(cluster.replicas[0])
     run = secrets.token_hex(4)
     sent = [f"usage-{run}-{number}" for number in range(30)]
-    served: Counter[Replica | None] = Counter()
-    with httpx.Client(base_url=cluster.url, headers=_bearer(person.token), timeout=30) as http:
-        for number, request_id in enumerate(sent):
-            headers = {"X-Request-ID": request_id}
-            if number % 2:
-                answer = http.post("/api/chat", json=chat_body(tokens=3) | {"stream": False}, headers=headers)
-            else:
-                with http.stream("POST", "/api/chat", json=chat_body(tokens=3), headers=headers) as answer:
-                    assert json.loads(list(answer.iter_lines())[-1])["done"] is True
-            assert answer.status_code == 200
-            served[cluster.served_by(answer)] += 1
+
+    def send(http: httpx.Client, number: int, request_id: str) -> Replica | None:
+        headers = {"X-Request-ID": request_id}
+        if number % 2:
+            answer = http.post("/api/chat", json=chat_body(tokens=3) | {"stream": False}, headers=headers)
+        else:
+            with http.stream("POST", "/api/chat", json=chat_body(tokens=3), headers=headers) as answer:
+                assert json.loads(list(answer.iter_lines())[-1])["done"] is True
+        assert answer.status_code == 200
+        return cluster.served_by(answer)
+
+    with (
+        httpx.Client(base_url=cluster.url, headers=_bearer(person.token), timeout=30) as http,
+        concurrent.futures.ThreadPoolExecutor(at_once) as pool,
+    ):
+        served = Counter(pool.map(lambda numbered: send(http, *numbered), enumerate(sent)))
     assert set(served) == set(cluster.replicas), served
     # Each replica writes its records in the background; reading the report from one writes that one's.
     for replica in cluster.replicas:
@@ -208,68 +197,6 @@ def test_usage_records_one_per_request_whichever_replica_served_it(cluster):
         headers=cluster.admin_headers(),
     )
     assert report.json()["totals"]["requests"] == len(sent)
-
-
-@dataclass
-class Outcome:
-    started: float
-    ended: float
-    replica: Replica | None
-    ok: bool
-    detail: str
-
-
-class Load:
-    """Client threads sending requests through nginx one after another, until stopped (or `limit` seconds):
-    each request's start, end, which replica served it and whether it fully succeeded."""
-
-    def __init__(self, cluster: Cluster, clients: int, body: dict, limit: float = 60.0) -> None:
-        self.cluster = cluster
-        self.body = body
-        self.outcomes: list[Outcome] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._deadline = time.monotonic() + limit
-        self._headers = cluster.admin_headers()
-        self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
-
-    def __enter__(self) -> "Load":
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=30)
-
-    def _client(self) -> None:
-        with httpx.Client(base_url=self.cluster.url, headers=self._headers, timeout=30) as http:
-            while not self._stop.is_set() and time.monotonic() < self._deadline:
-                started = time.monotonic()
-                replica, ok, detail = self._one(http)
-                with self._lock:
-                    self.outcomes.append(Outcome(started, time.monotonic(), replica, ok, detail))
-
-    def _one(self, http: httpx.Client) -> tuple[Replica | None, bool, str]:
-        response: httpx.Response | None = None
-        try:
-            with http.stream("POST", "/api/chat", json=self.body) as response:
-                lines = [json.loads(line) for line in response.iter_lines()]
-            ok = response.status_code == 200 and bool(lines) and lines[-1].get("done") is True
-            return self.cluster.served_by(response), ok, f"{response.status_code} {lines[-1:]}"
-        except (httpx.HTTPError, ValueError) as error:
-            replica = None if response is None else self.cluster.served_by(response)
-            return replica, False, repr(error)
-
-    def served(self, since: float) -> set[Replica | None]:
-        return {outcome.replica for outcome in self.outcomes if outcome.started >= since and outcome.ok}
-
-    def wait_until_served_by(self, replica: Replica, since: float, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while replica not in self.served(since):
-            assert time.monotonic() < deadline, f"nginx sent nothing to {replica.name} again"
-            time.sleep(0.1)
 
 
 def test_a_replica_killed_during_load_costs_the_other_replicas_clients_nothing(cluster):

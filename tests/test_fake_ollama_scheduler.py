@@ -126,7 +126,7 @@ def test_requests_beyond_the_slots_wait_and_the_most_in_flight_is_observed(make_
     assert stats(fake).in_flight == 2
     assert all(future.result().status_code == 200 for future in holders + waiters)
     assert stats(fake) == ModelStats(
-        loaded=True, loading=False, loads=0, in_flight=0, queued=0, max_in_flight=2
+        loaded=True, loading=False, loads=0, in_flight=0, queued=0, max_in_flight=2, max_sent=5
     )
     # None got a slot before a holder had produced all its tokens.
     first_free = min(recorded(fake, f"holder {index}").slot_at or 0 for index in range(2)) + HOLD - EXACT
