@@ -413,3 +413,28 @@ redis.call('ZREM', P .. 'replicas', ARGV[4])
 return 1
 """
 )
+
+# ARGV[4..]: groups of 7: id, host, quoted host, model, band, user, key ('' none). Requests this replica
+# runs that Redis does not know: admitted from its local share while Redis did not answer, or whose record
+# Redis lost (a restart without persistence). They run on their hosts whatever the slots, so they are
+# recorded as granted and counted in their slots, to be renewed and released as any grant; the shared queue
+# then hands out only what is really free. Charged nothing now: their release charges what they used.
+# Replies how many.
+ADOPT = (
+    _COMMON
+    + """
+local at = now + lease
+local adopted = 0
+for i = 4, #ARGV, 7 do
+  local id = ARGV[i]
+  local r = {q = ARGV[i + 2], m = ARGV[i + 3], u = ARGV[i + 5], k = ARGV[i + 6]}
+  local waiter = P .. 'waiter:' .. id
+  redis.call('HSET', waiter, 'st', 'granted', 'h', ARGV[i + 1], 'q', r.q, 'm', r.m, 'b', ARGV[i + 4],
+    'u', r.u, 'k', r.k, 'c', 0, 'n', 1)
+  redis.call('PEXPIREAT', waiter, at)
+  for _, key in ipairs(grant_keys(r)) do hold(key, id, at) end
+  adopted = adopted + 1
+end
+return adopted
+"""
+)

@@ -30,9 +30,15 @@ How, and why:
   shared grants this replica still runs there. It is logged once per outage and every admission it makes
   is counted (`gateway_degraded_admissions_total`). Requests waiting in Redis when it fails move to the
   local queue, keeping what is left of their wait: their clients did nothing wrong, and a 503 would send
-  them all back at once. When Redis answers again, new requests use the shared queue; local grants finish
-  locally (never written to Redis, so nothing to reconcile) and are subtracted from the slots this replica
-  offers the shared queue meanwhile; shared leases from before the outage expire on their own.
+  them all back at once. So a host runs at most its slots plus the other replicas' shares while the shared
+  requests of before the outage run (a replica cannot see the others' then), and the replicas' shares
+  after that.
+- **Recovery counts what still runs.** When Redis answers again, a replica first records in Redis the
+  local grants it still runs, and every shared grant whose record Redis lost (a restart without
+  persistence), as granted (the ADOPT script): they are renewed and released as any grant, and the shared
+  queue hands out only the slots they leave. Requests waiting in the local queue join the shared queue,
+  keeping what is left of their wait. A replica learns that Redis is back at its next call or renewal (a
+  third of LEASE_SECONDS at most): until then, what it admits locally is not counted by the others.
 
 What `inflight`, `waiting` and friends show is this replica's part (Prometheus sums the replicas' gauges);
 `cost_of` is the shared average, as last read. `try_acquire` never grants: every request goes through
@@ -45,6 +51,7 @@ import logging
 import random
 import secrets
 import time
+from asyncio import FIRST_COMPLETED
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, replace
 from itertools import count
@@ -105,6 +112,20 @@ class _Requeue(Exception):
     """Redis no longer knows the waiting request (its data was lost): it joins the queue again."""
 
 
+class _BackToShared(Exception):
+    """Redis answers again while the request waits in the local queue: it joins the shared queue."""
+
+
+@dataclass(eq=False)
+class _Local:
+    """A grant from the local queue (admitted while Redis did not answer), and its id in Redis once it is
+    counted there (`adopted`)."""
+
+    holder: str
+    grant: Grant
+    adopted: bool = False
+
+
 @dataclass(eq=False)
 class _Waiter:
     ask: Ask
@@ -142,14 +163,18 @@ class SharedScheduler:
         self._dispatch = client.register_script(queue_scripts.DISPATCH)
         self._renew = client.register_script(queue_scripts.RENEW)
         self._leave = client.register_script(queue_scripts.LEAVE)
+        self._adopt = client.register_script(queue_scripts.ADOPT)
         self._waiters: dict[str, _Waiter] = {}
         self._grants: dict[str, SharedGrant] = {}
         self._own: dict[tuple[str, str], int] = {}  # this replica's shared grants by (host, model)
+        self._locals: list[_Local] = []  # grants from the local queue still running
         self._withdrawing: set[str] = set()
         self._costs: dict[str, float] = {}
         self._replicas_seen = 1
         self._fallback = Scheduler(self._local_candidates, self.limits, clock, self._rng)
         self._degraded = False
+        self._shared_back = asyncio.Event()  # set while not degraded: what local waiters wait for too
+        self._shared_back.set()
         self._subscribed = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
         self._renewer: asyncio.Task[None] | None = None
@@ -201,11 +226,11 @@ class SharedScheduler:
         since = self._clock()
         deadline = since + self.limits.timeout(ask.band)
         while True:
-            if not self._shared_usable():
-                return await self._acquire_locally(ask, since, deadline)
             try:
+                if not self._shared_usable():
+                    return await self._acquire_locally(ask, since, deadline)
                 return await self._acquire_shared(ask, since, deadline)
-            except (_MovedLocal, _Requeue):
+            except (_MovedLocal, _Requeue, _BackToShared):
                 continue
 
     def release(self, grant: Grant, slot_seconds: float | None = None) -> None:
@@ -215,7 +240,7 @@ class SharedScheduler:
         if grant.released:
             return
         if not isinstance(grant, SharedGrant):
-            self._fallback.release(grant, slot_seconds)
+            self._release_local(grant, slot_seconds)
             return
         grant.released = True
         used = slot_seconds if slot_seconds is not None else max(self._clock() - grant.started, 0.0)
@@ -265,6 +290,11 @@ class SharedScheduler:
 
     async def _acquire_shared(self, ask: Ask, since: float, deadline: float) -> Grant:
         self.start()
+        try:
+            await self._adopt_locals()
+        except RedisUnavailable:
+            self._degrade()
+            raise _MovedLocal from None
         if not self._subscribed.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(SUBSCRIBE_WAIT):
@@ -335,8 +365,13 @@ class SharedScheduler:
 
     def _candidate_args(self, model: str) -> list[object]:
         """The calling replica's view of the hosts for `model`, for the scripts. Slots this replica's local
-        grants (made while Redis did not answer, still running) hold are not offered."""
-        local = self._fallback.inflight_by_slot()
+        grants (made while Redis did not answer, still running) hold, and that Redis does not count yet, are
+        not offered."""
+        local: dict[tuple[str, str], int] = {}
+        for entry in self._locals:
+            if not entry.adopted:
+                slot = (entry.grant.host, entry.grant.model)
+                local[slot] = local.get(slot, 0) + 1
         args: list[object] = []
         candidates = list(self._candidates(model))
         args.append(len(candidates))
@@ -475,10 +510,13 @@ class SharedScheduler:
 
     async def renew(self) -> None:
         """Renew what this replica holds, in one round trip, and learn from the answer: grants whose message
-        was lost, waiters Redis lost (they queue again), grants lost (logged), the live replicas."""
-        waiters = [holder for holder, waiter in self._waiters.items() if waiter.queued]
-        grants = list(self._grants)
+        was lost, waiters Redis lost (they queue again), grants lost (logged, and counted there again), the
+        live replicas. Local grants are counted in Redis first."""
         try:
+            await self._adopt_locals()
+            waiters = [holder for holder, waiter in self._waiters.items() if waiter.queued]
+            adopted = {entry.holder: entry for entry in self._locals if entry.adopted}
+            grants = [*self._grants, *adopted]
             replicas, states = await self._call(self._renew, self.replica, *waiters, *grants)
         except RedisUnavailable:
             self._degrade()
@@ -486,6 +524,7 @@ class SharedScheduler:
         self._replicas_seen = max(1, int(replicas))
         self._recover()
         lost: list[SharedGrant] = []
+        again: list[tuple[str, Grant]] = []
         for holder, state in zip([*waiters, *grants], states, strict=True):
             status = _text(state[0])
             waiter = self._waiters.get(holder)
@@ -496,17 +535,25 @@ class SharedScheduler:
                     self._waiters.pop(holder, None)
                     waiter.future.set_exception(_Requeue())
             elif status == "gone" and holder in self._grants:
-                grant = self._grants[holder]
-                lost.append(grant)
-                self._forget_grant(grant)
+                lost.append(self._grants[holder])
+                again.append((holder, self._grants[holder]))
+            elif status == "gone" and holder in adopted:
+                again.append((holder, adopted[holder].grant))
         if lost:
             logger.warning(
-                "%d shared slot(s) expired in Redis before they were renewed (first: %s on %s); their "
-                "slots may be taken by other requests",
+                "%d shared slot(s) expired in Redis before they were renewed (first: %s on %s); counted "
+                "there again, as they still run",
                 len(lost),
                 lost[0].model,
                 lost[0].host,
             )
+        if again:
+            # Still running on their hosts: the shared queue must count them, or it hands their slots out.
+            try:
+                await self._call(self._adopt, *_adopt_args(again))
+            except RedisUnavailable:
+                self._degrade()
+                raise
 
     async def _listen(self) -> None:
         """This replica's channel, subscribed again whenever the connection breaks; after each subscription,
@@ -547,6 +594,7 @@ class SharedScheduler:
         if self._degraded or self._link.up:
             return
         self._degraded = True
+        self._shared_back.clear()
         logger.warning(
             "the shared fair queue is out of reach (Redis at %s does not answer): this replica admits "
             "requests with its share of each host's slots (divided by %d replica%s last seen) until it "
@@ -563,19 +611,58 @@ class SharedScheduler:
     def _recover(self) -> None:
         if self._degraded:
             self._degraded = False
+            self._shared_back.set()
             logger.warning("the shared fair queue is back (Redis at %s answers)", self._link.name)
 
     async def _acquire_locally(self, ask: Ask, since: float, deadline: float) -> Grant:
+        """A slot from this replica's share, unless Redis answers again first: the request then joins the
+        shared queue (`_BackToShared`), keeping what is left of its wait, rather than take a slot the other
+        replicas, back on the shared queue, cannot see."""
+        acquiring = asyncio.ensure_future(self._fallback.acquire(ask))
+        back = asyncio.ensure_future(self._shared_back.wait())
         try:
-            async with asyncio.timeout(max(deadline - self._clock(), 0.0)):
-                grant = await self._fallback.acquire(ask)
-        except TimeoutError:
+            await asyncio.wait(
+                {acquiring, back}, timeout=max(deadline - self._clock(), 0.0), return_when=FIRST_COMPLETED
+            )
+        finally:
+            back.cancel()
+            if not acquiring.done():
+                acquiring.cancel()  # a slot granted in that instant is given back
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({acquiring})
+        if acquiring.cancelled():
+            if self._shared_back.is_set():
+                raise _BackToShared
             timeout = self.limits.timeout(ask.band)
             message = f"no slot for this model came free within {timeout:g} s"
-            raise Refused(503, message, _retry_after(self.cost_of(ask.model))) from None
+            raise Refused(503, message, _retry_after(self.cost_of(ask.model)))
+        grant = acquiring.result()  # or its Refused
         grant.waited = self._clock() - since
+        self._locals.append(_Local(f"{self.replica}:{next(self._ids)}", grant))
         self._metrics.admissions.inc()
         return grant
+
+    def _release_local(self, grant: Grant, slot_seconds: float | None) -> None:
+        used = slot_seconds if slot_seconds is not None else max(self._clock() - grant.started, 0.0)
+        self._fallback.release(grant, slot_seconds)
+        entry = next((entry for entry in self._locals if entry.grant is grant), None)
+        if entry is None:
+            return
+        self._locals.remove(entry)
+        if entry.adopted:
+            self._spawn(self._give_back(entry.holder, grant.model, used, slot_seconds))
+
+    async def _adopt_locals(self) -> None:
+        """Count in Redis the local grants still running that it does not count yet (RedisUnavailable if
+        it does not answer): from then on the shared queue offers only the slots they leave."""
+        entries = [entry for entry in self._locals if not entry.adopted]
+        if not entries:
+            return
+        await self._call(self._adopt, *_adopt_args([(entry.holder, entry.grant) for entry in entries]))
+        for entry in entries:
+            entry.adopted = True
+            if entry not in self._locals:  # released meanwhile: its release found nothing to give back
+                self._spawn(self._give_back(entry.holder, entry.grant.model, 0.0, None))
 
     def _local_candidates(self, model: str) -> list[Candidate]:
         """The hosts for the local queue: each host's slots divided by the replicas last seen (at least
@@ -592,6 +679,16 @@ class SharedScheduler:
     @property
     def degraded(self) -> bool:
         return self._degraded
+
+
+def _adopt_args(grants: list[tuple[str, Grant]]) -> list[object]:
+    args: list[object] = []
+    for holder, grant in grants:
+        ask = grant.ask
+        key = "" if ask.key is None else quote(ask.key, safe="")
+        user = quote(ask.user, safe="")
+        args += [holder, grant.host, quote(grant.host, safe=""), grant.model, int(ask.band), user, key]
+    return args
 
 
 def _granted(future: asyncio.Future[Grant]) -> bool:

@@ -338,11 +338,15 @@ def test_shared_a_request_waiting_when_redis_loses_its_data_queues_again_and_is_
             waiting = await queued(second, Ask("b", "m"))
             client = first._link.client
             await client.delete(*[key async for key in client.scan_iter(match=f"{redis_keys.prefix}*")])
-            # As after a restart without persistence: the running request's lease is gone (its slot free),
-            # and the waiter, unknown to Redis now, joins the queue again at the next renewal.
+            # As after a restart without persistence: the waiter, unknown to Redis now, joins the queue
+            # again at the next renewal; the running request's lease is gone, but it still runs, so its
+            # replica counts it in Redis again, and the waiter gets the slot when it ends, not before.
+            await asyncio.sleep(LEASE)
+            assert not waiting.done()
+            assert await SlotLeases(first._link, redis_keys.prefix, LEASE).count("h1", "m") == 1
+            first.release(running)
             grant = await asyncio.wait_for(waiting, LEASE)
             assert isinstance(grant, SharedGrant)
-            first.release(running)
             second.release(grant)
             await settle(first, second)
         lost = [record for record in caplog.records if "expired in Redis" in record.getMessage()]
@@ -442,22 +446,33 @@ def test_shared_without_redis_each_replica_admits_with_its_share_then_goes_back_
             one = await asyncio.wait_for(local, 1)
             assert first.inflight("h1", "m") == 2  # one shared, one local
             assert REGISTRY.get_sample_value(metric) == before + 3
-            # Redis back on the same port (empty): new requests use the shared queue again, no restart.
+            # Redis back on the same port (empty): new requests use the shared queue again, no restart. What
+            # still runs is counted there again (the shared grant whose lease was lost, the local grants),
+            # so the shared queue sees the host full; the request waiting locally joins it.
             restarted = ThrowawayRedis(port=server.port)
             try:
                 for _ in range(100):
                     if first._link.up and second._link.up:
                         break
                     await asyncio.sleep(0.05)
-                back = await asyncio.wait_for(first.acquire(Ask("d", "m")), 2)
-                assert isinstance(back, SharedGrant) and not first.degraded
+                back = start(first, Ask("d", "m"))
+                leases = SlotLeases(first._link, redis_keys.prefix, LEASE)
+                for _ in range(100):
+                    if await leases.count("h1", "m") == 4 and second.waiting("m")["interactive"] == 1:
+                        break
+                    await asyncio.sleep(0.02)
+                assert await leases.count("h1", "m") == 4
+                assert second.waiting("m")["interactive"] == 1  # `third`, in the shared queue now
+                assert not back.done() and not third.done() and not first.degraded
                 said = [record for record in caplog.records if "out of reach" in record.getMessage()]
                 assert len(said) == 2, said  # once per replica, however many requests it admitted
                 third.cancel()
                 await asyncio.gather(third, return_exceptions=True)
-                for grant in (moved, also):
-                    second.release(grant)
-                for grant in (shared[3], one, back):
+                second.release(moved)
+                back_grant = await asyncio.wait_for(back, 2)
+                assert isinstance(back_grant, SharedGrant)
+                second.release(also)
+                for grant in (shared[3], one, back_grant):
                     first.release(grant)
                 await settle(first, second)
                 assert first.inflight_by_slot() == {} and second.inflight_by_slot() == {}
