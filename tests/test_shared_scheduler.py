@@ -455,7 +455,8 @@ def test_shared_without_redis_each_replica_admits_with_its_share_then_goes_back_
                     if first._link.up and second._link.up:
                         break
                     await asyncio.sleep(0.05)
-                back = start(first, Ask("d", "m"))
+                # Each replica counts its local grants in Redis at its next call or renewal (within a third
+                # of LEASE_SECONDS): until then the other may hand out their slots (README), so wait for it.
                 leases = SlotLeases(first._link, redis_keys.prefix, LEASE)
                 for _ in range(100):
                     if await leases.count("h1", "m") == 4 and second.waiting("m")["interactive"] == 1:
@@ -463,6 +464,9 @@ def test_shared_without_redis_each_replica_admits_with_its_share_then_goes_back_
                     await asyncio.sleep(0.02)
                 assert await leases.count("h1", "m") == 4
                 assert second.waiting("m")["interactive"] == 1  # `third`, in the shared queue now
+                back = start(first, Ask("d", "m"))
+                await asyncio.sleep(0.1)
+                assert await leases.count("h1", "m") == 4
                 assert not back.done() and not third.done() and not first.degraded
                 said = [record for record in caplog.records if "out of reach" in record.getMessage()]
                 assert len(said) == 2, said  # once per replica, however many requests it admitted
