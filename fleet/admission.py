@@ -5,8 +5,9 @@ for one); `finish` gives the slot back on every path, with what Ollama's counter
 request is ejected (fleet.health) before its slot is handed on, so the next waiter goes elsewhere; slots
 unknown for a (host, model) are learned from the counters (fleet.learning).
 
-With REDIS_URL set, the fair queue and the slots are shared by every replica (fleet.shared_scheduler);
-without it, they are this process's own (fleet.scheduler), as they always were.
+With REDIS_URL set, the fair queue and the slots are shared by every replica (fleet.shared_scheduler), and
+so are the hosts' health and learned slots (fleet.shared_hosts); without it, they are this process's own
+(fleet.scheduler), as they always were.
 
 Hosts change while it runs (`put`, `remove`): through `/admin/hosts` (fleet.changes), and from the stored
 hosts, read again at every periodic check, so that a change `manage.py` or another replica made is taken
@@ -28,6 +29,7 @@ from core.storage_errors import StorageError
 from fleet.hosts import STORED, Host, HostConfig, Hosts, shown_model
 from fleet.learning import SlotLearner
 from fleet.scheduler import Ask, Grant, Limits, Refused, Scheduler
+from fleet.shared_hosts import SharedHosts
 from fleet.shared_scheduler import SharedScheduler
 from upstream.counters import Counters
 
@@ -66,12 +68,22 @@ class Fleet:
     ) -> None:
         self.hosts = hosts
         self.scheduler: Scheduler | SharedScheduler
+        # With REDIS_URL: what the replicas decide of the hosts (health, learned slots), decided together.
+        self.shared_hosts: SharedHosts | None = None
         if shared is None:
             self.scheduler = Scheduler(hosts.candidates, limits)
         else:
             self.scheduler = SharedScheduler(
                 hosts.candidates, shared.link, shared.prefix, shared.lease_seconds, limits
             )
+            self.shared_hosts = SharedHosts(
+                hosts,
+                shared.link,
+                shared.prefix,
+                learn_alone=self._learn_alone,
+                on_change=self.scheduler.refresh,
+            )
+            hosts.on_check = self._checked
         self._check_seconds = check_seconds
         self._checks: asyncio.Task[None] | None = None
         self._read_stored = read_stored
@@ -84,11 +96,15 @@ class Fleet:
         self._checks = asyncio.get_running_loop().create_task(self._check_forever())
         if isinstance(self.scheduler, SharedScheduler):
             self.scheduler.start()
+        if self.shared_hosts is not None:
+            self.shared_hosts.start()
 
     async def close(self) -> None:
         self.scheduler.close()
         if isinstance(self.scheduler, SharedScheduler):
             await self.scheduler.aclose()
+        if self.shared_hosts is not None:
+            await self.shared_hosts.aclose()
         for task in [self._checks, *self._checking]:
             if task is not None:
                 task.cancel()
@@ -100,6 +116,8 @@ class Fleet:
         """Take up the stored hosts' changes, then ask every enabled host its models."""
         await self.read_stored()
         await self.hosts.check_all()
+        if self.shared_hosts is not None:
+            await self.shared_hosts.sync()  # a message lost, a learned value expired
         self.scheduler.refresh()
 
     async def _check_forever(self) -> None:
@@ -170,6 +188,8 @@ class Fleet:
         """A slot for the request (Refused: 429 or 503, with Retry-After)."""
         if not any(host.takes_work() for host in self.hosts):
             raise Refused(503, "no Ollama host takes requests now (all disabled or draining)", retry_after=30)
+        if self.shared_hosts is not None:
+            self.shared_hosts.start()  # as the shared queue starts: at the first request, if not before
         return await self.scheduler.acquire(ask)
 
     def host(self, grant: Grant) -> Host | None:
@@ -206,16 +226,32 @@ class Fleet:
         """Ejects a host that failed; True when one comes back into service: only by a request sent to it
         on trial (a request sent before it failed says nothing of it since)."""
         health = host.health
+        shared = self.shared_hosts
         if ended.host_failed is not None:
-            if health.healthy:
-                logger.warning("Ollama host %s is out of service: %s", host.name, ended.host_failed)
+            newly = health.healthy
             health.failed(time.monotonic(), ended.host_failed)
+            if shared is not None:
+                shared.failed(host, ended.host_failed, newly)  # and says it, once for every replica
+            elif newly:
+                logger.warning("Ollama host %s is out of service: %s", host.name, ended.host_failed)
             return False
         if health.healthy or not ended.host_answered or not health.is_trial(grant.started):
             return False
-        logger.warning("Ollama host %s is back in service", host.name)
         health.succeeded()
+        if shared is not None:
+            shared.succeeded(host, time.monotonic() - grant.started)
+        else:
+            logger.warning("Ollama host %s is back in service", host.name)
         return True
+
+    def _checked(self, host: Host, problem: str | None, newly: bool) -> None:
+        """A periodic check's news (Hosts.on_check), with REDIS_URL: for every replica."""
+        if self.shared_hosts is None:
+            return
+        if problem is not None:
+            self.shared_hosts.failed(host, problem, newly)
+        else:
+            self.shared_hosts.answered(host)
 
     def _learn(self, host: Host, grant: Grant, counters: Counters) -> bool:
         """True when this request settled the slots of its (host, model). Only answers that say how long the
@@ -223,8 +259,16 @@ class Fleet:
         answer does not."""
         if counters.prompt_eval_duration is None or counters.eval_duration is None:
             return False
-        learner = host.learners.setdefault(grant.model, SlotLearner())
-        learned = learner.observe(grant.running, counters.waited_seconds)
+        if self.shared_hosts is not None:
+            # Learned in Redis from every replica's requests; the scheduler hears of it when it settles.
+            self.shared_hosts.observe(host, grant.model, grant.running, counters.waited_seconds)
+            return False
+        return self._learn_alone(host, grant.model, grant.running, counters.waited_seconds)
+
+    def _learn_alone(self, host: Host, model: str, running: int, waited: float | None) -> bool:
+        """fleet.learning in this process: True when the observation settled the (host, model)'s slots."""
+        learner = host.learners.setdefault(model, SlotLearner())
+        learned = learner.observe(running, waited)
         if learned is None:
             return False
         logger.warning(
@@ -233,7 +277,7 @@ class Fleet:
             host.name,
             learned,
             "" if learned == 1 else "s",
-            shown_model(grant.model),
+            shown_model(model),
         )
         return True
 

@@ -123,6 +123,10 @@ class Hosts:
         self._timeouts = timeouts
         self._clock = clock
         self.by_id: dict[str, Host] = {}
+        # Told of a check's failure (its problem; whether the host was in service until then) or of an
+        # ejected host answering one (None, False): fleet.shared_hosts shares it with the other replicas,
+        # and says it. None: said here.
+        self.on_check: Callable[[Host, str | None, bool], None] | None = None
 
     def add(self, config: HostConfig) -> Host:
         """A new host, or a host at a new URL: what was known of the one it replaces is forgotten."""
@@ -177,14 +181,20 @@ class Hosts:
                 running = await host.upstream.fetch_json("GET", "/api/ps")
         except (GatewayError, TimeoutError) as error:
             problem = error.message if isinstance(error, GatewayError) else "no answer to the check"
-            if host.health.healthy:
-                logger.warning("Ollama host %s is out of service: %s", host.name, problem)
+            newly = host.health.healthy
             host.health.failed(self._clock(), problem)
+            if self.on_check is not None:
+                self.on_check(host, problem, newly)
+            elif newly:
+                logger.warning("Ollama host %s is out of service: %s", host.name, problem)
             host.checked_at = self._clock()
             return
         host.models = frozenset(_names(tags))
         host.loaded = frozenset(_names(running))
+        ejected = not host.health.healthy
         host.health.answered_check(self._clock())
+        if ejected and self.on_check is not None:
+            self.on_check(host, None, False)
         host.checked_at = self._clock()
 
     async def check_all(self) -> None:
