@@ -8,6 +8,8 @@ at once always has the fewest requests in flight (Olla's #144).
 
 The periodic check (fleet.hosts) also counts: a host that does not answer it is ejected the same way; one
 that answers again may take its trial at once rather than wait out a back-off grown while it was down.
+
+With REDIS_URL, these rules run in Redis on one record per host, for every replica (fleet.shared_hosts).
 """
 
 from dataclasses import dataclass

@@ -11,7 +11,8 @@ gateway holds the rest in its own queue. What it learned is logged and shown in 
 also where slots are configured, as a ceiling: Ollama forces one slot on some model families whatever its
 OLLAMA_NUM_PARALLEL says. Only answers that say how long the model worked count (an embedding's does not:
 its time would all look like a wait). Learned slots hold until the gateway restarts or the host's slots are
-set again.
+set again. With REDIS_URL, the replicas learn together, by these same rules run in Redis, and a learned
+value lasts an hour (fleet.shared_hosts).
 """
 
 import logging
