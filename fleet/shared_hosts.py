@@ -596,9 +596,12 @@ class SharedHosts:
             pubsub = self._link.client.pubsub()
             try:
                 await pubsub.subscribe(self.channel)
+                await self._confirmed(pubsub)
                 self.subscribed.set()
                 self.resync()
                 while True:
+                    if self._alone and self._link.up:
+                        self.resync()  # a write back that failed is tried again, every LISTEN_SECONDS
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=LISTEN_SECONDS)
                     if message is not None and message.get("type") == "message":
                         self._apply_message(_text(message["data"]))
@@ -610,6 +613,16 @@ class SharedHosts:
             finally:
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()
+
+    @staticmethod
+    async def _confirmed(pubsub: Any) -> None:
+        """Until Redis confirms the subscription: the full read that follows must not run before it, or a
+        change published in between would be missed by both."""
+        async with asyncio.timeout(LISTEN_SECONDS):
+            while True:
+                message = await pubsub.get_message(timeout=LISTEN_SECONDS)
+                if message is not None and message.get("type") in ("subscribe", b"subscribe"):
+                    return
 
     # -- saying it -------------------------------------------------------------------------------------------
 
