@@ -62,7 +62,7 @@ postgres-tools: $(VENV)/.installed-dev
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; \
 	fi
 
-# The Redis tests (cluster/: slot leases, the link's degraded mode) run on a real Redis: TEST_REDIS_URL, or the
+# The Redis tests (the link's degraded mode, the shared queue, hosts and quotas) run on a real Redis: TEST_REDIS_URL, or the
 # server on 127.0.0.1:6379 if one answers, else a throwaway one (tests/redis_server.py). Some start a
 # throwaway redis-server of their own (Redis appearing on a closed port): Debian's is installed when missing.
 redis-tools:

@@ -1,2 +1,3 @@
-"""State the gateway's replicas share through Redis (REDIS_URL, issue 14): the link to Redis and its health,
-and slot leases. The fair queue they share is the fleet's (fleet.shared_scheduler), built on these."""
+"""The link the gateway's replicas share state through (REDIS_URL, issue 14): the Redis client and its
+health. What they share is built on it by its owners: the fair queue and the hosts (fleet.shared_scheduler,
+fleet.shared_hosts) and the quota ledgers (usage.shared_quotas)."""

@@ -8,7 +8,7 @@ prefix, as the queue needs them (a person's line is known only once their turn c
 
 Keys under the prefix (model names hold `:`, so a model comes last; people and API keys are quoted):
 - `slots:<host>:<model>`, `hostrun:<host>`, `modelrun:<model>`, `userrun:<user>`, `keyrun:<key>`: sorted
-  sets of the requests running there, each scored with its expiry (the same slot sets as cluster.leases);
+  sets of the requests running there, each scored with its expiry, dropped once expired;
 - `userwait:<user>`, `keywait:<key>`: the same for the requests waiting (the waiting caps);
 - `waiter:<id>`: one request, waiting (`st` waiting) or granted (`st` granted, `h` its host): a hash that
   expires with its replica's renewals;

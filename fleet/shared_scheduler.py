@@ -18,7 +18,7 @@ How, and why:
   the replica asks again when its subscription comes back, and every renewal (a third of LEASE_SECONDS)
   reads the state of everything it holds.
 - **Everything a replica holds expires unless renewed** (waiters, grants, in-flight and waiting counts, its
-  heartbeat), as cluster.leases does for slots, on Redis's clock: a replica killed with SIGKILL runs no
+  heartbeat), each member scored with its expiry on Redis's clock: a replica killed with SIGKILL runs no
   clean-up, so its slots and counts come back within LEASE_SECONDS and its waiters are dropped from the
   queue as they reach its head, unseen by anyone else.
 - **A grant the waiter can no longer take is given back** by its replica: a client that left, or a wait

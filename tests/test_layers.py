@@ -5,7 +5,7 @@ The layers, from the ground up:
 
 0. `core`: settings, errors, the server's plumbing. Imports nothing of the project.
 1. `db`, `cluster`: the storage layer (models, engine, migrations), and the short-lived state replicas share
-   in Redis (the link and its health, slot leases).
+   in Redis (the link and its health).
 2. `audit`, `auth`, `uploads`, `upstream`, `usage`: the domain (the trail of admin actions, people and
    credentials, stored files, talking to Ollama, what each person used and may still use).
    Siblings: one may use another, as long as no two packages end up importing each other.

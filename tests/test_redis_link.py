@@ -10,7 +10,6 @@ import time
 import httpx
 import pytest
 
-from cluster.leases import SlotLeases
 from cluster.redis_link import DEGRADED, REGISTRY, UP, RedisLink, RedisUnavailable, shown_url
 from observe.metrics import exposition
 from tests.processes import free_port
@@ -55,12 +54,11 @@ def test_redis_link_to_a_closed_port_is_degraded_at_once_counted_and_logged_once
 
     async def run() -> tuple[float, str, str]:
         link = RedisLink(url)
-        leases = SlotLeases(link, "unused:", 1)
         started = time.monotonic()
         await link.start()
         took = time.monotonic() - started
         with pytest.raises(RedisUnavailable) as raised:
-            await leases.acquire("gpu-1", "llama3.2:1b", 1, leases.new_holder())
+            await link.call(link.client.set("unused:probe", "1", px=1000))
         await link.check()
         health = link.health
         await link.aclose()
@@ -97,9 +95,7 @@ def test_redis_link_recovers_when_redis_starts_on_that_port_without_a_restart(ca
                     break
                 await asyncio.sleep(WATCH_SECONDS)
             after = link.health
-            leases = SlotLeases(link, "recovered:", 1)
-            got = await leases.acquire("gpu-1", "llama3.2:1b", 1, leases.new_holder())
-            await leases.aclose()
+            got = bool(await link.call(link.client.set("recovered:probe", "1", px=1000)))
         finally:
             await link.aclose()
             await asyncio.to_thread(server.stop)

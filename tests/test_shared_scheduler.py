@@ -21,12 +21,12 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
 import redis
 
-from cluster.leases import SlotLeases
 from cluster.redis_link import REGISTRY, RedisLink
 from fleet.admission import Fleet, SharedQueue
 from fleet.hosts import Hosts
@@ -111,6 +111,14 @@ async def settle(*schedulers: SharedScheduler) -> None:
         await asyncio.sleep(0.01)
 
 
+async def live_slots(link: RedisLink, prefix: str, host: str, model: str) -> int:
+    """The requests Redis counts running on (host, model): the members of its slot set not yet expired, by
+    Redis's clock (fleet.queue_scripts names the set)."""
+    seconds, micros = await link.client.time()
+    now_ms = seconds * 1000 + micros // 1000
+    return await link.client.zcount(f"{prefix}slots:{quote(host, safe='')}:{model}", f"({now_ms}", "+inf")
+
+
 def test_shared_replicas_never_run_more_than_a_hosts_slots_together(redis_keys):
     async def test() -> None:
         async with replicas(redis_keys, 3, one_host(2)) as group:
@@ -130,8 +138,7 @@ def test_shared_replicas_never_run_more_than_a_hosts_slots_together(redis_keys):
             await asyncio.gather(*(one_person(group[n % 3], f"u{n}") for n in range(12)))
             await settle(*group)
             assert (most, granted) == (2, 72)
-            leases = SlotLeases(group[0]._link, redis_keys.prefix, LEASE)
-            assert await leases.count("h1", "m") == 0
+            assert await live_slots(group[0]._link, redis_keys.prefix, "h1", "m") == 0
         assert await our_keys(redis_keys) <= LASTING
 
     run(test)
@@ -323,7 +330,7 @@ def test_shared_a_grant_for_a_request_gone_in_that_instant_is_given_back(redis_k
                 if isinstance(result, Grant):
                     second.release(result)
                 await settle(first, second)
-                assert await SlotLeases(first._link, redis_keys.prefix, LEASE).count("h1", "m") == 0
+                assert await live_slots(first._link, redis_keys.prefix, "h1", "m") == 0
             assert await our_keys(redis_keys) <= LASTING | {"replicas"}
 
     run(test)
@@ -343,7 +350,7 @@ def test_shared_a_request_waiting_when_redis_loses_its_data_queues_again_and_is_
             # replica counts it in Redis again, and the waiter gets the slot when it ends, not before.
             await asyncio.sleep(LEASE)
             assert not waiting.done()
-            assert await SlotLeases(first._link, redis_keys.prefix, LEASE).count("h1", "m") == 1
+            assert await live_slots(first._link, redis_keys.prefix, "h1", "m") == 1
             first.release(running)
             grant = await asyncio.wait_for(waiting, LEASE)
             assert isinstance(grant, SharedGrant)
@@ -457,16 +464,18 @@ def test_shared_without_redis_each_replica_admits_with_its_share_then_goes_back_
                     await asyncio.sleep(0.05)
                 # Each replica counts its local grants in Redis at its next call or renewal (within a third
                 # of LEASE_SECONDS): until then the other may hand out their slots (README), so wait for it.
-                leases = SlotLeases(first._link, redis_keys.prefix, LEASE)
                 for _ in range(100):
-                    if await leases.count("h1", "m") == 4 and second.waiting("m")["interactive"] == 1:
+                    if (
+                        await live_slots(first._link, redis_keys.prefix, "h1", "m") == 4
+                        and second.waiting("m")["interactive"] == 1
+                    ):
                         break
                     await asyncio.sleep(0.02)
-                assert await leases.count("h1", "m") == 4
+                assert await live_slots(first._link, redis_keys.prefix, "h1", "m") == 4
                 assert second.waiting("m")["interactive"] == 1  # `third`, in the shared queue now
                 back = start(first, Ask("d", "m"))
                 await asyncio.sleep(0.1)
-                assert await leases.count("h1", "m") == 4
+                assert await live_slots(first._link, redis_keys.prefix, "h1", "m") == 4
                 assert not back.done() and not third.done() and not first.degraded
                 said = [record for record in caplog.records if "out of reach" in record.getMessage()]
                 assert len(said) == 2, said  # once per replica, however many requests it admitted

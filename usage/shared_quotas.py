@@ -10,9 +10,10 @@ A ledger is a Redis hash, one per (subject kind, id, period's start): what was u
   replicas can't both see the last request of a limit free and both take it. A request limit, whose
   estimate is exact, is never overrun; tokens and slot-seconds by at most what was in flight beyond its
   estimates, as in one process.
-- **Holds expire unless renewed**, like slot leases (`cluster.leases`): each carries its expiry on Redis's
-  clock, its replica renews them every third of LEASE_SECONDS while the request runs, and the hold script
-  drops the expired ones. A replica killed with `kill -9` leaves no estimate held for longer than that.
+- **Holds expire unless renewed**, like the shared queue's slots (`fleet.shared_scheduler`): each carries
+  its expiry on Redis's clock, its replica renews them every third of LEASE_SECONDS while the request
+  runs, and the hold script drops the expired ones. A replica killed with `kill -9` leaves no estimate held
+  for longer than that.
 - **Seeded once, at a cut.** The first replica to need a ledger creates it with `cut` = Redis's time; from
   then on every request that ends with a record time at or after the cut is added in Redis (`END`), and the
   ledger's earlier use is read from the usage records with a time before the cut (`usage.store.spent`,
