@@ -316,3 +316,36 @@ def test_redis_restarted_during_load_degrades_then_recovers_and_leaves_no_lease(
 
 def test_redis_usage_records_one_per_request_whichever_replica_served_it(cluster):
     one_usage_record_per_request(cluster, at_once=6)
+
+
+QUOTA_REQUESTS = 5
+
+
+def test_redis_a_quota_is_one_budget_for_the_replicas_together(cluster):
+    """A person with a quota of 5 requests a day sends 30 at once, spread by nginx over the three replicas:
+    exactly 5 reach Ollama; the others are refused 429 with Retry-After, by whichever replica they landed on.
+    Each replica counting alone would let up to 15 through."""
+    ada = cluster.new_person(cluster.replicas[0])
+    quota = {"quota": {"period": "day", "requests": QUOTA_REQUESTS, "tokens": None, "slot_seconds": None}}
+    set_quota = httpx.patch(
+        f"{cluster.replicas[1].url}/admin/users/{ada.id}", json=quota, headers=cluster.admin_headers()
+    )
+    assert set_quota.status_code == 200, set_quota.text
+    body = {**chat_body(tokens=3, interval=0.05), "stream": False}
+
+    def ask(_: int) -> httpx.Response:
+        return httpx.post(f"{cluster.url}/api/chat", json=body, headers=ada.headers, timeout=60)
+
+    with concurrent.futures.ThreadPoolExecutor(30) as pool:
+        answers = list(pool.map(ask, range(30)))
+    statuses = Counter(answer.status_code for answer in answers)
+    assert statuses == {200: QUOTA_REQUESTS, 429: 30 - QUOTA_REQUESTS}, statuses
+    served = {cluster.served_by(answer) for answer in answers}
+    assert len(served) == REPLICAS, "nginx spread them over every replica"
+    refused = [answer for answer in answers if answer.status_code == 429]
+    assert all(int(answer.headers["Retry-After"]) >= 1 for answer in refused)
+    assert all("limit of 5 requests" in answer.json()["error"] for answer in refused)
+    # And afterwards, on any replica: the day's budget is spent.
+    for replica in cluster.replicas:
+        again = httpx.post(f"{replica.url}/api/chat", json=body, headers=ada.headers, timeout=60)
+        assert again.status_code == 429, (replica, again.text)
