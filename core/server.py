@@ -51,6 +51,8 @@ class _GatewayProtocol(HttpToolsProtocol):
     # small as uvicorn's own (measured: a kilobyte per open stream).
     _body_timer: asyncio.TimerHandle | None = None
     _body_deadline = 0.0
+    # Set once the server stops, on a connection that was idle then (`shutdown`).
+    _draining = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -80,7 +82,28 @@ class _GatewayProtocol(HttpToolsProtocol):
         self._head_begun = False
         self._cancel_head_timer()
         super().on_headers_complete()
+        if self._draining and self.cycle is not None:
+            self.cycle.keep_alive = False  # answered, with `Connection: close`, then the connection ends
         self._arm_body_timer()
+
+    def shutdown(self) -> None:
+        """The server stops. A connection answering a request finishes it, as uvicorn does. One idle
+        between requests is not closed at once, as uvicorn would: a proxy keeping connections to the
+        gateway alive (nginx) may be sending its next request on it at this very moment, and a request
+        that meets a closed connection fails with no answer, a POST without being tried elsewhere (nginx
+        resends only what it knows was not sent). So it stays open for the keep-alive timeout: the proxy
+        closes it first (its own keep-alive timeout must be the shorter, as deploy/ has it), or a request
+        that was on its way is answered, with `Connection: close`. Then it is closed."""
+        if self.cycle is not None and not self.cycle.response_complete:
+            super().shutdown()
+            return
+        if not self._draining:
+            self._draining = True
+            self.loop.call_later(self.timeout_keep_alive, self._end_drain)
+
+    def _end_drain(self) -> None:
+        if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+            self.transport.close()
 
     # -- the head -------------------------------------------------------------------------------------------
 

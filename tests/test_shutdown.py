@@ -216,3 +216,45 @@ def test_sigterm_during_an_upload_that_never_finishes_keeps_nothing(tmp_path, ol
 def _fresh_streams(ollama):
     """Each test looks at the fake Ollama's streams from a clean slate."""
     return ollama
+
+
+def test_sigterm_answers_a_request_already_on_its_way_on_a_kept_alive_connection(tmp_path, ollama):
+    """A proxy keeping connections to the gateway alive (nginx) may send its next request on one just as the
+    gateway stops. Closed at once, that connection would fail the request with no answer, and the proxy does
+    not resend a POST (a 502 in a rolling restart). It stays open for the keep-alive timeout instead: the
+    request is answered, with `Connection: close`, and then the connection ends."""
+    with _running_main(tmp_path, ollama, graceful=10) as (url, _, pid):
+        host, port = url.removeprefix("http://").split(":")
+        body = json.dumps({"email": "admin@local", "password": ADMIN_PASSWORD}).encode()
+        post = (
+            f"POST /login HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(post)
+            first = rawhttp.read_response(sock)
+            assert first.status_code == 200 and first.headers.get("connection") != "close"
+            psutil.Process(pid).send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            assert _refuses_connections(url), "stopped listening"
+            sock.sendall(post)  # on the connection kept alive, as a proxy would
+            second = rawhttp.read_response(sock)
+            assert second.status_code == 200, second
+            assert "access_token" in second.json()
+            assert second.headers.get("connection") == "close"
+            assert sock.recv(1) == b"", "closed once answered"
+        assert _wait_for_exit(pid, timeout=10) < 5
+
+
+def test_sigterm_closes_a_kept_alive_connection_nobody_uses_within_the_keep_alive_timeout(tmp_path, ollama):
+    """The connections left open for a proxy's request on its way are closed when none comes: the gateway
+    stops within the keep-alive timeout (5 s), not the graceful timeout."""
+    with _running_main(tmp_path, ollama, graceful=30) as (url, _, pid):
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(f"GET /health HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+            assert rawhttp.read_response(sock).status_code == 200
+            psutil.Process(pid).send_signal(signal.SIGTERM)
+            exited_after = _wait_for_exit(pid, timeout=15)
+            assert sock.recv(1) == b"", "closed by the gateway"
+    assert exited_after < 6.5
