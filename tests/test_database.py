@@ -4,6 +4,7 @@ the releases before Alembic."""
 import io
 import sqlite3
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import psutil
@@ -171,6 +172,26 @@ def test_after_the_upgrade_ids_are_never_reused_and_removals_still_cascade(tmp_p
     db.close()
 
 
+def _all_at_once(replicas: list[Database], start: Callable[[Database], object]) -> list[BaseException]:
+    """`start` run for every replica in a thread of its own, all released together; what they raised."""
+    together = threading.Barrier(len(replicas))
+    failures: list[BaseException] = []
+
+    def run(db: Database) -> None:
+        together.wait()
+        try:
+            start(db)
+        except BaseException as exc:  # reported by the caller, whatever it is
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(db,)) for db in replicas]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return failures
+
+
 @pytest.mark.storage
 @pytest.mark.postgres_only
 def test_replicas_starting_at_once_on_a_new_postgres_database_all_migrate_it():
@@ -179,23 +200,8 @@ def test_replicas_starting_at_once_on_a_new_postgres_database_all_migrate_it():
     url = databases.new_database_url()
     assert url is not None
     replicas = [Database(url) for _ in range(3)]
-    together = threading.Barrier(len(replicas))
-    failures: list[BaseException] = []
-
-    def start(db: Database) -> None:
-        together.wait()
-        try:
-            db.migrate()
-        except BaseException as exc:  # reported below, whatever it is
-            failures.append(exc)
-
-    threads = [threading.Thread(target=start, args=(db,)) for db in replicas]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
     try:
-        assert failures == []
+        assert _all_at_once(replicas, Database.migrate) == []
         for db in replicas:
             with db.engine.connect() as conn:
                 assert current_revision(conn) == head_revision()
@@ -217,23 +223,8 @@ def test_replicas_starting_at_once_on_a_new_database_make_one_admin(tmp_path, ca
     first.migrate()
     first.close()
     replicas = [Database(url) for _ in range(3)]
-    together = threading.Barrier(len(replicas))
-    failures: list[BaseException] = []
-
-    def start(db: Database) -> None:
-        together.wait()
-        try:
-            ensure_admin(settings, UserStore(db))
-        except BaseException as exc:  # reported below, whatever it is
-            failures.append(exc)
-
-    threads = [threading.Thread(target=start, args=(db,)) for db in replicas]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
     try:
-        assert failures == []
+        assert _all_at_once(replicas, lambda db: ensure_admin(settings, UserStore(db))) == []
         assert _rows(replicas[0], "SELECT email, role FROM users") == [(settings.admin_email, "admin")]
         printed = capsys.readouterr().err
         assert printed.count("password:") == (0 if configured else 1)
