@@ -53,6 +53,8 @@ class _GatewayProtocol(HttpToolsProtocol):
     _body_deadline = 0.0
     # Set once the server stops, on a connection that was idle then (`shutdown`).
     _draining = False
+    # Whether idle connections wait for a request on its way when the server stops (`shutdown`).
+    drain_on_shutdown = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -94,7 +96,7 @@ class _GatewayProtocol(HttpToolsProtocol):
         resends only what it knows was not sent). So it stays open for the keep-alive timeout: the proxy
         closes it first (its own keep-alive timeout must be the shorter, as deploy/ has it), or a request
         that was on its way is answered, with `Connection: close`. Then it is closed."""
-        if self.cycle is not None and not self.cycle.response_complete:
+        if not self.drain_on_shutdown or (self.cycle is not None and not self.cycle.response_complete):
             super().shutdown()
             return
         if not self._draining:
@@ -224,12 +226,19 @@ def require_gateway_protocol() -> None:
         raise ConfigurationError(UNPROTECTED_SERVER)
 
 
-def gateway_protocol(header_timeout: float, body_timeout: float) -> type[_GatewayProtocol]:
-    """The protocol class to give uvicorn, with its timeouts fixed."""
+def gateway_protocol(
+    header_timeout: float, body_timeout: float, *, drain_on_shutdown: bool = True
+) -> type[_GatewayProtocol]:
+    """The protocol class to give uvicorn, with its timeouts fixed; `drain_on_shutdown`: whether idle
+    connections wait for a request on its way when the server stops (`_GatewayProtocol.shutdown`)."""
     global _protocol_requested
     _protocol_requested = True
-    timeouts = {"header_timeout": header_timeout, "body_timeout": body_timeout}
-    return type("HeaderTimeoutProtocol", (_GatewayProtocol,), timeouts)
+    attributes = {
+        "header_timeout": header_timeout,
+        "body_timeout": body_timeout,
+        "drain_on_shutdown": drain_on_shutdown,
+    }
+    return type("HeaderTimeoutProtocol", (_GatewayProtocol,), attributes)
 
 
 def __getattr__(name: str) -> type[_GatewayProtocol]:

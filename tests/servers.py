@@ -44,8 +44,10 @@ class ServerThread:
             host="127.0.0.1",
             port=0,
             loop="uvloop",
-            # The protocol `python main.py` serves with.
-            http=gateway_protocol(header_timeout, body_timeout),
+            # The protocol `python main.py` serves with. An in-process test server stops at once: no proxy
+            # is sending it requests then (the drain for proxies is tested on real processes, test_shutdown),
+            # and waiting out each test client's idle connections cost the suite minutes.
+            http=gateway_protocol(header_timeout, body_timeout, drain_on_shutdown=False),
             log_level="warning",
             lifespan="on",
         )
