@@ -149,18 +149,23 @@ def _disconnect_rows(results: dict) -> list[dict]:
     return rows
 
 
+def _requests_text(figures: dict) -> str:
+    """A short-requests run's rate, answers and latency (scenarios short and workers)."""
+    latency = figures["latency_ms"] or {}
+    return (
+        f"{figures['per_s']:.0f} req/s, {figures['ok']}/{figures['answers']} 200, latency "
+        f"p50 {_num(latency.get('p50'), 2)} / p99 {_num(latency.get('p99'), 2)} ms"
+    )
+
+
 def _short_rows(results: dict) -> list[dict]:
     """No target within the run: the gateway's figure is compared with an earlier version's, measured in
     the same run when there is one (`--baseline`)."""
     rows = []
     nginx = (results.get("nginx") or {}).get("relay_cpu_us_per_request")
     for name, figures in results.items():
-        latency = figures["latency_ms"] or {}
         cpu = figures["relay_cpu_us_per_request"]
-        text = (
-            f"{figures['per_s']:.0f} req/s, {figures['ok']}/{figures['answers']} 200, latency "
-            f"p50 {_num(latency.get('p50'), 2)} / p99 {_num(latency.get('p99'), 2)} ms"
-        )
+        text = _requests_text(figures)
         if cpu is not None:
             text += f", relay CPU {cpu:.0f} µs/request"
         if len(figures.get("rounds", [])) > 1:
@@ -253,11 +258,9 @@ def _workers_rows(results: dict) -> list[dict]:
     rows = []
     one = next((figures for name, figures in results.items() if name.endswith("1 worker, Redis")), None)
     for name, figures in results.items():
-        latency = figures["latency_ms"] or {}
         cpu = figures["relay_cpu_us_per_request"]
         text = (
-            f"{figures['per_s']:.0f} req/s, {figures['ok']}/{figures['answers']} 200, latency "
-            f"p50 {_num(latency.get('p50'), 2)} / p99 {_num(latency.get('p99'), 2)} ms"
+            _requests_text(figures)
             + ("" if cpu is None else f", CPU {cpu:.0f} µs/request")
             + f" (median of {len(figures.get('rounds', []))} rounds)"
         )
